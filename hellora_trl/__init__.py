@@ -1,0 +1,29 @@
+"""hellora_trl: Hot-Experts Layer-Level LoRA (HELLoRA) for Mixture-of-Experts models on TRL and PEFT."""
+
+from .accounting import adapter_flops_per_token, trainable_parameter_report
+from .adapter import apply_hellora, default_lora_config, hot_map_from_model, load_hellora
+from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
+from .profiling import ExpertProfile, RoutingCounter, profile_experts
+from .registry import FAMILIES, MoEFamily, find_moe_layers, register_family
+from .selection import select_hot_experts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertProfile",
+    "FAMILIES",
+    "HotExpertLoraLayer",
+    "MoEFamily",
+    "RouterLoraLayer",
+    "RoutingCounter",
+    "adapter_flops_per_token",
+    "apply_hellora",
+    "default_lora_config",
+    "find_moe_layers",
+    "hot_map_from_model",
+    "load_hellora",
+    "profile_experts",
+    "register_family",
+    "select_hot_experts",
+    "trainable_parameter_report",
+]

@@ -1,0 +1,265 @@
+"""Attaching, saving and loading HELLoRA adapters through PEFT.
+
+``apply_hellora`` turns a hot-expert map into a ``LoraConfig`` with explicit targets (attention projections,
+routers, the hot experts) and lets PEFT inject the layers; our :class:`HotExpertLoraLayer` and
+:class:`RouterLoraLayer` are registered as PEFT custom modules for the fused expert and router classes, so
+everything PEFT offers for an adapter (``save_pretrained``, ``merge_and_unload``, ``disable_adapter``...)
+applies unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+from torch import nn
+
+from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
+from .registry import MoEFamily, MoELayer, family_for, find_moe_layers
+from .selection import HotMap, validate_hot_map
+
+COMPONENTS = ("all", "router", "experts")
+HOT_KEY = "lora_hot_experts"
+PEFT_PREFIX = "base_model.model."
+
+
+class _HotExpertFactory:
+    """PEFT custom-module constructor that knows which experts are hot in each layer."""
+
+    def __init__(self, hot_experts: HotMap, fuse_gate_up: bool, eager_accepts_sentinel: bool) -> None:
+        self.hot_experts = {k: list(v) for k, v in hot_experts.items()}
+        self.fuse_gate_up = fuse_gate_up
+        self.eager_accepts_sentinel = eager_accepts_sentinel
+
+    def __call__(self, target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module:
+        name = kwargs.get("target_name")
+        if name not in self.hot_experts:
+            raise ValueError(f"No hot-expert list for experts module {name!r}.")
+        return HotExpertLoraLayer(
+            target,
+            adapter_name,
+            self.hot_experts[name],
+            r=kwargs["r"],
+            lora_alpha=kwargs["lora_alpha"],
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            use_rslora=config.use_rslora,
+            fuse_gate_up=self.fuse_gate_up,
+            eager_accepts_sentinel=self.eager_accepts_sentinel,
+        )
+
+
+def _router_factory(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module:
+    return RouterLoraLayer(
+        target,
+        adapter_name,
+        r=kwargs["r"],
+        lora_alpha=kwargs["lora_alpha"],
+        init_lora_weights=config.init_lora_weights,
+        use_rslora=config.use_rslora,
+    )
+
+
+def default_lora_config(**overrides: Any) -> LoraConfig:
+    """The paper's adapter: r=32, alpha=64, no dropout, causal LM."""
+    kwargs = dict(r=32, lora_alpha=64, lora_dropout=0.0, task_type="CAUSAL_LM")
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)
+
+
+def _matches(name: str, targets: str | Iterable[str]) -> bool:
+    """PEFT's matching rule: a regex string must fully match; list entries match the name or its suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def resolve_targets(
+    model: nn.Module,
+    hot_experts: HotMap,
+    lora_config: LoraConfig,
+    components: str = "all",
+    include_shared_experts: bool = True,
+    family: MoEFamily | None = None,
+) -> list[str]:
+    """Explicit module names to adapt: never a cold expert, whatever the user's ``target_modules`` says."""
+    if components not in COMPONENTS:
+        raise ValueError(f"components must be one of {COMPONENTS} (paper: All / +Gate / Pure), got {components!r}.")
+    family = family or family_for(model)
+    layers = find_moe_layers(model, family)
+    expert_containers = [layer.name for layer in layers]
+    routers = [layer.router_name for layer in layers]
+    shared = [f"{layer.block_name}.{attr}" for layer in layers for attr in family.shared_expert_attrs]
+    moe_parts = expert_containers + routers + shared
+    names: list[str] = []
+    if components == "all":
+        user = lora_config.target_modules or family.attention_targets
+        if user == "all-linear":
+            user = r"^(?!.*lm_head$).*$"
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and _matches(name, user) and not _under(name, moe_parts):
+                names.append(name)
+        if not names:
+            raise ValueError(f"target_modules={user!r} matched no nn.Linear outside the MoE blocks.")
+    if components in ("all", "router"):
+        names += routers
+        if include_shared_experts:
+            names += [n for n in shared if isinstance(model.get_submodule(n), nn.Linear)]
+    for layer in layers:
+        names += _expert_targets(model, layer, hot_experts[layer.name], family)
+    if include_shared_experts:
+        for prefix in shared:
+            module = model.get_submodule(prefix)
+            names += [f"{prefix}.{n}" for n, m in module.named_modules() if n and isinstance(m, nn.Linear)]
+    return list(dict.fromkeys(names))
+
+
+def _expert_targets(model: nn.Module, layer: MoELayer, hot: list[int], family: MoEFamily) -> list[str]:
+    if family.layout == "fused":
+        return [layer.name]
+    names = []
+    for e in hot:
+        expert = model.get_submodule(f"{layer.name}.{e}")
+        for child, module in expert.named_modules():
+            if child and isinstance(module, nn.Linear):
+                names.append(f"{layer.name}.{e}.{child}")
+    return names
+
+
+def apply_hellora(
+    model: nn.Module,
+    hot_experts: HotMap,
+    lora_config: LoraConfig | None = None,
+    *,
+    components: str = "all",
+    fuse_gate_up: bool = False,
+    include_shared_experts: bool = True,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Wrap ``model`` in a PEFT model with LoRA on attention, routers and the hot experts only.
+
+    ``components``: ``"all"`` (attention + router + hot experts, the paper's All), ``"router"`` (router + hot
+    experts, +Gate) or ``"experts"`` (hot experts only, Pure). Cold experts get no parameters and no FLOPs.
+    Shared experts, when the family has them, are always routed to and are adapted like hot experts unless
+    ``include_shared_experts=False``.
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "apply_hellora expects the base transformers model, not a PeftModel. Use `model.unload()` (or "
+            "`model.get_base_model()` after merging) first; HELLoRA builds its own adapter."
+        )
+    lora_config = lora_config if lora_config is not None else default_lora_config()
+    if getattr(lora_config, "target_parameters", None):
+        raise ValueError(
+            "lora_config.target_parameters targets expert parameters for the whole expert stack, which is what "
+            "HELLoRA replaces. Leave target_parameters empty; HELLoRA adds the hot experts itself."
+        )
+    family = family_for(model)
+    layers = find_moe_layers(model, family)
+    validate_hot_map(hot_experts, [layer.name for layer in layers], layers[0].num_experts)
+    config = copy.deepcopy(lora_config)
+    config.target_modules = resolve_targets(model, hot_experts, lora_config, components, include_shared_experts, family)
+    return _inject(model, config, hot_experts, family, layers, fuse_gate_up, adapter_name)
+
+
+def _inject(
+    model: nn.Module,
+    config: LoraConfig,
+    hot_experts: HotMap,
+    family: MoEFamily,
+    layers: list[MoELayer],
+    fuse_gate_up: bool,
+    adapter_name: str,
+) -> PeftModel:
+    if family.layout == "fused":
+        mapping: dict[type, Any] = {
+            type(layers[0].experts): _HotExpertFactory(hot_experts, fuse_gate_up, family.eager_accepts_sentinel)
+        }
+        router_type = type(layers[0].router)
+        if router_type is not nn.Linear:
+            mapping[router_type] = _router_factory
+        config._register_custom_module(mapping)
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def hot_map_from_model(model: nn.Module, adapter_name: str = "default") -> HotMap:
+    """The hot map of an adapted model, read from its expert-LoRA layers (fused) or targets (ModuleList)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    hot: HotMap = {}
+    for name, module in base.named_modules():
+        if isinstance(module, HotExpertLoraLayer) and adapter_name in module.lora_hot_experts:
+            hot[name] = module.hot_experts(adapter_name)
+    if hot:
+        return hot
+    family = family_for(base)
+    for layer in find_moe_layers(base, family):
+        ids = []
+        for e, expert in enumerate(layer.experts):
+            if any(hasattr(m, "lora_A") and adapter_name in getattr(m, "lora_A", {}) for m in expert.modules()):
+                ids.append(e)
+        hot[layer.name] = ids
+    return hot
+
+
+def _hot_map_from_weights(weights: Mapping[str, torch.Tensor]) -> HotMap:
+    hot: HotMap = {}
+    for key, value in weights.items():
+        if key.endswith("." + HOT_KEY):
+            name = key[: -len(HOT_KEY) - 1].removeprefix(PEFT_PREFIX)
+            hot[name] = sorted(int(e) for e in value.tolist())
+    return hot
+
+
+def _hot_map_from_targets(targets: Iterable[str], layers: list[MoELayer]) -> HotMap:
+    hot: HotMap = {layer.name: [] for layer in layers}
+    for target in targets:
+        for layer in layers:
+            prefix = layer.name + "."
+            if target.startswith(prefix):
+                hot[layer.name].append(int(target[len(prefix) :].split(".")[0]))
+    return {k: sorted(set(v)) for k, v in hot.items()}
+
+
+def load_hellora(
+    model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False, adapter_name: str = "default"
+) -> PeftModel:
+    """Rebuild a saved HELLoRA adapter on ``model`` and load its weights exactly."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"No adapter_config.json in {path}: not a saved PEFT/HELLoRA adapter directory.")
+    config = LoraConfig.from_pretrained(str(path))
+    weights = load_peft_weights(str(path), device="cpu")
+    family = family_for(model)
+    layers = find_moe_layers(model, family)
+    if family.layout == "fused":
+        hot = _hot_map_from_weights(weights)
+        if not hot:
+            raise ValueError(f"{path} holds no hot-expert map ({HOT_KEY}); was it saved by hellora_trl?")
+    else:
+        hot = _hot_map_from_targets(config.target_modules, layers)
+    validate_hot_map(hot, [layer.name for layer in layers], layers[0].num_experts)
+    fuse = any(".lora_gate_up_A" in k for k in weights)
+    config.inference_mode = not is_trainable
+    peft_model = _inject(model, config, hot, family, layers, fuse, adapter_name)
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"Adapter at {path} does not fit this model: missing {missing[:3]}, unexpected "
+            f"{list(result.unexpected_keys)[:3]}."
+        )
+    if not is_trainable:
+        peft_model.eval()
+        for param in peft_model.parameters():
+            param.requires_grad_(False)
+    return peft_model
