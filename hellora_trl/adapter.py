@@ -145,13 +145,15 @@ def apply_hellora(
     fuse_gate_up: bool = False,
     include_shared_experts: bool = True,
     adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT model with LoRA on attention, routers and the hot experts only.
 
     ``components``: ``"all"`` (attention + router + hot experts, the paper's All), ``"router"`` (router + hot
     experts, +Gate) or ``"experts"`` (hot experts only, Pure). Cold experts get no parameters and no FLOPs.
     Shared experts, when the family has them, are always routed to and are adapted like hot experts unless
-    ``include_shared_experts=False``.
+    ``include_shared_experts=False``. ``autocast_adapter_dtype`` is PEFT's: float32 adapters on a bf16/fp16 base
+    (turn it off under DeepSpeed ZeRO-3, which needs one dtype).
     """
     if isinstance(model, PeftModel):
         raise ValueError(
@@ -169,7 +171,7 @@ def apply_hellora(
     validate_hot_map(hot_experts, [layer.name for layer in layers], layers[0].num_experts)
     config = copy.deepcopy(lora_config)
     config.target_modules = resolve_targets(model, hot_experts, lora_config, components, include_shared_experts, family)
-    return _inject(model, config, hot_experts, family, layers, fuse_gate_up, adapter_name)
+    return _inject(model, config, hot_experts, family, layers, fuse_gate_up, adapter_name, autocast_adapter_dtype)
 
 
 def _inject(
@@ -180,6 +182,7 @@ def _inject(
     layers: list[MoELayer],
     fuse_gate_up: bool,
     adapter_name: str,
+    autocast_adapter_dtype: bool = True,
 ) -> PeftModel:
     if family.layout == "fused":
         mapping: dict[type, Any] = {
@@ -189,7 +192,7 @@ def _inject(
         if router_type is not nn.Linear:
             mapping[router_type] = _router_factory
         config._register_custom_module(mapping)
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def hot_map_from_model(model: nn.Module, adapter_name: str = "default") -> HotMap:

@@ -1,0 +1,100 @@
+"""``HELLoRAConfig``: TRL's ``SFTConfig`` plus the knobs of the HELLoRA method, with the paper's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+PROFILE_MODES = ("lora_warmup", "forward")
+
+
+@dataclass
+class HELLoRAConfig(SFTConfig):
+    """Everything ``SFTConfig`` takes, plus ``hellora_*`` fields (all readable from YAML and the command line)."""
+
+    hellora_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hot experts per MoE layer. None = the family default: experts per token (8 OLMoE, 2 Mixtral), "
+            "doubled for models with shared experts (DeepSeek-MoE)."
+        },
+    )
+    hellora_selection: str = field(
+        default="layer",
+        metadata={
+            "help": "How hot experts are chosen: 'layer' (per-layer top-k, the paper), 'model' (global top-k), "
+            "'cold' (bottom-k ablation), 'random' (seeded ablation), 'mass' (adaptive k per layer)."
+        },
+    )
+    hellora_profile_mode: str = field(
+        default="lora_warmup",
+        metadata={
+            "help": "'lora_warmup': short LoRA warm-up on all experts over the warm-up slice while counting routes "
+            "(the paper); 'forward': forward passes only, no training (cheaper)."
+        },
+    )
+    hellora_warmup_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the training set sampled (seeded, at random) for profiling."}
+    )
+    hellora_warmup_epochs: float = field(
+        default=1.0, metadata={"help": "Epochs over the warm-up slice in 'lora_warmup' mode."}
+    )
+    hellora_components: str = field(
+        default="all",
+        metadata={
+            "help": "Where adapters go: 'all' (attention + router + hot experts), 'router' (router + hot experts), "
+            "'experts' (hot experts only)."
+        },
+    )
+    hellora_profile_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A saved routing profile (JSON): when it exists it is loaded and profiling is skipped; "
+            "otherwise the new profile is written there (and always to output_dir/hellora_profile.json)."
+        },
+    )
+    hellora_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the warm-up slice and random selection (default: `seed`)."}
+    )
+    hellora_mass: float = field(
+        default=0.5, metadata={"help": "'mass' selection: share of routing each layer's hot set must cover."}
+    )
+    hellora_min_k: int = field(default=1, metadata={"help": "'mass' selection: smallest hot set per layer."})
+    hellora_max_k: int | None = field(
+        default=None, metadata={"help": "'mass' selection: largest hot set per layer (default: all experts)."}
+    )
+    hellora_profile_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of 'forward' profiling (default: per_device_train_batch_size)."},
+    )
+    hellora_fuse_gate_up: bool = field(
+        default=False,
+        metadata={"help": "One LoRA pair for the fused gate_up projection instead of separate gate and up pairs."},
+    )
+    hellora_include_shared_experts: bool = field(
+        default=True,
+        metadata={"help": "Adapt shared (always-routed) experts too, for families that have them."},
+    )
+    hellora_plots: bool = field(
+        default=True, metadata={"help": "Write the expert-activation heatmap and profile figures (needs matplotlib)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .selection import STRATEGIES
+
+        from .adapter import COMPONENTS
+
+        checks = [
+            (self.hellora_selection in STRATEGIES, f"hellora_selection must be one of {STRATEGIES}"),
+            (self.hellora_profile_mode in PROFILE_MODES, f"hellora_profile_mode must be one of {PROFILE_MODES}"),
+            (self.hellora_components in COMPONENTS, f"hellora_components must be one of {COMPONENTS}"),
+            (0.0 < self.hellora_warmup_fraction <= 1.0, "hellora_warmup_fraction must be in (0, 1]"),
+            (self.hellora_warmup_epochs > 0, "hellora_warmup_epochs must be > 0"),
+            (self.hellora_k is None or self.hellora_k >= 1, "hellora_k must be >= 1 (or None for the default)"),
+            (0.0 < self.hellora_mass <= 1.0, "hellora_mass must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}.")

@@ -1,0 +1,326 @@
+"""``HELLoRATrainer``: TRL's ``SFTTrainer`` with a profiling phase that decides where the adapters go.
+
+``train()`` = profile routing on a seeded slice of the training set (a short LoRA warm-up on all experts, or
+forward passes only) -> select hot experts -> attach LoRA to attention, routers and hot experts only (warm-up
+adapters discarded) -> train on the full dataset with a fresh optimizer, scheduler and state.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel
+from torch.utils.data import DataLoader
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
+from transformers.utils import logging
+from trl import SFTTrainer
+
+from .adapter import apply_hellora, default_lora_config, hot_map_from_model
+from .config import HELLoRAConfig
+from .profiling import ExpertProfile, RoutingCounter, profile_experts
+from .registry import find_moe_layers
+from .selection import HotMap, select_hot_experts, validate_hot_map
+
+logger = logging.get_logger(__name__)
+
+PROFILE_FILE = "hellora_profile.json"
+HEATMAP_FILE = "hellora_expert_heatmap.png"
+CONCENTRATION_FILE = "hellora_concentration.png"
+OVERHEAD_FILE = "hellora_overhead.png"
+
+
+def sample_warmup_slice(dataset, fraction: float, seed: int):
+    """The seeded random slice of the (processed) training set that profiling sees."""
+    from .data import sample_fraction
+
+    return sample_fraction(dataset, fraction, seed)
+
+
+class HELLoRATrainer(SFTTrainer):
+    """A drop-in ``SFTTrainer``: same constructor; ``peft_config`` (default: the paper's r=32, alpha=64 LoRA)
+    says how adapters look, HELLoRA decides where they go.
+
+    Pass the base model (or its id), not a ``PeftModel``: the adapter is built after profiling. A
+    ``peft_config`` with ``target_parameters`` (PEFT's whole-stack expert LoRA) is refused; its
+    ``target_modules`` only choose the attention projections, never experts.
+    """
+
+    def __init__(self, model, args: HELLoRAConfig | None = None, *pos, peft_config: PeftConfig | None = None, **kwargs):
+        if args is None:
+            args = HELLoRAConfig(output_dir="hellora-sft")
+        if not isinstance(args, HELLoRAConfig):
+            raise TypeError(
+                f"HELLoRATrainer needs a HELLoRAConfig (an SFTConfig with hellora_* fields), got {type(args).__name__}."
+            )
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                "HELLoRATrainer builds its adapter after profiling, so it needs the base model: pass the "
+                "transformers model (or its id) and a peft_config, not a PeftModel. To continue a HELLoRA run, use "
+                "train(resume_from_checkpoint=...)."
+            )
+        peft_config = peft_config if peft_config is not None else default_lora_config()
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"HELLoRA adapters are LoRA adapters: peft_config must be a LoraConfig, got {type(peft_config).__name__}.")
+        if peft_config.target_parameters:
+            raise ValueError(
+                "peft_config.target_parameters adapts every expert's weights; HELLoRA places expert adapters "
+                "itself. Remove target_parameters (target_modules selects the attention projections)."
+            )
+        if kwargs.get("optimizers", (None, None)) != (None, None):
+            raise ValueError(
+                "HELLoRATrainer creates the adapter (and so its parameters) after profiling, so a ready optimizer "
+                "cannot point at them. Use optimizer_cls_and_kwargs or args.optim instead of optimizers=."
+            )
+        self.hellora_peft_config = peft_config
+        self.hellora_profile: ExpertProfile | None = None
+        self.hellora_hot_experts: HotMap | None = None
+        self.hellora_timings: dict[str, float] = {}
+        super().__init__(model, args, *pos, peft_config=None, **kwargs)
+        # Fail before any work when the model is not a MoE model the registry knows.
+        self._moe_layers = find_moe_layers(self.model)
+
+    # ------------------------------------------------------------------------------------------- phases
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        start = time.perf_counter()
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
+        if not isinstance(self.model, PeftModel):
+            hot = self._hot_map(resume_from_checkpoint)
+            self._install_adapter(hot)
+        self.hellora_timings.setdefault("profiling", 0.0)
+        train_start = time.perf_counter()
+        output = super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+        self.hellora_timings["training"] = time.perf_counter() - train_start
+        self.hellora_timings["total"] = time.perf_counter() - start
+        self._report_overhead(output)
+        return output
+
+    def _hot_map(self, checkpoint: str | None) -> HotMap:
+        """From a checkpoint (never re-profile on resume), a supplied profile, or a new profiling run."""
+        args: HELLoRAConfig = self.args
+        if checkpoint:
+            path = Path(checkpoint) / PROFILE_FILE
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} missing: the checkpoint was not written by HELLoRATrainer, so its hot experts are unknown."
+                )
+            self.hellora_profile = ExpertProfile.load(path)
+            hot = json.loads(path.read_text())["hot_experts"]
+            self.hellora_profile.check_matches(self.model)
+            validate_hot_map(hot, self.hellora_profile.layer_names, self.hellora_profile.num_experts)
+            self.hellora_hot_experts = hot
+            return hot
+        if args.hellora_profile_path and Path(args.hellora_profile_path).is_file():
+            self.hellora_profile = ExpertProfile.load(args.hellora_profile_path)
+            self.hellora_profile.check_matches(self.model)
+            logger.info("HELLoRA: loaded routing profile %s, profiling skipped.", args.hellora_profile_path)
+        else:
+            started = time.perf_counter()
+            self.hellora_profile = self.run_profiling()
+            self.hellora_timings["profiling"] = time.perf_counter() - started
+        hot = self.select(self.hellora_profile)
+        self.hellora_hot_experts = hot
+        self._write_profile_outputs()
+        return hot
+
+    def select(self, profile: ExpertProfile) -> HotMap:
+        args: HELLoRAConfig = self.args
+        return select_hot_experts(
+            profile,
+            k=args.hellora_k,
+            strategy=args.hellora_selection,
+            seed=self._seed,
+            mass=args.hellora_mass,
+            min_k=args.hellora_min_k,
+            max_k=args.hellora_max_k,
+        )
+
+    @property
+    def _seed(self) -> int:
+        return self.args.hellora_seed if self.args.hellora_seed is not None else self.args.seed
+
+    def run_profiling(self) -> ExpertProfile:
+        """Count routes on the warm-up slice; each rank sees its own shard and counts are summed across ranks."""
+        args: HELLoRAConfig = self.args
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            raise ValueError(
+                "HELLoRA samples its warm-up slice from a map-style Dataset; for an IterableDataset pass "
+                "hellora_profile_path with a profile taken beforehand (hellora profile ...)."
+            )
+        warmup = sample_warmup_slice(self.train_dataset, args.hellora_warmup_fraction, self._seed)
+        source = {
+            "mode": args.hellora_profile_mode,
+            "warmup_fraction": args.hellora_warmup_fraction,
+            "warmup_rows": len(warmup),
+            "train_rows": len(self.train_dataset),
+            "seed": self._seed,
+        }
+        if args.hellora_profile_mode == "forward":
+            return self._profile_forward(warmup, source)
+        return self._profile_lora_warmup(warmup, source)
+
+    def _profile_forward(self, warmup, source: dict[str, Any]) -> ExpertProfile:
+        state = self.accelerator.state
+        if state.num_processes > 1:
+            warmup = warmup.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+        batch_size = self.args.hellora_profile_batch_size or self.args.per_device_train_batch_size
+        loader = DataLoader(warmup, batch_size=batch_size, collate_fn=self.data_collator)
+        return profile_experts(
+            self.model, loader, progress=not self.args.disable_tqdm and self.is_local_process_zero(), source=source
+        )
+
+    def _profile_lora_warmup(self, warmup, source: dict[str, Any]) -> ExpertProfile:
+        """The paper's warm-up: LoRA on attention, routers and every expert, trained on the slice while counting."""
+        args: HELLoRAConfig = self.args
+        base = self.model
+        all_hot = {layer.name: list(range(layer.num_experts)) for layer in self._moe_layers}
+        warm_model = apply_hellora(
+            base,
+            all_hot,
+            self.hellora_peft_config,
+            components=args.hellora_components,
+            fuse_gate_up=args.hellora_fuse_gate_up,
+            include_shared_experts=args.hellora_include_shared_experts,
+        )
+        warm_args = copy.deepcopy(args)
+        warm_args.output_dir = os.path.join(args.output_dir, "hellora_warmup")
+        warm_args.save_strategy = SaveStrategy.NO
+        warm_args.eval_strategy = IntervalStrategy.NO
+        warm_args.load_best_model_at_end = False
+        warm_args.push_to_hub = False
+        warm_args.report_to = []
+        warm_args.num_train_epochs = args.hellora_warmup_epochs
+        warm_args.max_steps = -1
+        warm_args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        warm_args.packing = False  # the slice is already processed (and packed, if packing was on)
+        counter = RoutingCounter(warm_model)
+        warm_trainer = SFTTrainer(
+            model=warm_model,
+            args=warm_args,
+            train_dataset=warmup,
+            processing_class=self.processing_class,
+            data_collator=self.data_collator,
+        )
+        try:
+            with counter:
+                warm_trainer.train()
+            warm_loss = [log["loss"] for log in warm_trainer.state.log_history if "loss" in log]
+        finally:
+            del warm_trainer
+            restored = warm_model.unload()  # drop the warm-up adapters, keep the base weights untouched
+            gc.collect()
+        if restored is not base:  # unload works in place; keep the trainer's reference valid regardless
+            self.model = self.model_wrapped = restored
+        source.update({"warmup_epochs": args.hellora_warmup_epochs, "warmup_loss": warm_loss[-1] if warm_loss else None})
+        return counter.to_profile(source)
+
+    def _install_adapter(self, hot: HotMap) -> None:
+        args: HELLoRAConfig = self.args
+        autocast = not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        peft_model = apply_hellora(
+            self.model,
+            hot,
+            self.hellora_peft_config,
+            components=args.hellora_components,
+            fuse_gate_up=args.hellora_fuse_gate_up,
+            include_shared_experts=args.hellora_include_shared_experts,
+            autocast_adapter_dtype=autocast,
+        )
+        if args.gradient_checkpointing:
+            peft_model.enable_input_require_grads()
+        self.model = self.model_wrapped = peft_model
+        self.optimizer, self.lr_scheduler = None, None  # built on the new adapter's parameters
+        if self.is_local_process_zero():
+            peft_model.print_trainable_parameters()
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def _write_profile_outputs(self) -> None:
+        if not self.args.should_save:
+            return
+        extra = {"hot_experts": self.hellora_hot_experts, "selection": self._selection_record()}
+        self.hellora_profile.save(Path(self.args.output_dir) / PROFILE_FILE, extra=extra)
+        if self.args.hellora_profile_path and not Path(self.args.hellora_profile_path).is_file():
+            self.hellora_profile.save(self.args.hellora_profile_path, extra=extra)
+        if self.args.hellora_plots:
+            from .reporting import plot_concentration, plot_heatmap
+
+            k = self.args.hellora_k or self.hellora_profile.experts_per_token
+            k = min(k, self.hellora_profile.num_experts)
+            heatmap = plot_heatmap(self.hellora_profile, self.hellora_hot_experts, Path(self.args.output_dir) / HEATMAP_FILE)
+            conc = plot_concentration({"profile": self.hellora_profile}, k, Path(self.args.output_dir) / CONCENTRATION_FILE)
+            self._send_figures({"hellora/expert_heatmap": heatmap, "hellora/concentration": conc})
+
+    def _selection_record(self) -> dict[str, Any]:
+        args: HELLoRAConfig = self.args
+        return {
+            "strategy": args.hellora_selection,
+            "k": args.hellora_k,
+            "per_layer_k": {name: len(ids) for name, ids in self.hellora_hot_experts.items()},
+            "components": args.hellora_components,
+            "mass": args.hellora_mass if args.hellora_selection == "mass" else None,
+        }
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """PEFT adapter as usual, plus the profile and hot map, so every checkpoint can be resumed or reloaded."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.hellora_profile is not None and self.args.should_save:
+            target = Path(output_dir or self.args.output_dir) / PROFILE_FILE
+            self.hellora_profile.save(
+                target, extra={"hot_experts": self.hellora_hot_experts, "selection": self._selection_record()}
+            )
+
+    def _report_overhead(self, output) -> None:
+        profiling = self.hellora_timings.get("profiling", 0.0)
+        training = self.hellora_timings.get("training", 0.0)
+        share = profiling / (profiling + training) if profiling + training > 0 else 0.0
+        metrics = {"hellora/profile_seconds": profiling, "hellora/profile_share": share}
+        if self.hellora_profile is not None:
+            conc = self.hellora_profile.concentration(min(self.hellora_profile.experts_per_token, self.hellora_profile.num_experts))
+            metrics["hellora/concentration_mean"] = sum(conc) / len(conc)
+        output.metrics.update(metrics)
+        self.log(metrics)
+        if self.args.hellora_plots and self.args.should_save and profiling > 0:
+            from .reporting import plot_overhead
+
+            path = plot_overhead({"profiling": profiling, "training": training}, Path(self.args.output_dir) / OVERHEAD_FILE)
+            self._send_figures({"hellora/overhead": path})
+
+    def _send_figures(self, figures: dict[str, Path]) -> None:
+        """Images go to the trackers in ``report_to`` that take them (TensorBoard, W&B); files stay in output_dir."""
+        report_to = self.args.report_to or []
+        if "wandb" in report_to:
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.log({name: wandb.Image(str(path)) for name, path in figures.items()})
+            except ImportError:
+                pass
+        if "tensorboard" in report_to:
+            try:
+                import numpy as np
+                from PIL import Image
+                from torch.utils.tensorboard import SummaryWriter
+
+                with SummaryWriter(log_dir=self.args.logging_dir or os.path.join(self.args.output_dir, "runs")) as writer:
+                    for name, path in figures.items():
+                        writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+            except ImportError:
+                pass
+
+    @property
+    def hot_experts(self) -> HotMap | None:
+        if isinstance(self.model, PeftModel):
+            return hot_map_from_model(self.model)
+        return self.hellora_hot_experts

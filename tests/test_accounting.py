@@ -1,0 +1,80 @@
+"""The paper's trainable-parameter percentages, computed on meta-device models (nothing allocated)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
+
+from hellora_trl import (
+    ExpertProfile,
+    apply_hellora,
+    default_lora_config,
+    find_moe_layers,
+    profile_experts,
+    select_hot_experts,
+    trainable_parameter_report,
+)
+
+from conftest import random_batch
+
+OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                   num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8)
+MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
+
+
+def meta_report(config, k, **kwargs):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    hot = {layer.name: list(range(k)) for layer in find_moe_layers(model)}
+    peft_model = apply_hellora(model, hot, default_lora_config(r=32, lora_alpha=64), **kwargs)
+    assert all(p.device.type == "meta" for p in peft_model.parameters())
+    return trainable_parameter_report(peft_model)
+
+
+@pytest.mark.parametrize(
+    "config, k, percent",
+    [
+        (OlmoeConfig(**OLMOE_1B_7B), 8, "0.678"),  # paper: 0.678%
+        (OlmoeConfig(**OLMOE_1B_7B), 64, "4.31"),  # paper prints 4.300%
+        (MixtralConfig(**MIXTRAL_8X7B), 2, "0.31"),  # paper: 0.310%
+        (MixtralConfig(**MIXTRAL_8X7B), 8, "1.03"),  # paper: 1.030%
+    ],
+)
+def test_paper_trainable_percentages(config, k, percent):
+    report = meta_report(config, k)
+    decimals = len(percent.split(".")[1])
+    assert f"{report['trainable_percent']:.{decimals}f}" == percent
+    assert sum(report["by_component"].values()) == report["trainable"]
+
+
+def test_olmoe_breakdown_by_component():
+    report = meta_report(OlmoeConfig(**OLMOE_1B_7B), 8)
+    r, H, I, L = 32, 2048, 1024, 16
+    assert report["by_component"] == {
+        "attention": L * 4 * r * (H + H),
+        "router": L * r * (H + 64),
+        "experts": L * 8 * 3 * r * (H + I),
+    }
+
+
+def test_components_reproduce_pure_and_gate_variants():
+    cfg = OlmoeConfig(**OLMOE_1B_7B)
+    pure = meta_report(cfg, 8, components="experts")["by_component"]
+    gate = meta_report(cfg, 8, components="router")["by_component"]
+    assert pure["attention"] == pure["router"] == 0 and pure["experts"] > 0
+    assert gate["attention"] == 0 and gate["router"] > 0 and gate["experts"] == pure["experts"]
+
+
+def test_adapter_flops_follow_routing(olmoe):
+    batch = random_batch(olmoe, batch=4, seq=16)
+    profile = profile_experts(olmoe, [batch], progress=False)
+    hot = select_hot_experts(profile, k=2)
+    peft_model = apply_hellora(olmoe, hot, default_lora_config(r=4, lora_alpha=8))
+    flops = trainable_parameter_report(peft_model, profile)["adapter_flops_per_token"]
+    H, I, K = olmoe.config.hidden_size, olmoe.config.intermediate_size, olmoe.config.num_experts_per_tok
+    L = olmoe.config.num_hidden_layers
+    per_expert = 3 * 2 * 4 * (H + I)  # gate, up, down; 2 FLOPs per MAC; r=4
+    assert flops["all_experts"] == pytest.approx(L * K * per_expert)
+    hot_share = sum(profile.counts[i, hot[name]].sum().item() for i, name in enumerate(profile.layer_names))
+    assert flops["hellora"] == pytest.approx(hot_share / profile.tokens_seen * per_expert)
+    assert 0 < flops["ratio"] < 1

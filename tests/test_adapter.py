@@ -1,0 +1,144 @@
+"""Attach / save / load / merge like any PEFT adapter, and clear errors for bad input."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from hellora_trl import (
+    apply_hellora,
+    default_lora_config,
+    find_moe_layers,
+    hot_map_from_model,
+    load_hellora,
+    profile_experts,
+    select_hot_experts,
+)
+
+from conftest import random_batch, tiny_model
+from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
+from test_expert_lora import randomize_factors
+
+
+def adapted(family="olmoe", hot=(0, 3), **kwargs):
+    model = tiny_model(family)
+    hot_map = {l.name: list(hot) for l in find_moe_layers(model)}
+    peft_model = apply_hellora(model, hot_map, default_lora_config(r=4, lora_alpha=8), **kwargs)
+    randomize_factors(peft_model, std=0.1)
+    return peft_model.eval(), hot_map
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "gpt_oss"])
+def test_save_load_roundtrip_is_exact(tmp_path, family):
+    peft_model, hot_map = adapted(family)
+    batch = random_batch(peft_model)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = load_hellora(tiny_model(family), tmp_path / "adapter")
+    assert hot_map_from_model(loaded) == hot_map
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    trainable = load_hellora(tiny_model(family), tmp_path / "adapter", is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+
+
+def test_adapter_file_holds_hot_experts_only(tmp_path):
+    from safetensors.torch import load_file
+
+    peft_model, hot_map = adapted(hot=(2, 5))
+    peft_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    stacks = {k: v for k, v in weights.items() if ".experts.lora_" in k and "hot_experts" not in k}
+    assert stacks and all(v.shape[0] == 2 for v in stacks.values())
+    assert not any("base_layer" in k for k in weights)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_merge_and_unload_reloads_with_vanilla_transformers(tmp_path, family):
+    peft_model, _ = adapted(family)
+    batch = random_batch(peft_model)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    merged = peft_model.merge_and_unload()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_disable_adapter_and_merge_unmerge():
+    peft_model, _ = adapted()
+    batch = random_batch(peft_model)
+    base = tiny_model("olmoe").eval()
+    with torch.no_grad():
+        adapted_logits = peft_model(**batch).logits
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(peft_model(**batch).logits, base(**batch).logits)
+        peft_model.merge_adapter()
+        torch.testing.assert_close(peft_model(**batch).logits, adapted_logits, rtol=1e-5, atol=1e-5)
+        peft_model.unmerge_adapter()
+        torch.testing.assert_close(peft_model(**batch).logits, adapted_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(adapted_logits, base(**batch).logits)
+
+
+def test_modulelist_layout_uses_plain_peft_targets(tmp_path):
+    torch.manual_seed(0)
+    model = LegacyMoEForCausalLM(LegacyMoEConfig())
+    batch = random_batch(model)
+    profile = profile_experts(model, [batch], progress=False)
+    assert profile.counts.sum() == batch["input_ids"].numel() * 2 * 2  # tokens x top-2 x 2 layers
+    hot = select_hot_experts(profile, k=2)
+    peft_model = apply_hellora(model, hot, default_lora_config(r=4, lora_alpha=8))
+    targets = peft_model.peft_config["default"].target_modules
+    for name, ids in hot.items():
+        for e in range(6):
+            present = any(t.startswith(f"{name}.{e}.") for t in targets)
+            assert present == (e in ids)
+    assert any(t.endswith("block_sparse_moe.gate") for t in targets)
+    randomize_factors(peft_model, std=0.1)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = load_hellora(LegacyMoEForCausalLM(LegacyMoEConfig()), tmp_path)
+    assert hot_map_from_model(loaded) == hot
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_components_select_targets():
+    model = tiny_model("olmoe")
+    hot = {l.name: [0] for l in find_moe_layers(model)}
+    pure = apply_hellora(model, hot, default_lora_config(r=2), components="experts")
+    names = [n for n, p in pure.named_parameters() if p.requires_grad]
+    assert names and all(".experts.lora_" in n for n in names)
+    with pytest.raises(ValueError, match="components"):
+        apply_hellora(tiny_model("olmoe"), hot, components="attention")
+
+
+def test_bad_input_errors(tmp_path):
+    model = tiny_model("olmoe")
+    names = [l.name for l in find_moe_layers(model)]
+    with pytest.raises(ValueError, match="does not match the model's MoE layers"):
+        apply_hellora(model, {"model.layers.0.mlp.experts": [0]})
+    with pytest.raises(ValueError, match=r"distinct ids in \[0, 8\)"):
+        apply_hellora(model, {n: [0, 99] for n in names})
+    with pytest.raises(ValueError, match="target_parameters"):
+        apply_hellora(model, {n: [0] for n in names}, LoraConfig(target_parameters=["mlp.experts.gate_up_proj"]))
+    wrapped = get_peft_model(tiny_model("olmoe"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not a PeftModel"):
+        apply_hellora(wrapped, {n: [0] for n in names})
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_hellora(tiny_model("olmoe"), tmp_path)
+    plain = get_peft_model(tiny_model("olmoe"), LoraConfig(target_modules=["q_proj"]))
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no hot-expert map"):
+        load_hellora(tiny_model("olmoe"), tmp_path / "plain")
+    with pytest.raises(ValueError, match="No MoE layers"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        apply_hellora(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
+                                                   num_hidden_layers=1, num_attention_heads=2)), {})

@@ -1,0 +1,150 @@
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from hellora_trl import ExpertProfile, profile_experts
+from hellora_trl.profiling import atomic_write_text, pad_collate
+
+from conftest import random_batch, tiny_model
+
+
+def router_counts(model, batch):
+    """Independent count: read the router's own top-k output for real (unpadded) tokens."""
+    seen = []
+    handles = [
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[2].detach()))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    mask = batch["attention_mask"].reshape(-1).bool()
+    E = model.config.num_experts
+    return torch.stack([torch.bincount(idx[mask].reshape(-1), minlength=E) for idx in seen])
+
+
+def test_counts_match_router_assignments_and_skip_padding(olmoe):
+    batch = random_batch(olmoe, batch=3, seq=10)
+    batch["attention_mask"][1, 6:] = 0
+    batch["attention_mask"][2, 3:] = 0
+    profile = profile_experts(olmoe, [batch], progress=False)
+    assert torch.equal(profile.counts, router_counts(olmoe, batch))
+    assert profile.tokens_seen == int(batch["attention_mask"].sum())
+    k = olmoe.config.num_experts_per_tok
+    assert (profile.counts.sum(dim=1) == profile.tokens_seen * k).all()
+    assert profile.num_experts == olmoe.config.num_experts and profile.experts_per_token == k
+    assert profile.layer_names == [f"model.layers.{i}.mlp.experts" for i in range(olmoe.config.num_hidden_layers)]
+
+
+def test_accepts_dataset_dataloader_and_iterable(olmoe):
+    rows = [{"input_ids": list(range(3, 3 + n))} for n in (5, 8, 6, 7)]
+    ds = Dataset.from_list(rows)
+    p1 = profile_experts(olmoe, ds, batch_size=2, progress=False)
+    loader = DataLoader(rows, batch_size=2, collate_fn=pad_collate(0))
+    p2 = profile_experts(olmoe, loader, progress=False)
+    p3 = profile_experts(olmoe, list(loader), progress=False)
+    assert torch.equal(p1.counts, p2.counts) and torch.equal(p2.counts, p3.counts)
+    assert p1.tokens_seen == 26
+    p4 = profile_experts(olmoe, ds, batch_size=2, max_batches=1, progress=False)
+    assert p4.tokens_seen == 13
+
+
+def test_empty_or_untokenized_data_is_rejected(olmoe):
+    with pytest.raises(ValueError, match="empty"):
+        profile_experts(olmoe, Dataset.from_dict({"input_ids": []}), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        profile_experts(olmoe, [], progress=False)
+    with pytest.raises(ValueError, match="input_ids"):
+        profile_experts(olmoe, Dataset.from_dict({"text": ["hello"]}), progress=False)
+
+
+def test_model_without_moe_layers_is_rejected():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="No MoE layers"):
+        profile_experts(dense, [{"input_ids": torch.ones(1, 4, dtype=torch.long)}], progress=False)
+
+
+def test_save_load_roundtrip_and_extra(tmp_path, olmoe):
+    profile = profile_experts(olmoe, [random_batch(olmoe)], progress=False, source={"dataset": "unit"})
+    path = profile.save(tmp_path / "p" / "profile.json", extra={"hot_experts": {"x": [1]}})
+    loaded = ExpertProfile.load(path)
+    assert torch.equal(loaded.counts, profile.counts)
+    assert loaded.layer_names == profile.layer_names and loaded.source["dataset"] == "unit"
+    assert json.loads(path.read_text())["hot_experts"] == {"x": [1]}
+    assert [p.name for p in path.parent.iterdir()] == ["profile.json"]  # no temp file left behind
+
+
+def test_invalid_profile_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ExpertProfile.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ExpertProfile.load(bad)
+    bad.write_text(json.dumps({"counts": [[1]]}))
+    with pytest.raises(ValueError, match="format marker"):
+        ExpertProfile.load(bad)
+    bad.write_text(json.dumps({"format": "hellora_trl.ExpertProfile", "counts": [[1, 2]], "layer_names": ["a"],
+                               "num_experts": 3, "experts_per_token": 1}))
+    with pytest.raises(ValueError, match="shape"):
+        ExpertProfile.load(bad)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.json"
+    atomic_write_text(target, "old")
+
+    with pytest.raises(TypeError):
+        atomic_write_text(target, 123)  # write() of a non-string fails mid-save
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def _profile(counts):
+    counts = torch.tensor(counts)
+    return ExpertProfile(counts, [f"l{i}" for i in range(len(counts))], counts.shape[1], 1, tokens_seen=int(counts[0].sum()))
+
+
+def test_merge_jaccard_coverage_concentration():
+    a = _profile([[8, 1, 1, 0]])
+    b = _profile([[0, 1, 1, 8]])
+    assert torch.equal(a.merge(b).counts, torch.tensor([[8, 2, 2, 8]]))
+    assert a.merge(b).tokens_seen == 20
+    assert a.jaccard(a, k=2) == [1.0]
+    assert a.jaccard(b, k=2) == [pytest.approx(1 / 3)]  # {0,1} vs {1,3}... ties: b top-2 = {3, 1}
+    assert a.coverage(b, k=2) == [pytest.approx(0.1)]  # b's mass on a's hot set {0, 1}
+    assert a.concentration(1) == [pytest.approx(0.8)]
+    assert _profile([[5, 5, 5, 5]]).concentration(2) == [pytest.approx(0.5)]  # uniform: k / E
+    with pytest.raises(ValueError, match="different models"):
+        a.merge(_profile([[1, 2, 3]]))
+
+
+def test_profile_check_matches(olmoe):
+    profile = profile_experts(olmoe, [random_batch(olmoe)], progress=False)
+    profile.check_matches(olmoe)
+    other = tiny_model("olmoe", num_hidden_layers=1)
+    with pytest.raises(ValueError, match="does not match"):
+        profile.check_matches(other)
+
+
+def test_gradient_checkpoint_recompute_is_not_double_counted(olmoe):
+    from hellora_trl import RoutingCounter
+
+    batch = random_batch(olmoe)
+    with RoutingCounter(olmoe) as plain:
+        olmoe.train()
+        olmoe(**batch, labels=batch["input_ids"]).loss.backward()
+    olmoe.zero_grad()
+    olmoe.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with RoutingCounter(olmoe) as checkpointed:
+        olmoe(**batch, labels=batch["input_ids"]).loss.backward()
+    assert checkpointed.counts.sum() > 0
+    assert torch.equal(plain.counts, checkpointed.counts)
+    assert plain.tokens_seen == checkpointed.tokens_seen == batch["input_ids"].numel()

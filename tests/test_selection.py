@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from hellora_trl import ExpertProfile, select_hot_experts
+from hellora_trl.selection import default_k, validate_hot_map
+
+
+def make_profile(counts, k=2, shared=False):
+    counts = torch.tensor(counts)
+    return ExpertProfile(
+        counts=counts,
+        layer_names=[f"model.layers.{i}.mlp.experts" for i in range(counts.shape[0])],
+        num_experts=counts.shape[1],
+        experts_per_token=k,
+        has_shared_experts=shared,
+    )
+
+
+def test_layer_strategy_takes_per_layer_top_k():
+    p = make_profile([[5, 9, 1, 7], [0, 0, 3, 2]])
+    assert select_hot_experts(p, k=2) == {"model.layers.0.mlp.experts": [1, 3], "model.layers.1.mlp.experts": [2, 3]}
+
+
+def test_ties_break_to_lower_index_deterministically():
+    p = make_profile([[4, 4, 4, 4], [1, 2, 2, 2]])
+    hot = select_hot_experts(p, k=2)
+    assert hot == {"model.layers.0.mlp.experts": [0, 1], "model.layers.1.mlp.experts": [1, 2]}
+    assert select_hot_experts(p, k=2) == hot
+
+
+def test_default_k_is_experts_per_token_doubled_with_shared_experts():
+    p = make_profile([[5, 9, 1, 7, 0, 0]], k=2)
+    assert default_k(p) == 2 and len(select_hot_experts(p)["model.layers.0.mlp.experts"]) == 2
+    p = make_profile([[5, 9, 1, 7, 0, 0]], k=2, shared=True)
+    assert default_k(p) == 4 and select_hot_experts(p)["model.layers.0.mlp.experts"] == [0, 1, 2, 3]
+
+
+def test_model_cold_random_strategies():
+    p = make_profile([[9, 1, 1, 0], [0, 1, 9, 5]])
+    assert select_hot_experts(p, k=2, strategy="model") == {
+        "model.layers.0.mlp.experts": [0, 2],
+        "model.layers.1.mlp.experts": [0, 2],
+    }
+    assert select_hot_experts(p, k=1, strategy="cold") == {
+        "model.layers.0.mlp.experts": [3],
+        "model.layers.1.mlp.experts": [0],
+    }
+    r1 = select_hot_experts(p, k=2, strategy="random", seed=3)
+    assert r1 == select_hot_experts(p, k=2, strategy="random", seed=3)
+    assert all(len(v) == 2 and len(set(v)) == 2 for v in r1.values())
+
+
+def test_mass_strategy_is_adaptive_per_layer():
+    p = make_profile([[50, 30, 10, 10], [25, 25, 25, 25]])
+    hot = select_hot_experts(p, strategy="mass", mass=0.75)
+    assert hot["model.layers.0.mlp.experts"] == [0, 1]  # 80% >= 75%
+    assert hot["model.layers.1.mlp.experts"] == [0, 1, 2]  # needs three quarters
+    clipped = select_hot_experts(p, strategy="mass", mass=0.75, min_k=1, max_k=2)
+    assert len(clipped["model.layers.1.mlp.experts"]) == 2
+
+
+@pytest.mark.parametrize("k", [0, 5, -1])
+def test_bad_k_is_rejected_early(k):
+    with pytest.raises(ValueError, match="k must be"):
+        select_hot_experts(make_profile([[1, 2, 3, 4]]), k=k)
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="strategy"):
+        select_hot_experts(make_profile([[1, 2, 3, 4]]), strategy="hottest")
+
+
+def test_validate_hot_map_errors():
+    names = ["a.experts", "b.experts"]
+    with pytest.raises(ValueError, match="missing"):
+        validate_hot_map({"a.experts": [0]}, names, 4)
+    with pytest.raises(ValueError, match="distinct ids"):
+        validate_hot_map({"a.experts": [0, 9], "b.experts": [1]}, names, 4)
+    with pytest.raises(ValueError, match="no hot experts"):
+        validate_hot_map({"a.experts": [], "b.experts": [1]}, names, 4)
