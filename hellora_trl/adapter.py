@@ -9,6 +9,7 @@ applies unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -192,7 +193,28 @@ def _inject(
         if router_type is not nn.Linear:
             mapping[router_type] = _router_factory
         config._register_custom_module(mapping)
-    return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    with _explicit_v5_targets():
+        return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+@contextlib.contextmanager
+def _explicit_v5_targets():
+    """Keep PEFT from renaming our explicit transformers-5 module names as if they were v4 names.
+
+    PEFT 0.21 rewrites ``target_modules`` entries ending in ``.gate``, ``.gate_proj``, ``.up_proj``, ``.down_proj``
+    (Mixtral/Qwen2-MoE conversion patterns, also applied to DeepSeek-V2/V3, GLM-MoE...) into fused
+    ``target_parameters`` so that v4 adapters load on v5 models. Our targets are already full v5 names (the router
+    module, shared-expert projections), so that rewrite would wrap the whole expert stack. It is switched off only
+    for the duration of our own ``get_peft_model`` call.
+    """
+    from peft.utils import transformers_weight_conversion as conversion
+
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
 
 
 def hot_map_from_model(model: nn.Module, adapter_name: str = "default") -> HotMap:
@@ -223,13 +245,19 @@ def _hot_map_from_weights(weights: Mapping[str, torch.Tensor]) -> HotMap:
     return hot
 
 
-def _hot_map_from_targets(targets: Iterable[str], layers: list[MoELayer]) -> HotMap:
+def _hot_map_from_weight_keys(keys: Iterable[str], layers: list[MoELayer]) -> HotMap:
+    """ModuleList layout: an expert is hot iff the adapter holds LoRA weights under it.
+
+    (PEFT may shorten a long ``target_modules`` list to minimal suffixes when it saves, so the config's targets
+    cannot be read back as module names; the weight keys always can.)
+    """
     hot: HotMap = {layer.name: [] for layer in layers}
-    for target in targets:
+    for key in keys:
+        name = key.removeprefix(PEFT_PREFIX)
         for layer in layers:
             prefix = layer.name + "."
-            if target.startswith(prefix):
-                hot[layer.name].append(int(target[len(prefix) :].split(".")[0]))
+            if name.startswith(prefix):
+                hot[layer.name].append(int(name[len(prefix) :].split(".")[0]))
     return {k: sorted(set(v)) for k, v in hot.items()}
 
 
@@ -249,7 +277,7 @@ def load_hellora(
         if not hot:
             raise ValueError(f"{path} holds no hot-expert map ({HOT_KEY}); was it saved by hellora_trl?")
     else:
-        hot = _hot_map_from_targets(config.target_modules, layers)
+        hot = _hot_map_from_weight_keys(weights, layers)
     validate_hot_map(hot, [layer.name for layer in layers], layers[0].num_experts)
     fuse = any(".lora_gate_up_A" in k for k in weights)
     config.inference_mode = not is_trainable

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 
@@ -65,7 +65,7 @@ class Block(nn.Module):
         return x + self.block_sparse_moe(x)
 
 
-class LegacyMoEForCausalLM(PreTrainedModel):
+class LegacyMoEForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = LegacyMoEConfig
 
     def __init__(self, cfg):

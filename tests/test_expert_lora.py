@@ -1,6 +1,7 @@
 """The expert-LoRA layer against an independent dense reference, for every fused family and implementation."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -93,7 +94,9 @@ def test_matches_dense_reference(family, implementation):
     for index, weights in cases:
         out = layer(hidden, index, weights)
         expected = ref(hidden, index, weights)
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+        # float32 (grouped_mm) accumulates in another order than the reference: relative tolerance there
+        tol = dict(rtol=0, atol=1e-5) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(out, expected, **tol)
     # a layer whose hot experts get no rows at all: output equals the base module
     index, weights = cases[2]
     assert not torch.isin(index, torch.tensor(layer.hot_experts())).any()
@@ -141,7 +144,8 @@ def test_gradients_reach_only_hot_factors_and_cold_weights_stay_bit_identical(fa
                 assert p.grad is None, name
         optimizer.step()
         optimizer.zero_grad()
-    moved = [n for n, p in peft_model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    # B factors start at zero: attention ("lora_B") and expert ("lora_up_B", ...) ones must have moved
+    moved = [n for n, p in peft_model.named_parameters() if re.search(r"lora_(\w+_)?B\b", n) and p.abs().sum() > 0]
     assert any("experts.lora_" in n for n in moved) and any("self_attn" in n for n in moved)
     for name, p in peft_model.get_base_model().named_parameters():
         if "lora_" in name:
