@@ -81,6 +81,12 @@ class HELLoRAConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16:
+            # TRL turns bf16 on by default, which transformers refuses on a machine without a bf16 GPU unless
+            # use_cpu is set: take bf16 where the hardware has it, float32 elsewhere (CPU boxes, older GPUs).
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            self.bf16 = is_torch_bf16_gpu_available()
         super().__post_init__()
         from .selection import STRATEGIES
 

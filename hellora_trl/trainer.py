@@ -220,6 +220,8 @@ class HELLoRATrainer(SFTTrainer):
             del warm_trainer
             restored = warm_model.unload()  # drop the warm-up adapters, keep the base weights untouched
             gc.collect()
+            if os.path.isdir(warm_args.output_dir) and not os.listdir(warm_args.output_dir):
+                os.rmdir(warm_args.output_dir)
         if restored is not base:  # unload works in place; keep the trainer's reference valid regardless
             self.model = self.model_wrapped = restored
         source.update({"warmup_epochs": args.hellora_warmup_epochs, "warmup_loss": warm_loss[-1] if warm_loss else None})

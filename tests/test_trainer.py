@@ -1,0 +1,243 @@
+"""HELLoRATrainer end to end on a tiny OLMoE and generated GSM8K-style problems (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from hellora_trl import ExpertProfile, apply_hellora, default_lora_config, find_moe_layers
+from hellora_trl.config import HELLoRAConfig
+from hellora_trl.data import synthetic_gsm8k
+from hellora_trl.offline import build_tokenizer
+from hellora_trl.trainer import HEATMAP_FILE, PROFILE_FILE, HELLoRATrainer
+
+from conftest import tiny_model
+
+LORA = dict(r=4, lora_alpha=8)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return synthetic_gsm8k(40, seed=0)
+
+
+def make_args(tmp_path, **overrides) -> HELLoRAConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        max_length=96,
+        seed=0,
+        disable_tqdm=True,
+        hellora_k=2,
+        hellora_profile_mode="forward",
+        hellora_warmup_fraction=0.25,
+        hellora_plots=False,
+    )
+    kwargs.update(overrides)
+    return HELLoRAConfig(**kwargs)
+
+
+def make_trainer(tmp_path, tokenizer, dataset, model=None, **overrides) -> HELLoRATrainer:
+    return HELLoRATrainer(
+        model=model if model is not None else tiny_model("olmoe"),
+        args=make_args(tmp_path, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=default_lora_config(**LORA),
+    )
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """Base parameters by their original names (PEFT inserts `.base_layer`), adapters excluded."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return {
+        n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n
+    }
+
+
+def test_train_profiles_selects_and_adapts_hot_experts_only(tmp_path, tokenizer, dataset):
+    model = tiny_model("olmoe")
+    before = base_weights(model)
+    trainer = make_trainer(
+        tmp_path, tokenizer, dataset, model=model, max_steps=24, hellora_plots=True, learning_rate=1e-2
+    )
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "run"
+    # one profile with exactly k hot experts per MoE layer, matching the adapted model
+    profiles = list(out.rglob(PROFILE_FILE))
+    assert profiles == [out / PROFILE_FILE]
+    saved = json.loads(profiles[0].read_text())
+    layers = [l.name for l in find_moe_layers(model)]
+    assert sorted(saved["hot_experts"]) == sorted(layers)
+    assert all(len(ids) == 2 for ids in saved["hot_experts"].values())
+    assert trainer.hot_experts == saved["hot_experts"]
+    assert ExpertProfile.load(profiles[0]).source["mode"] == "forward"
+    assert (out / HEATMAP_FILE).stat().st_size > 0
+    # the adapter file holds factors for the hot experts only
+    weights = load_file(out / "adapter_model.safetensors")
+    for layer in layers:
+        prefix = f"base_model.model.{layer}."
+        assert weights[prefix + "lora_hot_experts"].tolist() == saved["hot_experts"][layer]
+        for proj in ("gate", "up", "down"):
+            assert weights[prefix + f"lora_{proj}_A"].shape[0] == 2
+    # base and cold-expert weights bit-identical; only adapters trained
+    after = base_weights(trainer.model)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    # the task is learnable: loss goes down
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2, losses
+    assert trainer.state.log_history[-1]["hellora/profile_seconds"] > 0
+
+
+def test_lora_warmup_mode_discards_warmup_adapters(tmp_path, tokenizer, dataset):
+    model = tiny_model("olmoe")
+    before = base_weights(model)
+    trainer = make_trainer(tmp_path, tokenizer, dataset, model=model, hellora_profile_mode="lora_warmup", max_steps=1)
+    trainer.train()
+    profile = trainer.hellora_profile
+    assert profile.source["mode"] == "lora_warmup" and profile.source["warmup_rows"] == 10
+    # warm-up trained LoRA on all experts for ceil(10 rows / 4) = 3 steps, counting every routed token
+    assert profile.counts.sum() == profile.tokens_seen * 2 * len(profile.layer_names)
+    assert profile.source["warmup_loss"] is not None
+    # the warm-up adapters are gone: the final model adapts 2 experts per layer, and the base is untouched
+    for layer in find_moe_layers(trainer.model.get_base_model()):
+        module = trainer.model.get_base_model().get_submodule(layer.name)
+        assert module.lora_down_A["default"].shape[0] == 2
+    assert list(trainer.model.peft_config) == ["default"]
+    after = base_weights(trainer.model)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+@pytest.mark.parametrize("mode", ["forward", "lora_warmup"])
+def test_same_seed_same_profile_and_hot_map(tmp_path, tokenizer, dataset, mode):
+    runs = []
+    for i in range(2):
+        trainer = make_trainer(
+            tmp_path / str(i), tokenizer, dataset, hellora_profile_mode=mode, max_steps=1, hellora_selection="layer"
+        )
+        trainer.train()
+        runs.append(trainer)
+    assert torch.equal(runs[0].hellora_profile.counts, runs[1].hellora_profile.counts)
+    assert runs[0].hot_experts == runs[1].hot_experts
+
+
+def test_profile_path_skips_profiling(tmp_path, tokenizer, dataset):
+    first = make_trainer(tmp_path / "a", tokenizer, dataset, max_steps=1, hellora_profile_path=str(tmp_path / "p.json"))
+    first.train()
+    assert (tmp_path / "p.json").is_file()  # a missing profile path is where the new profile is written
+
+    model = tiny_model("olmoe")
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    second = make_trainer(
+        tmp_path / "b", tokenizer, dataset, model=model, max_steps=2, hellora_profile_path=str(tmp_path / "p.json")
+    )
+    second.train()
+    assert len(forwards) == 2  # the two training steps; not one profiling pass
+    assert second.hot_experts == first.hot_experts
+    assert second.state.log_history[-1]["hellora/profile_seconds"] == 0
+
+
+def test_resume_reuses_hot_map_and_never_reprofiles(tmp_path, tokenizer, dataset, monkeypatch):
+    first = make_trainer(tmp_path, tokenizer, dataset, max_steps=4, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / PROFILE_FILE).is_file()
+
+    def no_profiling(self):
+        raise AssertionError("resume must not profile again")
+
+    monkeypatch.setattr(HELLoRATrainer, "run_profiling", no_profiling)
+    # another hellora_seed would pick another warm-up slice: the checkpoint's hot map must win
+    resumed = make_trainer(
+        tmp_path, tokenizer, dataset, max_steps=4, save_strategy="steps", save_steps=2, hellora_seed=7
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.hot_experts == first.hot_experts
+    assert resumed.state.global_step == 4
+    losses_first = [l["loss"] for l in first.state.log_history if "loss" in l]
+    losses_resumed = [l["loss"] for l in resumed.state.log_history if "loss" in l]
+    assert losses_resumed[-2:] == pytest.approx(losses_first[-2:], rel=1e-4)  # the loss curve continues
+
+
+def test_gradient_accumulation_checkpointing_and_packing_run(tmp_path, tokenizer, dataset):
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        dataset,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        packing=True,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(torch.isfinite(torch.tensor(l["loss"])) for l in trainer.state.log_history if "loss" in l)
+
+
+def test_router_aux_loss_is_used_when_turned_on(tmp_path, tokenizer, dataset):
+    model = tiny_model("olmoe", output_router_logits=True, router_aux_loss_coef=0.5)
+    trainer = make_trainer(tmp_path, tokenizer, dataset, model=model, max_steps=1)
+    trainer.train()
+    assert any("aux_loss" in log for log in trainer.state.log_history)
+
+
+def test_bad_inputs_fail_early(tmp_path, tokenizer, dataset):
+    model = tiny_model("olmoe")
+    peft_model = apply_hellora(model, {l.name: [0] for l in find_moe_layers(model)}, default_lora_config(**LORA))
+    with pytest.raises(ValueError, match="needs the base model"):
+        make_trainer(tmp_path, tokenizer, dataset, model=peft_model)
+    with pytest.raises(ValueError, match="target_parameters"):
+        HELLoRATrainer(
+            model=tiny_model("olmoe"),
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(target_parameters=["mlp.experts.gate_up_proj"]),
+        )
+    with pytest.raises(ValueError, match="hellora_profile_mode"):
+        make_args(tmp_path, hellora_profile_mode="backward")
+    with pytest.raises(ValueError, match="hellora_warmup_fraction"):
+        make_args(tmp_path, hellora_warmup_fraction=0.0)
+
+
+def test_config_fields_come_from_yaml_and_cli(tmp_path):
+    from trl import TrlParser
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text("output_dir: out\nhellora_k: 3\nhellora_selection: mass\nhellora_warmup_fraction: 0.2\n")
+    parser = TrlParser((HELLoRAConfig,))
+    (args,) = parser.parse_args_and_config(["--config", str(config), "--hellora_profile_mode", "forward"])
+    assert (args.hellora_k, args.hellora_selection, args.hellora_warmup_fraction) == (3, "mass", 0.2)
+    assert args.hellora_profile_mode == "forward"
+    help_text = parser.format_help()
+    assert "--hellora_warmup_fraction" in help_text and "Share of the training set" in help_text
+
+
+def test_bf16_default_follows_the_hardware(tmp_path):
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    assert HELLoRAConfig(output_dir=str(tmp_path)).bf16 == is_torch_bf16_gpu_available()
+    assert HELLoRAConfig(output_dir=str(tmp_path), bf16=False).bf16 is False
