@@ -1,0 +1,242 @@
+"""The Axolotl plugin against a minimal stand-in of Axolotl's documented plugin contract.
+
+Axolotl cannot be installed next to this stack (its releases for Python 3.11 pin transformers 5.16, peft 0.20,
+trl 1.9), so ``axolotl.integrations.base`` / ``axolotl.common.datasets`` are faked in ``sys.modules`` with the
+hook names and signatures of Axolotl 0.19: ``BasePlugin.load_adapter(model, cfg, inference, config_only)``,
+``get_adapter_capabilities() -> [AdapterCapabilities]``, ``get_input_args() -> "module.Class"``. The last test
+runs against the real Axolotl package when it is importable.
+"""
+
+import importlib
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("pydantic")
+from datasets import Dataset  # noqa: E402
+from peft import PeftModel  # noqa: E402
+
+import hellora_trl.integrations.axolotl as axo  # noqa: E402
+from hellora_trl import hot_map_from_model, load_hellora, profile_experts, select_hot_experts  # noqa: E402
+from hellora_trl.adapter import COMPONENTS  # noqa: E402
+from hellora_trl.config import PROFILE_MODES  # noqa: E402
+from hellora_trl.data import sample_fraction  # noqa: E402
+from hellora_trl.selection import STRATEGIES  # noqa: E402
+
+from conftest import random_batch, tiny_model  # noqa: E402
+
+CONFIG_YAML = Path(__file__).resolve().parents[1] / "configs" / "axolotl" / "olmoe_gsm8k.yaml"
+
+
+class DictDefault(dict):
+    """Axolotl's config object answers None for missing keys, by attribute or item."""
+
+    def __getattr__(self, key):
+        return self.get(key)
+
+
+def tokenized_rows(n=24, vocab=512, seed=0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for i in range(n):
+        length = 6 + i % 7
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * length)
+        rows["labels"].append([-100] * 2 + ids[2:])  # prompt masked, as Axolotl's tokenizers do
+    return Dataset.from_dict(rows)
+
+
+@pytest.fixture
+def fake_axolotl(monkeypatch):
+    """Install the stand-in modules; returns the list that records load_datasets calls."""
+    base = types.ModuleType("axolotl.integrations.base")
+
+    class BasePlugin:
+        def __init__(self):
+            pass
+
+        def register(self, cfg):
+            pass
+
+        def get_input_args(self):
+            return None
+
+        def get_adapter_capabilities(self):
+            return []
+
+        def load_adapter(self, model, cfg, inference=False, config_only=False):
+            return None
+
+        def pre_lora_load(self, cfg, model):
+            pass
+
+        def post_lora_load(self, cfg, model):
+            pass
+
+        def get_trainer_cls(self, cfg):
+            return None
+
+    @dataclass(frozen=True)
+    class AdapterCapabilities:
+        name: str
+        lora_like: bool = False
+        relora: bool = False
+
+    base.BasePlugin, base.AdapterCapabilities = BasePlugin, AdapterCapabilities
+    calls = []
+    common = types.ModuleType("axolotl.common.datasets")
+
+    def load_datasets(*, cfg, cli_args=None, debug=False):
+        calls.append(cfg)
+        return types.SimpleNamespace(train_dataset=tokenized_rows(), eval_dataset=None, total_num_steps=None)
+
+    common.load_datasets = load_datasets
+    for name, module in {
+        "axolotl": types.ModuleType("axolotl"),
+        "axolotl.integrations": types.ModuleType("axolotl.integrations"),
+        "axolotl.integrations.base": base,
+        "axolotl.common": types.ModuleType("axolotl.common"),
+        "axolotl.common.datasets": common,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(vars(axo), "HELLoRAPlugin", raising=False)
+    yield calls
+    vars(axo).pop("HELLoRAPlugin", None)
+
+
+def load_plugin(path=axo.PLUGIN_PATH):
+    """What Axolotl's load_plugin does with a `plugins:` entry."""
+    module, cls = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)()
+
+
+def cfg(tmp_path, **overrides) -> DictDefault:
+    values = dict(
+        adapter="hellora", lora_r=4, lora_alpha=8, micro_batch_size=4, learning_rate=1e-3, seed=42,
+        output_dir=str(tmp_path / "out"), hellora_k=2, hellora_warmup_fraction=0.5, hellora_profile_mode="forward",
+    )
+    values.update(overrides)
+    return DictDefault(values)
+
+
+def test_missing_axolotl_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "axolotl", None)
+    monkeypatch.delitem(vars(axo), "HELLoRAPlugin", raising=False)
+    with pytest.raises(ImportError, match="pip install axolotl"):
+        axo.HELLoRAPlugin
+    assert axo.HELLoRAArgs().hellora_selection == "layer"  # the args model needs no Axolotl
+
+
+def test_plugin_contract(fake_axolotl):
+    plugin = load_plugin()
+    base = sys.modules["axolotl.integrations.base"]
+    assert isinstance(plugin, base.BasePlugin)
+    args_cls = getattr(importlib.import_module(plugin.get_input_args().rsplit(".", 1)[0]), "HELLoRAArgs")
+    assert args_cls is axo.HELLoRAArgs
+    assert plugin.get_adapter_capabilities() == [base.AdapterCapabilities(name="hellora", lora_like=True)]
+    assert plugin.get_trainer_cls(DictDefault()) is None
+    assert plugin.load_adapter(tiny_model(), DictDefault(adapter="lora")) is None  # other adapters untouched
+
+
+def test_args_validate_and_track_the_package_choices():
+    fields = axo.HELLoRAArgs.model_fields
+    assert set(fields["hellora_selection"].annotation.__args__) == set(STRATEGIES)
+    assert set(fields["hellora_profile_mode"].annotation.__args__) == set(PROFILE_MODES)
+    assert set(fields["hellora_components"].annotation.__args__) == set(COMPONENTS)
+    for bad in ({"hellora_warmup_fraction": 0}, {"hellora_selection": "hottest"}, {"hellora_k": 0}):
+        with pytest.raises(ValueError):
+            axo.HELLoRAArgs(**bad)
+    with pytest.raises(ValueError, match="lora_target_parameters"):
+        axo.lora_config_from_cfg(DictDefault(lora_target_parameters=["experts.down_proj"]))
+    config = axo.lora_config_from_cfg(DictDefault(lora_r=16, lora_alpha=32, lora_target_linear=True))
+    assert (config.r, config.lora_alpha, config.target_modules) == (16, 32, "all-linear")
+
+
+def test_forward_profile_selects_the_same_hot_experts_as_the_library(fake_axolotl, tmp_path):
+    plugin = load_plugin()
+    settings = cfg(tmp_path)
+    model = tiny_model()
+    peft_model, lora_config = plugin.load_adapter(model, settings)
+    assert isinstance(peft_model, PeftModel) and lora_config.r == 4
+    assert len(fake_axolotl) == 1  # the prepared training set was read once
+    # Independently: the same seeded slice, forward profile, per-layer top-2.
+    rows = sample_fraction(tokenized_rows(), 0.5, 42)
+    expected = select_hot_experts(profile_experts(tiny_model(), rows, batch_size=4, progress=False), k=2)
+    assert hot_map_from_model(peft_model) == expected
+    saved = json.loads((tmp_path / "out" / axo.PROFILE_FILE).read_text())
+    assert saved["hot_experts"] == expected and saved["source"]["warmup_rows"] == 12
+
+
+def test_lora_warmup_profiles_then_leaves_the_base_untouched(fake_axolotl, tmp_path):
+    plugin = load_plugin()
+    profile_path = tmp_path / "profile.json"
+    settings = cfg(tmp_path, hellora_profile_mode="lora_warmup", hellora_profile_path=str(profile_path))
+    model = tiny_model()
+    batch = random_batch(model)
+    peft_model, _ = plugin.load_adapter(model, settings)
+    assert all(len(ids) == 2 for ids in hot_map_from_model(peft_model).values())
+    with torch.no_grad():  # fresh adapter (B = 0) on an untouched base == the base model
+        torch.testing.assert_close(peft_model(**batch).logits, tiny_model()(**batch).logits, rtol=0, atol=0)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    saved = json.loads(profile_path.read_text())
+    assert saved["source"]["mode"] == "lora_warmup" and saved["source"]["warmup_loss"] > 0
+    # Second run: the saved profile is reused, no dataset is read.
+    again, _ = load_plugin().load_adapter(tiny_model(), settings)
+    assert hot_map_from_model(again) == hot_map_from_model(peft_model) and len(fake_axolotl) == 1
+
+
+def test_lora_model_dir_reloads_the_trained_adapter(fake_axolotl, tmp_path):
+    from test_expert_lora import randomize_factors
+
+    plugin = load_plugin()
+    peft_model, _ = plugin.load_adapter(tiny_model(), cfg(tmp_path))
+    randomize_factors(peft_model, std=0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    batch = random_batch(peft_model)
+    with torch.no_grad():
+        expected = peft_model.eval()(**batch).logits
+    reloaded, config = plugin.load_adapter(tiny_model(), cfg(tmp_path, lora_model_dir=str(tmp_path / "adapter")), inference=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=0)
+    assert config.r == 4 and len(fake_axolotl) == 1  # no profiling on reload
+    assert plugin.load_adapter(tiny_model(), cfg(tmp_path), config_only=True)[0] is None
+
+
+def test_example_config_has_valid_plugin_keys():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load(CONFIG_YAML.read_text())
+    assert axo.PLUGIN_PATH in config["plugins"] and config["adapter"] == axo.ADAPTER
+    args = axo.hellora_args(config)
+    assert args.hellora_k == 8 and args.hellora_profile_mode == "lora_warmup"
+    axo.lora_config_from_cfg(config)
+
+
+def test_against_real_axolotl_schema(tmp_path):
+    """Runs only where Axolotl imports (a separate venv): real PluginManager and config schema."""
+    pytest.importorskip("axolotl.integrations.config")
+    yaml = pytest.importorskip("yaml")
+    from axolotl.integrations.base import PluginManager
+    from axolotl.integrations.config import merge_input_args
+
+    vars(axo).pop("HELLoRAPlugin", None)
+    manager = PluginManager.get_instance()
+    manager.register(axo.PLUGIN_PATH)
+    assert manager.supports_adapter("hellora")
+    _, input_config = merge_input_args()
+    raw = yaml.safe_load(CONFIG_YAML.read_text())
+    parsed = input_config(**raw)
+    assert parsed.adapter == "hellora" and parsed.hellora_k == 8
+    with pytest.raises(ValueError):
+        input_config(**{**raw, "hellora_warmup_fraction": 0})
+    settings = DictDefault({**cfg(tmp_path), "hellora_profile_mode": "forward"})
+    plugin = manager.plugins[axo.PLUGIN_PATH]
+    plugin.training_dataset = lambda _cfg: tokenized_rows()
+    peft_model, _ = manager.load_adapter(tiny_model(), settings)
+    assert isinstance(peft_model, PeftModel) and all(len(v) == 2 for v in hot_map_from_model(peft_model).values())
