@@ -9,6 +9,7 @@ from torch import nn
 from .expert_lora import HotExpertLoraLayer, expert_factor_shapes
 from .profiling import ExpertProfile, _unwrap
 from .registry import family_for, find_moe_layers
+from .variants import sparse_specs
 
 
 def _numel(param) -> int:
@@ -17,13 +18,6 @@ def _numel(param) -> int:
     if param.__class__.__name__ == "Params4bit":
         n *= 2
     return int(n)
-
-
-def _masked_out(name: str, model: nn.Module) -> int:
-    """Entries of a sparse variant held at zero by a fixed mask: they exist but cannot change."""
-    masks = getattr(model, "_hellora_masks", None) or {}
-    mask = masks.get(name)
-    return 0 if mask is None else int(mask.numel() - mask.sum())
 
 
 def _component(name: str, routers: list[str], experts: list[str]) -> str:
@@ -37,6 +31,10 @@ def _component(name: str, routers: list[str], experts: list[str]) -> str:
 def trainable_parameter_report(model: nn.Module, profile: ExpertProfile | None = None) -> dict[str, Any]:
     """``total``/``trainable``/``trainable_percent`` as PEFT counts them (adapters in the total), a breakdown by
     component, and, given a routing profile, the adapter FLOPs per token of this placement vs LoRA on all experts.
+
+    Only entries that can change count as trainable: LoRI's frozen A factors do not (they stay in ``total``), and a
+    LoRI-S B factor counts its mask's nonzeros, or its planned ``density`` before masks exist (meta-device models).
+    Matched by parameter identity, so any wrapper (PeftModel, DDP) and adapter name works.
     """
     total = trainable = 0
     base = _unwrap(model)
@@ -44,11 +42,13 @@ def trainable_parameter_report(model: nn.Module, profile: ExpertProfile | None =
     routers = [layer.router_name for layer in layers]
     experts = [layer.name for layer in layers]
     by_component = {"attention": 0, "router": 0, "experts": 0}
+    sparse = sparse_specs(base)
     for name, param in model.named_parameters():
         n = _numel(param)
         total += n
         if param.requires_grad:
-            n -= _masked_out(name, model)
+            spec = sparse.get(id(param))
+            n = spec.changeable(n) if spec is not None else n
             trainable += n
             by_component[_component(name, routers, experts)] += n
     report: dict[str, Any] = {

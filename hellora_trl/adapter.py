@@ -24,6 +24,7 @@ from torch import nn
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
 from .registry import MoEFamily, MoELayer, family_for, find_moe_layers
 from .selection import HotMap, validate_hot_map
+from .variants import DEFAULT_DENSITY, check_variant_args, prepare_variant, restore_variant
 
 COMPONENTS = ("all", "router", "experts")
 HOT_KEY = "lora_hot_experts"
@@ -147,6 +148,9 @@ def apply_hellora(
     include_shared_experts: bool = True,
     adapter_name: str = "default",
     autocast_adapter_dtype: bool = True,
+    variant: str = "lora",
+    masks: Mapping[str, torch.Tensor] | None = None,
+    density: float = DEFAULT_DENSITY,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT model with LoRA on attention, routers and the hot experts only.
 
@@ -155,7 +159,12 @@ def apply_hellora(
     Shared experts, when the family has them, are always routed to and are adapted like hot experts unless
     ``include_shared_experts=False``. ``autocast_adapter_dtype`` is PEFT's: float32 adapters on a bf16/fp16 base
     (turn it off under DeepSpeed ZeRO-3, which needs one dtype).
+
+    ``variant`` (see :mod:`hellora_trl.variants`): ``"lora"``; ``"lori_d"`` (A frozen at its random init, B dense);
+    ``"lori_s"`` (A frozen, B held to ``masks`` from a finished LoRI-D adapter; without masks yet, ``density`` is
+    the planned share, enough for accounting, and training refuses to start).
     """
+    check_variant_args(variant, masks, density)
     if isinstance(model, PeftModel):
         raise ValueError(
             "apply_hellora expects the base transformers model, not a PeftModel. Use `model.unload()` (or "
@@ -172,7 +181,9 @@ def apply_hellora(
     validate_hot_map(hot_experts, [layer.name for layer in layers], layers[0].num_experts)
     config = copy.deepcopy(lora_config)
     config.target_modules = resolve_targets(model, hot_experts, lora_config, components, include_shared_experts, family)
-    return _inject(model, config, hot_experts, family, layers, fuse_gate_up, adapter_name, autocast_adapter_dtype)
+    peft_model = _inject(model, config, hot_experts, family, layers, fuse_gate_up, adapter_name, autocast_adapter_dtype)
+    prepare_variant(peft_model, variant, masks=masks, density=density, adapter_name=adapter_name)
+    return peft_model
 
 
 def _inject(
@@ -264,7 +275,7 @@ def _hot_map_from_weight_keys(keys: Iterable[str], layers: list[MoELayer]) -> Ho
 def load_hellora(
     model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False, adapter_name: str = "default"
 ) -> PeftModel:
-    """Rebuild a saved HELLoRA adapter on ``model`` and load its weights exactly."""
+    """Rebuild a saved HELLoRA adapter on ``model`` and load its weights exactly (and its LoRI variant, if any)."""
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"No adapter_config.json in {path}: not a saved PEFT/HELLoRA adapter directory.")
@@ -289,6 +300,7 @@ def load_hellora(
             f"Adapter at {path} does not fit this model: missing {missing[:3]}, unexpected "
             f"{list(result.unexpected_keys)[:3]}."
         )
+    restore_variant(peft_model, path, adapter_name=adapter_name)
     if not is_trainable:
         peft_model.eval()
         for param in peft_model.parameters():
