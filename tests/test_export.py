@@ -176,6 +176,11 @@ def test_merge_from_a_base_path_copies_the_tokenizer(tmp_path):
     out = merge_adapter(str(tmp_path / "base"), saved(tmp_path, peft_model), tmp_path / "merged")
     assert (out / "tokenizer_config.json").is_file()
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval(), batch), expected, rtol=0, atol=ATOL)
+    # A base without tokenizer files: warn, and write no placeholder tokenizer (transformers would make one up).
+    tiny_model("olmoe").save_pretrained(tmp_path / "bare")
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        bare = merge_adapter(str(tmp_path / "bare"), tmp_path / "adapter", tmp_path / "merged_bare")
+    assert not any(bare.glob("tokenizer*"))
 
 
 def test_output_dir_is_not_clobbered_and_overwrite_replaces(tmp_path):
