@@ -646,6 +646,10 @@ def generate_batched(
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     was_training = model.training
+    # MoE models trained with the router aux loss keep output_router_logits on; transformers then computes that
+    # loss during cached decoding with a prompt-length attention mask and fails. Generation needs no aux loss.
+    config = getattr(model, "config", None)
+    saved_router_logits = getattr(config, "output_router_logits", None)
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     outputs: list[str] = [""] * len(texts)
@@ -655,6 +659,8 @@ def generate_batched(
     try:
         tokenizer.padding_side = "left"
         model.eval()
+        if saved_router_logits:
+            config.output_router_logits = False
         bar = tqdm(total=len(texts), desc="generate", disable=not progress)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -675,6 +681,8 @@ def generate_batched(
         tokenizer.padding_side = saved_side
         if saved_pad is None:
             tokenizer.pad_token = None
+        if saved_router_logits:
+            config.output_router_logits = saved_router_logits
         model.train(was_training)
     return outputs
 

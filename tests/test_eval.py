@@ -441,3 +441,15 @@ def test_write_results(tmp_path):
     assert not [p for p in json_path.parent.iterdir() if p.name.endswith(".tmp")]
     write_results({"x": 1}, tmp_path / "out")  # overwrite in place
     assert json.loads(json_path.read_text()) == {"x": 1}
+
+
+def test_generate_batched_with_router_aux_loss_model():
+    """Regression: a MoE model trained with output_router_logits=True failed in cached decoding."""
+    from hellora_trl.eval import generate_batched
+    from hellora_trl.offline import build_tokenizer, tiny_moe_model
+
+    model = tiny_moe_model("olmoe", output_router_logits=True)
+    tokenizer = build_tokenizer()
+    out = generate_batched(model, tokenizer, ["Question: 1+1?\nAnswer:", "Hi"], max_new_tokens=4, progress=False)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert model.config.output_router_logits is True
