@@ -176,7 +176,9 @@ def test_forward_profile_selects_the_same_hot_experts_as_the_library(fake_axolot
 def test_lora_warmup_profiles_then_leaves_the_base_untouched(fake_axolotl, tmp_path):
     plugin = load_plugin()
     profile_path = tmp_path / "profile.json"
-    settings = cfg(tmp_path, hellora_profile_mode="lora_warmup", hellora_profile_path=str(profile_path))
+    settings = cfg(
+        tmp_path, hellora_profile_mode="lora_warmup", hellora_profile_path=str(profile_path), gradient_checkpointing=True
+    )
     model = tiny_model()
     batch = random_batch(model)
     peft_model, _ = plugin.load_adapter(model, settings)
@@ -187,6 +189,9 @@ def test_lora_warmup_profiles_then_leaves_the_base_untouched(fake_axolotl, tmp_p
     assert trainable and all("lora_" in n for n in trainable)
     saved = json.loads(profile_path.read_text())
     assert saved["source"]["mode"] == "lora_warmup" and saved["source"]["warmup_loss"] > 0
+    # One epoch over the slice, each real token counted once (no recount under gradient checkpointing).
+    rows = sample_fraction(tokenized_rows(), 0.5, 42)
+    assert saved["tokens_seen"] == sum(len(ids) for ids in rows["input_ids"])
     # Second run: the saved profile is reused, no dataset is read.
     again, _ = load_plugin().load_adapter(tiny_model(), settings)
     assert hot_map_from_model(again) == hot_map_from_model(peft_model) and len(fake_axolotl) == 1

@@ -139,13 +139,14 @@ class HELLoRAPluginMixin:
             peft_model = load_hellora(model, _get(cfg, "lora_model_dir"), is_trainable=not inference)
             return peft_model, peft_model.peft_config["default"]
         args = hellora_args(cfg)
+        if _get(cfg, "gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
+            # Before profiling, so the LoRA warm-up runs with the memory profile of the real run.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_get(cfg, "gradient_checkpointing_kwargs"))
         profile = self.routing_profile(model, cfg, args, lora_config)
         hot = select_hot_experts(
             profile, k=args.hellora_k, strategy=args.hellora_selection, seed=self._seed(cfg, args), mass=args.hellora_mass
         )
         self._save_profile(cfg, args, profile, hot)
-        if _get(cfg, "gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_get(cfg, "gradient_checkpointing_kwargs"))
         peft_model = apply_hellora(
             model,
             hot,
