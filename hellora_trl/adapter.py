@@ -196,13 +196,13 @@ def _inject(
     adapter_name: str,
     autocast_adapter_dtype: bool = True,
 ) -> PeftModel:
+    mapping: dict[type, Any] = {}
     if family.layout == "fused":
-        mapping: dict[type, Any] = {
-            type(layers[0].experts): _HotExpertFactory(hot_experts, fuse_gate_up, family.eager_accepts_sentinel)
-        }
-        router_type = type(layers[0].router)
-        if router_type is not nn.Linear:
-            mapping[router_type] = _router_factory
+        mapping[type(layers[0].experts)] = _HotExpertFactory(hot_experts, fuse_gate_up, family.eager_accepts_sentinel)
+    router_type = type(layers[0].router)
+    if router_type is not nn.Linear:  # custom router modules (OLMoE/Qwen TopKRouter, DeepSeek MoEGate...)
+        mapping[router_type] = _router_factory
+    if mapping:
         config._register_custom_module(mapping)
     with _explicit_v5_targets():
         return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

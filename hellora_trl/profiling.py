@@ -292,8 +292,11 @@ class RoutingCounter:
 
     def _router_hook(self, i: int):
         def hook(module, args, output):
-            logits = output[0] if isinstance(output, tuple) else output
-            self._record(i, torch.topk(logits.detach().float(), self.top_k, dim=-1).indices)
+            first = output[0] if isinstance(output, tuple) else output
+            if not first.is_floating_point():  # the router already returns top-k ids (DeepSeek-MoE remote code)
+                self._record(i, first.detach())
+            else:  # router logits: softmax is monotone, so top-k of the logits is the routed set
+                self._record(i, torch.topk(first.detach().float(), self.top_k, dim=-1).indices)
 
         return hook
 

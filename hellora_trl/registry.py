@@ -70,10 +70,15 @@ register_family(MoEFamily("gpt_oss", ("gpt_oss",), router_attr="router", eager_a
 register_family(
     MoEFamily(
         "mixtral_modulelist",
-        ("mixtral_modulelist", "deepseek", "qwen2_moe_legacy"),
+        ("mixtral_modulelist", "qwen2_moe_legacy"),
         layout="modulelist",
         expert_linear_names=("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"),
     )
+)
+# DeepSeek-MoE (16B, remote code, model_type "deepseek"): `mlp.gate` is a custom MoEGate returning
+# (topk_idx, topk_weight, aux_loss), experts are per-expert gate/up/down MLPs, plus always-on shared experts.
+register_family(
+    MoEFamily("deepseek_moe", ("deepseek",), layout="modulelist", shared_expert_attrs=("shared_experts",))
 )
 
 

@@ -142,3 +142,37 @@ def test_bad_input_errors(tmp_path):
 
         apply_hellora(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
                                                    num_hidden_layers=1, num_attention_heads=2)), {})
+
+
+def test_deepseek_moe_remote_code_layout(tmp_path):
+    """DeepSeek-MoE 16B remote code: custom MoEGate returning top-k ids, per-expert MLPs, shared experts."""
+    from modulelist_model import DeepseekStyleConfig, DeepseekStyleForCausalLM
+
+    from hellora_trl.registry import family_for
+
+    torch.manual_seed(0)
+    model = DeepseekStyleForCausalLM(DeepseekStyleConfig())
+    assert family_for(model).name == "deepseek_moe"
+    assert family_for(model).default_k(model.config) == 4  # 2 per token, doubled for shared experts
+    batch = random_batch(model)
+    profile = profile_experts(model, [batch], progress=False)
+    assert profile.counts.sum() == batch["input_ids"].numel() * 2 * 2
+    hot = select_hot_experts(profile)
+    assert all(len(ids) == 4 for ids in hot.values())
+    peft_model = apply_hellora(model, hot, default_lora_config(r=4, lora_alpha=8))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any(".mlp.gate.lora_A" in n for n in trainable)  # the custom router got LoRA
+    assert any(".shared_experts.gate_proj.lora_A" in n for n in trainable)
+    for name, ids in hot.items():
+        for e in range(8):
+            adapted = any(n.startswith(f"base_model.model.{name}.{e}.") for n in trainable)
+            assert adapted == (e in ids), (name, e)
+    randomize_factors(peft_model, std=0.1)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = load_hellora(DeepseekStyleForCausalLM(DeepseekStyleConfig()), tmp_path)
+    assert hot_map_from_model(loaded) == hot
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
