@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -57,6 +56,14 @@ class VariantState:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     hooks: dict[str, Any] = field(default_factory=dict)
 
+    def __deepcopy__(self, memo: dict) -> "VariantState":
+        """A deep-copied model gets its own factors (through ``memo``) and fresh hooks: tensor hooks are not copied."""
+        params = copy.deepcopy(self.params, memo)
+        state = VariantState(self.variant, self.density, params, copy.deepcopy(self.masks, memo))
+        if self.hooks:
+            _hook_all(state)
+        return state
+
 
 @dataclass(frozen=True)
 class SparseSpec:
@@ -70,7 +77,9 @@ class SparseSpec:
 
 
 # --------------------------------------------------------------------------------------------- validation
-def check_variant_args(variant: str, masks: Mapping[str, torch.Tensor] | None = None, density: float = DEFAULT_DENSITY) -> None:
+def check_variant_args(
+    variant: str, masks: Mapping[str, torch.Tensor] | None = None, density: float = DEFAULT_DENSITY
+) -> None:
     """Fail before any PEFT work on a bad variant request."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
@@ -207,7 +216,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], adapter_nam
     gradient from here on. Makes the adapter LoRI-S (A frozen) if it was not already."""
     state = variant_state(model, adapter_name)
     if state is None or state.variant != "lori_s":
-        state = prepare_variant(model, "lori_s", density=state.density if state else DEFAULT_DENSITY, adapter_name=adapter_name)
+        density = state.density if state is not None else DEFAULT_DENSITY
+        state = prepare_variant(model, "lori_s", density=density, adapter_name=adapter_name)
     checked = _check_masks(state.params, masks)
     _hook_all(state)  # factors may have become trainable since the variant was prepared
     with torch.no_grad():
@@ -376,9 +386,9 @@ def _load_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------- save / load
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same directory, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Write through a temporary file in the same directory, then rename: readers never see half a file.
+    (A plain per-process name rather than mkstemp, so the file gets the umask's permissions like PEFT's own.)"""
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -431,7 +441,9 @@ def save_variant(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     _atomic_write(directory / VARIANT_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
-def restore_variant(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> VariantState | None:
+def restore_variant(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
+) -> VariantState | None:
     """Re-create the variant recorded in an adapter directory on a model that just loaded its weights."""
     directory = Path(directory)
     record = read_variant_file(directory)
@@ -443,7 +455,8 @@ def restore_variant(model: nn.Module, directory: str | os.PathLike, adapter_name
     if not (directory / MASKS_FILE).is_file():
         raise FileNotFoundError(f"{directory} is a LoRI-S adapter but {MASKS_FILE} is missing.")
     masks = load_masks(directory / MASKS_FILE)
-    state = prepare_variant(model, "lori_s", density=float(record.get("density", DEFAULT_DENSITY)), adapter_name=adapter_name)
+    density = float(record.get("density", DEFAULT_DENSITY))
+    state = prepare_variant(model, "lori_s", density=density, adapter_name=adapter_name)
     checked = _check_masks(state.params, masks)
     for key, mask in checked.items():
         if bool(state.params[key].detach().cpu().masked_select(~mask).any()):

@@ -1,5 +1,6 @@
 """LoRI-D / LoRI-S (HELLoRI) variants and the all-experts baselines, on tiny random models."""
 
+import copy
 import json
 
 import pytest
@@ -225,6 +226,16 @@ def test_without_masks_adamw_moves_the_masked_entries():
     dense = apply_hellora(model, hot_map(model), config(), variant="lori_d")
     train(dense, random_batch(dense, batch=4, seq=16), steps=6, weight_decay=0.1)
     assert bool(masked_values(dense, masks).any())
+
+
+def test_deepcopy_keeps_masks_enforced(tmp_path):
+    source = lori_d_model()
+    masks = lori_s_masks(source)
+    clone = copy.deepcopy(lori_s_stage_two(masks, source))
+    train(clone, random_batch(clone), steps=3)
+    assert not bool(masked_values(clone, masks).any())
+    clone.save_pretrained(tmp_path)
+    assert (tmp_path / MASKS_FILE).is_file() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_lori_s_before_masks_refuses_to_train_and_apply_masks_fixes_it():
