@@ -1,17 +1,21 @@
 """hellora_trl: Hot-Experts Layer-Level LoRA (HELLoRA) for Mixture-of-Experts models on TRL and PEFT."""
 
+from .config import HELLoRAConfig
 from .accounting import adapter_flops_per_token, trainable_parameter_report
 from .adapter import apply_hellora, default_lora_config, hot_map_from_model, load_hellora
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
 from .profiling import ExpertProfile, RoutingCounter, profile_experts
 from .registry import FAMILIES, MoEFamily, find_moe_layers, register_family
 from .selection import select_hot_experts
+from .trainer import HELLoRATrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExpertProfile",
     "FAMILIES",
+    "HELLoRAConfig",
+    "HELLoRATrainer",
     "HotExpertLoraLayer",
     "MoEFamily",
     "RouterLoraLayer",

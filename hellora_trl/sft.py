@@ -132,15 +132,16 @@ def build_model_and_tokenizer(model_args, training_args: HELLoRAConfig):
 
         return tiny_moe_model("olmoe", seed=training_args.seed, **OFFLINE_MODEL), build_tokenizer()
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    remote = bool(getattr(model_args, "trust_remote_code", False) or getattr(training_args, "trust_remote_code", False))
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
-        trust_remote_code=getattr(model_args, "trust_remote_code", False),
+        trust_remote_code=remote,
         attn_implementation=model_args.attn_implementation,
         dtype=dtype if dtype is not None else "auto",
     )
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=getattr(model_args, "trust_remote_code", False)
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=remote
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
