@@ -8,6 +8,21 @@ from .profiling import ExpertProfile, RoutingCounter, profile_experts
 from .registry import FAMILIES, MoEFamily, find_moe_layers, register_family
 from .selection import select_hot_experts
 from .trainer import HELLoRATrainer
+from .variants import (
+    VARIANTS,
+    all_experts_hot,
+    apply_masks,
+    apply_peft_all_experts,
+    apply_peft_dora,
+    copy_lora_A,
+    enforce_masks,
+    freeze_lora_A,
+    load_masks,
+    lori_s_from_lori_d,
+    lori_s_masks,
+    save_masks,
+    variant_of,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +35,19 @@ __all__ = [
     "MoEFamily",
     "RouterLoraLayer",
     "RoutingCounter",
+    "VARIANTS",
+    "all_experts_hot",
+    "apply_masks",
+    "apply_peft_all_experts",
+    "apply_peft_dora",
+    "copy_lora_A",
+    "enforce_masks",
+    "freeze_lora_A",
+    "load_masks",
+    "lori_s_from_lori_d",
+    "lori_s_masks",
+    "save_masks",
+    "variant_of",
     "adapter_flops_per_token",
     "apply_hellora",
     "default_lora_config",

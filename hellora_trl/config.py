@@ -76,6 +76,27 @@ class HELLoRAConfig(SFTConfig):
         default=True,
         metadata={"help": "Adapt shared (always-routed) experts too, for families that have them."},
     )
+    hellora_variant: str = field(
+        default="lora",
+        metadata={
+            "help": "'lora' (HELLoRA), 'lori_d' (HELLoRI-D: A frozen at random init, B dense) or 'lori_s' "
+            "(HELLoRI-S: B trained only on the top hellora_lori_density entries of a LoRI-D run's B)."
+        },
+    )
+    hellora_lori_density: float = field(
+        default=0.1, metadata={"help": "'lori_s': share of B entries kept by magnitude (LoRI: 10%)."}
+    )
+    hellora_lori_scope: str = field(
+        default="global",
+        metadata={"help": "'lori_s': one magnitude threshold over the whole model ('global'), per 'layer' or per 'module'."},
+    )
+    hellora_lori_d_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "'lori_s': a finished LoRI-D adapter directory to take masks and A from. None = the trainer runs "
+            "the LoRI-D stage itself first (same data and budget, saved to output_dir/lori_d)."
+        },
+    )
     hellora_plots: bool = field(
         default=True, metadata={"help": "Write the expert-activation heatmap and profile figures (needs matplotlib)."}
     )
@@ -91,6 +112,7 @@ class HELLoRAConfig(SFTConfig):
         from .selection import STRATEGIES
 
         from .adapter import COMPONENTS
+        from .variants import SCOPES, VARIANTS
 
         checks = [
             (self.hellora_selection in STRATEGIES, f"hellora_selection must be one of {STRATEGIES}"),
@@ -100,6 +122,9 @@ class HELLoRAConfig(SFTConfig):
             (self.hellora_warmup_epochs > 0, "hellora_warmup_epochs must be > 0"),
             (self.hellora_k is None or self.hellora_k >= 1, "hellora_k must be >= 1 (or None for the default)"),
             (0.0 < self.hellora_mass <= 1.0, "hellora_mass must be in (0, 1]"),
+            (self.hellora_variant in VARIANTS, f"hellora_variant must be one of {VARIANTS}"),
+            (self.hellora_lori_scope in SCOPES, f"hellora_lori_scope must be one of {SCOPES}"),
+            (0.0 < self.hellora_lori_density <= 1.0, "hellora_lori_density must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

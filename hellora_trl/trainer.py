@@ -27,6 +27,7 @@ from .config import HELLoRAConfig
 from .profiling import ExpertProfile, RoutingCounter, profile_experts
 from .registry import find_moe_layers
 from .selection import HotMap, select_hot_experts, validate_hot_map
+from .variants import MASKS_FILE, copy_lora_A, freeze_lora_A, load_masks, lori_s_from_lori_d
 
 logger = logging.get_logger(__name__)
 
@@ -95,7 +96,7 @@ class HELLoRATrainer(SFTTrainer):
                 raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
         if not isinstance(self.model, PeftModel):
             hot = self._hot_map(resume_from_checkpoint)
-            self._install_adapter(hot)
+            self._install_adapter(hot, resume_from_checkpoint)
         self.hellora_timings.setdefault("profiling", 0.0)
         train_start = time.perf_counter()
         output = super().train(
@@ -227,10 +228,10 @@ class HELLoRATrainer(SFTTrainer):
         source.update({"warmup_epochs": args.hellora_warmup_epochs, "warmup_loss": warm_loss[-1] if warm_loss else None})
         return counter.to_profile(source)
 
-    def _install_adapter(self, hot: HotMap) -> None:
+    def _build_adapter(self, hot: HotMap, variant: str, masks=None):
         args: HELLoRAConfig = self.args
         autocast = not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
-        peft_model = apply_hellora(
+        return apply_hellora(
             self.model,
             hot,
             self.hellora_peft_config,
@@ -238,13 +239,73 @@ class HELLoRATrainer(SFTTrainer):
             fuse_gate_up=args.hellora_fuse_gate_up,
             include_shared_experts=args.hellora_include_shared_experts,
             autocast_adapter_dtype=autocast,
+            variant=variant,
+            masks=masks,
+            density=args.hellora_lori_density,
         )
+
+    def _install_adapter(self, hot: HotMap, checkpoint: str | None = None) -> None:
+        args: HELLoRAConfig = self.args
+        masks, lori_d = None, None
+        if args.hellora_variant == "lori_s":
+            masks, lori_d = self._lori_s_masks(hot, checkpoint)
+        peft_model = self._build_adapter(hot, args.hellora_variant, masks)
+        if lori_d is not None:  # the masks rank B entries against the LoRI-D run's frozen A: keep that A
+            copy_lora_A(peft_model, lori_d)
         if args.gradient_checkpointing:
             peft_model.enable_input_require_grads()
         self.model = self.model_wrapped = peft_model
         self.optimizer, self.lr_scheduler = None, None  # built on the new adapter's parameters
         if self.is_local_process_zero():
             peft_model.print_trainable_parameters()
+
+    def _lori_s_masks(self, hot: HotMap, checkpoint: str | None):
+        """LoRI-S masks: from the checkpoint on resume, a given LoRI-D adapter, or a LoRI-D stage run here first."""
+        args: HELLoRAConfig = self.args
+        if checkpoint:
+            return load_masks(Path(checkpoint) / MASKS_FILE), None
+        source = args.hellora_lori_d_adapter or self._train_lori_d_stage(hot)
+        masks = lori_s_from_lori_d(source, density=args.hellora_lori_density, scope=args.hellora_lori_scope)
+        return masks, source
+
+    def _train_lori_d_stage(self, hot: HotMap) -> str:
+        """LoRI-S stage one: LoRI-D on the same hot experts, data and budget; its adapter is kept in output_dir."""
+        args: HELLoRAConfig = self.args
+        stage_model = self._build_adapter(hot, "lori_d")
+        stage_args = copy.deepcopy(args)
+        stage_args.output_dir = os.path.join(args.output_dir, "lori_d")
+        stage_args.save_strategy = SaveStrategy.NO
+        stage_args.eval_strategy = IntervalStrategy.NO
+        stage_args.load_best_model_at_end = False
+        stage_args.push_to_hub = False
+        stage_args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        stage_args.packing = False  # the dataset is already processed (and packed, if packing was on)
+        stage = SFTTrainer(
+            model=stage_model,
+            args=stage_args,
+            train_dataset=self.train_dataset,
+            processing_class=self.processing_class,
+            data_collator=self.data_collator,
+        )
+        try:
+            freeze_lora_A(stage_model)
+            stage.train()
+            if self.args.should_save:
+                stage_model.save_pretrained(stage_args.output_dir)
+            self.accelerator.wait_for_everyone()
+        finally:
+            del stage
+            restored = stage_model.unload()
+            gc.collect()
+        if restored is not self.model:
+            self.model = self.model_wrapped = restored
+        return stage_args.output_dir
+
+    def create_optimizer(self, model=None):
+        """LoRI keeps A frozen: PEFT's set_adapter can turn requires_grad back on, so freeze right before."""
+        if self.args.hellora_variant != "lora" and isinstance(self.model, PeftModel):
+            freeze_lora_A(self.model)
+        return super().create_optimizer(model)
 
     # ------------------------------------------------------------------------------------------ outputs
     def _write_profile_outputs(self) -> None:
@@ -271,6 +332,7 @@ class HELLoRATrainer(SFTTrainer):
             "per_layer_k": {name: len(ids) for name, ids in self.hellora_hot_experts.items()},
             "components": args.hellora_components,
             "mass": args.hellora_mass if args.hellora_selection == "mass" else None,
+            "variant": args.hellora_variant,
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

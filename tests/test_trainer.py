@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -241,3 +242,49 @@ def test_bf16_default_follows_the_hardware(tmp_path):
 
     assert HELLoRAConfig(output_dir=str(tmp_path)).bf16 == is_torch_bf16_gpu_available()
     assert HELLoRAConfig(output_dir=str(tmp_path), bf16=False).bf16 is False
+
+
+def lora_tensors(model, letter: str) -> dict[str, torch.Tensor]:
+    import re
+
+    pattern = re.compile(rf"lora_(\w+_)?{letter}\b")
+    return {n: p.detach().clone() for n, p in model.named_parameters() if pattern.search(n)}
+
+
+def test_lori_d_keeps_a_frozen_and_trains_b(tmp_path, tokenizer, dataset):
+    trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=2, hellora_variant="lori_d")
+    original_train_step = trainer.training_step
+    a_before = {}
+
+    def capture(*args, **kwargs):  # snapshot A right before the first update
+        if not a_before:
+            a_before.update(lora_tensors(trainer.model, "A"))
+        return original_train_step(*args, **kwargs)
+
+    trainer.training_step = capture
+    trainer.train()
+    assert a_before and all(torch.equal(lora_tensors(trainer.model, "A")[n], v) for n, v in a_before.items())
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if n in a_before)
+    assert any(v.abs().sum() > 0 for v in lora_tensors(trainer.model, "B").values())
+    optimizer_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimizer_params for n, p in trainer.model.named_parameters() if n in a_before)
+
+
+def test_lori_s_runs_both_stages_and_keeps_masked_entries_zero(tmp_path, tokenizer, dataset):
+    trainer = make_trainer(
+        tmp_path, tokenizer, dataset, max_steps=2, hellora_variant="lori_s", hellora_lori_density=0.1
+    )
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "run"
+    assert (out / "lori_d" / "adapter_model.safetensors").is_file()
+    assert (out / "hellora_masks.safetensors").is_file()
+    # LoRI-S reuses the LoRI-D run's frozen A
+    stage_one = load_file(out / "lori_d" / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model.safetensors")
+    a_keys = [k for k in final if re.search(r"lora_(\w+_)?A\b", k)]
+    assert a_keys and all(torch.equal(final[k], stage_one[k]) for k in a_keys)
+    b = {k: v for k, v in final.items() if re.search(r"lora_(\w+_)?B\b", k)}
+    nonzero = sum(int((v != 0).sum()) for v in b.values())
+    total = sum(v.numel() for v in b.values())
+    assert 0 < nonzero <= round(0.1 * total) + 1
