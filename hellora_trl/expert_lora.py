@@ -1,12 +1,16 @@
 """The expert-LoRA layer: LoRA factors for the hot experts of a fused MoE experts module, nothing for the rest.
 
 PEFT's ``target_parameters`` LoRA folds ``W + BA`` for the whole (E, out, in) expert stack on every forward.
-Here the low-rank path runs in activation space and only on the rows the router sends to hot experts:
+Here the low-rank path runs in activation space and only on the rows the router sends to hot experts,
+``scaling * B @ A`` applied to activations, never materialising an adapted weight. Rows are sorted by expert
+once per layer call and that grouping is reused for gate/up, down and the low-rank factors (grouped GEMMs via
+``torch._grouped_mm`` where torch has a kernel for the operands, a loop over groups otherwise, e.g. float64).
+Two paths (see :attr:`HotExpertLoraLayer.expert_path`):
 
-* cold assignments go through the wrapped module unchanged (whatever ``config._experts_implementation`` is
-  set to: eager, grouped_mm, batched_mm), with hot slots masked out by the sentinel index ``num_experts``;
-* hot assignments are grouped by expert once and each hot expert is evaluated with its base weights plus
-  ``scaling * B @ A`` applied to activations, never materialising the adapted weight.
+* fused (default when the wrapped module runs transformers' ``grouped_mm``/``batched_mm``): every assignment in
+  one grouped pass over the whole expert stack, the low-rank delta added on the hot rows only;
+* split (``eager`` and custom kernels): cold assignments go through the wrapped module unchanged, hot slots
+  masked out by the sentinel index ``num_experts``, and hot assignments run in one grouped pass.
 
 The layer plugs into PEFT through ``LoraConfig._register_custom_module`` so that PEFT's save/load, enable/
 disable, ``merge_and_unload`` and trainable-parameter marking all apply to it.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -28,6 +33,106 @@ from torch import nn
 def _proj(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """x @ W.T for (out, in) weights, x @ W for transposed (in, out) storage (GPT-OSS)."""
     return x @ weight if transposed else F.linear(x, weight)
+
+
+EXPERT_PATHS = ("auto", "fused", "split", "loop")
+# transformers' vectorised experts implementations whose math the fused path computes itself.
+FUSABLE_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _implementation(base: nn.Module) -> str:
+    """The experts implementation the wrapped module would run (``eager`` when it has no config)."""
+    return getattr(getattr(base, "config", None), "_experts_implementation", "eager") or "eager"
+
+
+def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM kernel accepts these operands; otherwise :func:`grouped_mm` loops over groups.
+
+    The kernel has no float64 support ("Expected mat_a to be Float32, BFloat16 or Float16"), no CPU kernel before
+    torch 2.9, needs compute capability 8.0+ on CUDA, and rejects strides that are not multiples of 16 bytes
+    (e.g. a bf16 LoRA of rank 4), in the forward or in the backward (whose operands are (rows, out) gradients).
+    """
+    if _GROUPED_MM is None or x.dtype not in _GROUPED_MM_DTYPES or x.dtype != weight.dtype or x.shape[0] == 0:
+        return False
+    if x.dim() != 2 or weight.dim() != 3 or not (_aligned_16(x) and _aligned_16(weight)):
+        return False
+    if (weight.shape[-1] * weight.element_size()) % 16:
+        return False
+    if weight.device.type == "cuda":
+        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    return weight.device.type == "cpu" and _TORCH_VERSION >= (2, 9)
+
+
+def _aligned_16(t: torch.Tensor) -> bool:
+    """16-byte aligned start and 16-byte multiple strides (unit strides and size-1 dims aside)."""
+    size = t.element_size()
+    strides_ok = all((stride * size) % 16 == 0 for stride, dim in zip(t.stride(), t.shape) if stride != 1 and dim > 1)
+    return strides_ok and t.data_ptr() % 16 == 0 and (t.shape[-1] * size) % 16 == 0
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x[rows of group g] @ weight[g]`` for rows sorted by group; ``offsets`` (G,) int32 are the cumulative row
+    counts (empty groups allowed). ``weight`` is (G, in, out), typically a transposed view of an (G, out, in) stack.
+
+    One kernel call when torch has one for these operands, a loop over the non-empty groups otherwise. Every row
+    must belong to a group (``offsets[-1] == len(x)``): the kernel leaves rows past the last offset uninitialised.
+    """
+    if grouped_mm_available(x, weight):
+        out = _GROUPED_MM(x, weight, offs=offsets)
+        if out.requires_grad:
+            # The kernel's backward rejects expanded (stride-0) gradients, e.g. from a bare .sum().
+            out.register_hook(_contiguous)
+        return out
+    return _grouped_mm_loop(x, weight, offsets)
+
+
+def _contiguous(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous()
+
+
+def _grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Reference/fallback for :func:`grouped_mm`: one matmul per non-empty group (float64, old torch, other devices)."""
+    ends = offsets.tolist()
+    if (ends[-1] if ends else 0) != x.shape[0]:
+        raise ValueError(f"grouped_mm: offsets cover {ends[-1] if ends else 0} rows, input has {x.shape[0]}.")
+    pieces, start = [], 0
+    for g, end in enumerate(ends):
+        if end > start:
+            pieces.append(x[start:end] @ weight[g])
+        start = end
+    if not pieces:
+        return x.new_zeros(0, weight.shape[-1])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+@dataclass
+class RowGroups:
+    """Assignment rows sorted by expert, grouped once per layer call and shared by gate/up, down and LoRA.
+
+    ``expert`` (n,) is each row's expert id (ascending); ``offsets`` (E,) int32 are the cumulative row counts over
+    the whole expert stack (zero for experts without rows), the boundaries of the base grouped GEMMs;
+    ``hot_rows`` are the positions of the rows of hot experts (``None``: every row is hot) and ``hot_offsets``
+    (k,) int32 their cumulative counts per hot slot, the boundaries of the low-rank grouped GEMMs.
+    """
+
+    expert: torch.Tensor
+    offsets: torch.Tensor
+    hot_offsets: torch.Tensor
+    hot_rows: Optional[torch.Tensor]
+    num_hot_rows: int
+
+
+def _take_rows(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if rows is None else x.index_select(0, rows)
+
+
+def _add_rows(y: torch.Tensor, delta: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y[rows] += delta`` in place: ``y`` is a fresh GEMM output that no backward formula saved."""
+    delta = delta.to(y.dtype)
+    return y.add_(delta) if rows is None else y.index_add_(0, rows, delta)
 
 
 def expert_factor_shapes(experts: nn.Module, fuse_gate_up: bool = False) -> dict[str, tuple[int, int]]:
@@ -78,10 +183,12 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         use_rslora: bool = False,
         fuse_gate_up: bool = False,
         eager_accepts_sentinel: bool = True,
+        expert_path: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.expert_path = expert_path
         self.num_experts = int(getattr(base_layer, "num_experts", base_layer.down_proj.shape[0]))
         self.is_transposed = bool(getattr(base_layer, "is_transposed", False))
         self.is_concatenated = bool(getattr(base_layer, "is_concatenated", True))
@@ -164,6 +271,28 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         return self.lora_hot_experts[adapter_name].tolist()
 
     # ------------------------------------------------------------------------------------------------ forward
+    @property
+    def expert_path(self) -> str:
+        """How hot experts are computed: ``"auto"`` (default), ``"fused"``, ``"split"`` or ``"loop"``.
+
+        * ``fused``: one grouped pass over every assignment (rows sorted by expert once, grouped GEMMs over the
+          whole weight stack, cold experts included) with the low-rank path added on the hot rows only. Cheapest:
+          one sort, one gather, no masked work. Replicates transformers' ``grouped_mm``/``batched_mm`` math.
+        * ``split``: cold assignments through the wrapped module (so its ``_experts_implementation`` is honoured),
+          hot assignments in one grouped pass.
+        * ``loop``: ``split`` with hot experts one at a time: the readable reference the fast paths are tested
+          against.
+        * ``auto``: ``fused`` when the wrapped module would run transformers' ``grouped_mm`` or ``batched_mm``
+          (the same function computed another way), ``split`` for ``eager`` and any other (custom) kernel.
+        """
+        return self._expert_path
+
+    @expert_path.setter
+    def expert_path(self, value: str) -> None:
+        if value not in EXPERT_PATHS:
+            raise ValueError(f"expert_path must be one of {EXPERT_PATHS}, got {value!r}.")
+        self._expert_path = value
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args, **kwargs):
         base = self.get_base_layer()
         active = [a for a in self.active_adapters if a in self.r]
@@ -179,14 +308,26 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
             # model (the split cold/hot path sums in another order). With grad enabled the path must run so B
             # receives its gradient.
             return base(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        slot_of = self._slot_lookup(adapter, top_k_index.device)
-        slots = slot_of[top_k_index]  # (T, K), -1 for cold assignments
+        path = self._resolve_path(base)
+        if path == "fused" and not args and not kwargs:  # extra arguments are the wrapped module's to interpret
+            return self._fused_forward(adapter, base, hidden_states, top_k_index, top_k_weights)
+        slots = self._slot_lookup(adapter, top_k_index.device)[top_k_index]  # (T, K), -1 for cold assignments
         hot_mask = slots >= 0
         out = self._cold_forward(base, hidden_states, top_k_index, top_k_weights, hot_mask, *args, **kwargs)
         if not bool(hot_mask.any()):
-            # Keep every factor in the graph so DDP/ZeRO see a gradient (zero) for it on every rank.
-            return out + 0.0 * sum(p.sum() for p in self._factors(adapter)).to(out.dtype)
-        return out + self._hot_forward(adapter, hidden_states, top_k_weights, slots, hot_mask).to(out.dtype)
+            return out + self._graph_anchor(adapter, out.dtype)
+        hot_forward = self._hot_forward_loop if path == "loop" else self._hot_forward
+        return out + hot_forward(adapter, hidden_states, top_k_weights, slots, hot_mask).to(out.dtype)
+
+    def _resolve_path(self, base: nn.Module) -> str:
+        if self._expert_path != "auto":
+            return self._expert_path
+        return "fused" if _implementation(base) in FUSABLE_IMPLEMENTATIONS else "split"
+
+    def _graph_anchor(self, adapter: str, dtype: torch.dtype) -> torch.Tensor:
+        """0 * sum(factors): keeps every factor in the graph so DDP/ZeRO see a (zero) gradient on every rank even
+        when no row reached a hot expert."""
+        return (0.0 * sum(p.sum() for p in self._factors(adapter))).to(dtype)
 
     def _b_is_zero(self, adapter: str) -> bool:
         """Whether every B factor is zero, re-checked only when a factor was modified (tensor version)."""
@@ -199,6 +340,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         return cached[1]
 
     def _slot_lookup(self, adapter: str, device: torch.device) -> torch.Tensor:
+        """Expert id -> hot slot (-1 when cold), with one extra entry for the ``num_experts`` sentinel."""
         hot = self.lora_hot_experts[adapter]
         lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=device)
         lookup[hot.to(device)] = torch.arange(hot.numel(), device=device)
@@ -207,18 +349,106 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
     def _factors(self, adapter: str) -> list[torch.Tensor]:
         return [getattr(self, f"lora_{p}_{s}")[adapter] for p in self.factor_names for s in ("A", "B")]
 
+    # ------------------------------------------------------------------------------------ fused / grouped paths
+    def _fused_forward(self, adapter, base, hidden, index, weights) -> torch.Tensor:
+        """All assignments in one grouped pass: sort by expert once, base GEMMs for every row, LoRA on hot rows."""
+        num_tokens, top_k = index.shape
+        expert, perm = torch.sort(index.reshape(-1), stable=True)
+        hot = self.lora_hot_experts[adapter].to(index.device)
+        slot_of = None if hot.numel() == self.num_experts else self._slot_lookup(adapter, index.device)
+        groups = self._group_rows(expert, hot, slot_of)
+        rows = self._expert_rows(base, adapter, hidden[perm // top_k], groups)
+        rows = rows * weights.reshape(-1)[perm].unsqueeze(-1).to(rows.dtype)
+        # Back to (token, k) order and a plain sum over k: deterministic, and bf16 sums accumulate in float32.
+        unsorted = torch.empty_like(rows).index_copy_(0, perm, rows)
+        out = unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+        if groups.num_hot_rows == 0:
+            out = out + self._graph_anchor(adapter, out.dtype)
+        return out
+
+    def _hot_forward(self, adapter, hidden, weights, slots, hot_mask) -> torch.Tensor:
+        """Hot assignments only (split path): grouped by slot once, one grouped pass, scattered back per token."""
+        base = self.get_base_layer()
+        token_idx, k_pos = hot_mask.nonzero(as_tuple=True)
+        slot, order = torch.sort(slots[token_idx, k_pos], stable=True)
+        token_idx, k_pos = token_idx[order], k_pos[order]
+        hot = self.lora_hot_experts[adapter].to(slot.device)
+        groups = self._group_rows(hot[slot], hot, slot_of=None)
+        rows = self._expert_rows(base, adapter, hidden[token_idx], groups)
+        rows = rows * weights[token_idx, k_pos].unsqueeze(-1).to(rows.dtype)
+        out = torch.zeros(hidden.shape[0], rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        return out.index_add_(0, token_idx, rows)
+
+    def _group_rows(self, expert: torch.Tensor, hot: torch.Tensor, slot_of: Optional[torch.Tensor]) -> "RowGroups":
+        """Group boundaries for rows already sorted by expert; ``slot_of=None`` means every row is hot."""
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        hot_rows = None if slot_of is None else (slot_of[expert] >= 0).nonzero().squeeze(1)
+        return RowGroups(
+            expert=expert,
+            offsets=counts.cumsum(0, dtype=torch.int32),
+            hot_offsets=counts[hot].cumsum(0, dtype=torch.int32),
+            hot_rows=hot_rows,
+            num_hot_rows=expert.shape[0] if hot_rows is None else hot_rows.shape[0],
+        )
+
+    def _expert_rows(self, base, adapter, x, groups: "RowGroups") -> torch.Tensor:
+        """Each sorted row through its expert, plus ``scaling * B @ A`` in activation space on the hot rows.
+
+        The grouping (``groups``) is computed once and reused by gate/up, down and the low-rank paths.
+        """
+        gated = self.has_gate
+        y = self._base_rows(base, x, "gate_up_proj" if gated else "up_proj", groups)
+        if groups.num_hot_rows:
+            x_hot = _take_rows(x, groups.hot_rows)
+            if gated:
+                delta = self._gate_up_delta_rows(adapter, x_hot, groups.hot_offsets)
+            else:
+                delta = self._lora_rows(adapter, "up", x_hot, groups.hot_offsets)
+            y = _add_rows(y, delta, groups.hot_rows)
+        h = base._apply_gate(y) if gated else base.act_fn(y)
+        out = self._base_rows(base, h, "down_proj", groups)
+        if groups.num_hot_rows:
+            delta = self._lora_rows(adapter, "down", _take_rows(h, groups.hot_rows), groups.hot_offsets)
+            out = _add_rows(out, delta, groups.hot_rows)
+        if getattr(base, "has_post_expert_norm", False):
+            out = base.post_expert_norm(out)
+        return out
+
+    def _base_rows(self, base, x, name: str, groups: "RowGroups") -> torch.Tensor:
+        """Frozen base projection ``name`` of every row, grouped over the whole (E, ...) stack (no weight copy)."""
+        weight = getattr(base, name)
+        y = grouped_mm(x.to(weight.dtype), weight if self.is_transposed else weight.transpose(1, 2), groups.offsets)
+        if self.has_bias:
+            y = y + getattr(base, f"{name}_bias")[groups.expert]
+        return y
+
+    def _lora_rows(self, adapter: str, proj: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``scaling * (x @ A_j.T) @ B_j.T`` for rows grouped by hot slot j (scaling applied on the r-wide side)."""
+        a = getattr(self, f"lora_{proj}_A")[adapter]
+        b = getattr(self, f"lora_{proj}_B")[adapter]
+        x = self.lora_dropout[adapter](x.to(a.dtype))
+        xa = grouped_mm(x, a.transpose(1, 2), offsets) * self.scaling[adapter]
+        return grouped_mm(xa, b.transpose(1, 2), offsets)
+
+    def _gate_up_delta_rows(self, adapter: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.fuse_gate_up:
+            return self._lora_rows(adapter, "gate_up", x, offsets)
+        gate = self._lora_rows(adapter, "gate", x, offsets)
+        return self._interleave_gate_up(gate, self._lora_rows(adapter, "up", x, offsets))
+
+    # ------------------------------------------------------------------------------ split path: cold experts
     def _cold_forward(self, base, hidden, index, weights, hot_mask, *args, **kwargs) -> torch.Tensor:
         """The wrapped module on cold assignments only; hot slots carry the skip sentinel and weight 0."""
         weights = weights.masked_fill(hot_mask, 0.0)
-        implementation = getattr(getattr(base, "config", None), "_experts_implementation", "eager") or "eager"
-        if implementation == "eager" and not self.eager_accepts_sentinel:
+        if _implementation(base) == "eager" and not self.eager_accepts_sentinel:
             return base(hidden, index, weights, *args, **kwargs)
         index = index.masked_fill(hot_mask, self.num_experts)
         with _expert_parallel_sentinels(base):
             return base(hidden, index, weights, *args, **kwargs)
 
-    def _hot_forward(self, adapter, hidden, weights, slots, hot_mask) -> torch.Tensor:
-        """Group hot assignments by expert once, run each hot expert with its low-rank path, scatter back."""
+    # --------------------------------------------------------------- loop path: the per-expert reference
+    def _hot_forward_loop(self, adapter, hidden, weights, slots, hot_mask) -> torch.Tensor:
+        """Hot experts one at a time (slow, kept as the readable reference for the grouped paths)."""
         base = self.get_base_layer()
         token_idx, k_pos = hot_mask.nonzero(as_tuple=True)
         slot = slots[token_idx, k_pos]

@@ -178,3 +178,159 @@ def test_bf16_forward_backward_runs():
     loss = peft_model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------- fast paths
+FAST_PATHS = ["fused", "split"]
+
+
+def _routing_cases(num_tokens, num_experts, top_k, hot, dtype):
+    """Random routing, every token through one hot expert, no token on any hot expert, one hot expert idle."""
+    cold = [e for e in range(num_experts) if e not in hot]
+    return {
+        "random": routing(num_tokens, num_experts, top_k, dtype=dtype),
+        "all_to_one_hot": routing(num_tokens, num_experts, top_k, dtype=dtype, force=[hot[0]]),
+        "no_hot": routing(num_tokens, num_experts, top_k, dtype=dtype, force=cold[:top_k]),
+        "idle_hot": routing(num_tokens, num_experts, top_k, dtype=dtype, force=[hot[0]] + cold[: top_k - 1]),
+    }
+
+
+def _forward_and_grads(layer, hidden, index, weights):
+    hidden = hidden.clone().requires_grad_(True)
+    weights = weights.clone().requires_grad_(True)
+    out = layer(hidden, index, weights)
+    out.backward(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5)))
+    factors = {n: p.grad.clone() for n, p in layer.named_parameters() if "lora_" in n}
+    layer.zero_grad(set_to_none=True)
+    return out.detach(), hidden.grad, weights.grad, factors
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_fast_paths_match_loop_and_dense_reference(family, path):
+    """float64 (grouped GEMMs fall back to their per-group loop): outputs and every gradient vs the loop path."""
+    _, layer = adapted_experts(family, hot=(1, 3))
+    base = layer.get_base_layer()
+    # transformers' grouped_mm has no float64 kernel: the wrapped module (loop/split cold part) runs eager here
+    base.config._experts_implementation = "eager"
+    ref = dense_reference(layer)
+    H = base.down_proj.shape[2] if layer.is_transposed else base.down_proj.shape[1]
+    top_k = layer.get_base_layer().config.num_experts_per_tok
+    hidden = torch.randn(19, H, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for case, (index, weights) in _routing_cases(19, layer.num_experts, top_k, [1, 3], torch.float64).items():
+        layer.expert_path = "loop"
+        expected = _forward_and_grads(layer, hidden, index, weights)
+        layer.expert_path = path
+        got = _forward_and_grads(layer, hidden, index, weights)
+        torch.testing.assert_close(got[0], ref(hidden, index, weights), rtol=0, atol=1e-5, msg=case)
+        for g, e in zip(got[:3], expected[:3]):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=case)
+        assert got[3].keys() == expected[3].keys()
+        for name in got[3]:
+            torch.testing.assert_close(got[3][name], expected[3][name], rtol=0, atol=1e-10, msg=f"{case}: {name}")
+        if case == "no_hot":  # factors stay in the graph with a zero gradient
+            assert all(not g.any() for g in got[3].values())
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_fused_path_with_every_expert_hot(family):
+    """k = E: no hot-row gather at all (the LoRA warm-up's configuration)."""
+    model = tiny_model(family, dtype=torch.float64)
+    E = find_moe_layers(model)[0].num_experts
+    _, layer = adapted_experts(family, hot=tuple(range(E)))
+    base = layer.get_base_layer()
+    base.config._experts_implementation = "eager"  # float64: the loop reference's wrapped module runs eager
+    H = base.down_proj.shape[2] if layer.is_transposed else base.down_proj.shape[1]
+    index, weights = routing(15, E, 2)
+    hidden = torch.randn(15, H, dtype=torch.float64)
+    layer.expert_path = "loop"
+    expected = _forward_and_grads(layer, hidden, index, weights)
+    layer.expert_path = "fused"
+    got = _forward_and_grads(layer, hidden, index, weights)
+    torch.testing.assert_close(got[0], dense_reference(layer)(hidden, index, weights), rtol=0, atol=1e-5)
+    for g, e in zip(got[:3], expected[:3]):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+    for name in got[3]:
+        torch.testing.assert_close(got[3][name], expected[3][name], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_fast_paths_with_grouped_kernel_float32(path):
+    """float32 runs torch's grouped GEMM kernel (where this torch has a CPU one): same values and grads as loop."""
+    _, layer = adapted_experts("olmoe", hot=(1, 3))
+    layer.to(torch.float32)
+    layer.get_base_layer().config._experts_implementation = "eager"  # the loop reference's cold part
+    H = layer.get_base_layer().down_proj.shape[1]
+    hidden = torch.randn(31, H, generator=torch.Generator().manual_seed(3))
+    for case, (index, weights) in _routing_cases(31, layer.num_experts, 2, [1, 3], torch.float32).items():
+        layer.expert_path = "loop"
+        expected = _forward_and_grads(layer, hidden, index, weights)
+        layer.expert_path = path
+        got = _forward_and_grads(layer, hidden, index, weights)
+        for g, e in zip(got[:3], expected[:3]):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=case)
+        for name in got[3]:
+            torch.testing.assert_close(got[3][name], expected[3][name], rtol=1e-4, atol=1e-5, msg=f"{case}: {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_matches_loop_with_empty_groups_and_expanded_grads(dtype):
+    from hellora_trl.expert_lora import _grouped_mm_loop, grouped_mm, grouped_mm_available
+
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([3, 0, 5, 0, 0, 4]).cumsum(0, dtype=torch.int32)
+    x = torch.randn(12, 16, generator=generator).to(dtype).requires_grad_(True)
+    stack = torch.randn(6, 8, 16, generator=generator).to(dtype).requires_grad_(True)  # (G, out, in) like experts
+    w = stack.transpose(1, 2)  # the (G, in, out) view the layer passes
+    assert grouped_mm_available(x, w) == hasattr(torch, "_grouped_mm")
+    out = grouped_mm(x, w, offsets)
+    out.sum().backward()  # an expanded (stride-0) gradient: the kernel's backward needs a contiguous one
+    gx, gw = x.grad.clone(), stack.grad.clone()
+    x.grad = stack.grad = None
+    ref = _grouped_mm_loop(x, w, offsets)
+    ref.sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(gx, x.grad, **tol)
+    torch.testing.assert_close(gw, stack.grad, **tol)
+    assert not gw[1].any() and not gw[3].any()  # empty groups get a zero gradient
+    with pytest.raises(ValueError, match="offsets cover"):
+        _grouped_mm_loop(x, w, torch.tensor([3, 3], dtype=torch.int32))
+
+
+def test_grouped_mm_falls_back_where_the_kernel_refuses():
+    """float64, and strides that are not 16-byte multiples (a bf16 rank-4 factor), take the per-group loop."""
+    from hellora_trl.expert_lora import grouped_mm, grouped_mm_available
+
+    offsets = torch.tensor([2, 5], dtype=torch.int32)
+    assert not grouped_mm_available(torch.randn(5, 16, dtype=torch.float64), torch.randn(2, 16, 8, dtype=torch.float64))
+    x, a = torch.randn(5, 16).bfloat16(), torch.randn(2, 4, 16).bfloat16()  # (k, r=4, in)
+    assert not grouped_mm_available(x, a.transpose(1, 2))
+    out = grouped_mm(x, a.transpose(1, 2), offsets)
+    torch.testing.assert_close(out[:2], x[:2] @ a[0].T)
+    torch.testing.assert_close(out[2:], x[2:] @ a[1].T)
+
+
+def test_expert_path_is_validated():
+    _, layer = adapted_experts("olmoe")
+    with pytest.raises(ValueError, match="expert_path"):
+        layer.expert_path = "fast"
+
+
+def test_bf16_fused_path_close_to_float32():
+    _, layer = adapted_experts("olmoe", hot=(1, 3))
+    layer.to(torch.float32)
+    layer.get_base_layer().config._experts_implementation = "grouped_mm"
+    H = layer.get_base_layer().down_proj.shape[1]
+    hidden = torch.randn(40, H, generator=torch.Generator().manual_seed(4))
+    index, weights = routing(40, layer.num_experts, 2, dtype=torch.float32)
+    expected = layer(hidden, index, weights)
+    layer.to(torch.bfloat16)
+    out = layer(hidden.bfloat16(), index, weights.bfloat16())
+    assert out.dtype == torch.bfloat16
+    layer.expert_path = "loop"
+    loop = layer(hidden.bfloat16(), index, weights.bfloat16())
+    scale = expected.abs().max()
+    # bf16 keeps ~3 significant digits: the fused path is as close to float32 as the per-expert loop is
+    assert (out.float() - expected).abs().max() / scale < 2e-2
+    assert (out.float() - expected).abs().max() <= 2 * (loop.float() - expected).abs().max() + 1e-2 * scale
