@@ -84,7 +84,7 @@ class HELLoRAConfig(SFTConfig):
         },
     )
     hellora_lori_density: float = field(
-        default=0.1, metadata={"help": "'lori_s': share of B entries kept by magnitude (LoRI: 10%)."}
+        default=0.1, metadata={"help": "'lori_s': share of B entries kept by magnitude (LoRI keeps 0.1)."}
     )
     hellora_lori_scope: str = field(
         default="global",
