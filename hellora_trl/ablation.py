@@ -109,18 +109,9 @@ def check_rows(rows: list[dict[str, Any]]) -> None:
 def run_row(script_args, training_args, model_args) -> dict[str, Any]:
     """Train one configuration on a fresh model and measure it."""
     from .accounting import adapter_flops_per_token, trainable_parameter_report
-    from .sft import build_model_and_tokenizer, evaluate, lora_config_from, load_task_data
-    from .trainer import HELLoRATrainer
+    from .sft import build_trainer, evaluate
 
-    model, tokenizer = build_model_and_tokenizer(model_args, training_args)
-    train_dataset, held_out = load_task_data(script_args, seed=training_args.seed)
-    trainer = HELLoRATrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config_from(model_args),
-    )
+    trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
     output = trainer.train()
     report = trainable_parameter_report(trainer.model)
     flops = adapter_flops_per_token(trainer.model, trainer.hellora_profile)

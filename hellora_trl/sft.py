@@ -205,8 +205,8 @@ def evaluate(model, tokenizer, script_args: HELLoRAScriptArguments, held_out, tr
     return {"safety": ev.evaluate_safety(model, tokenizer, harmful, benign, max_new_tokens=budget, progress=progress)}
 
 
-def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args) -> dict[str, Any]:
-    """Profile -> select -> attach -> train -> save -> evaluate; returns the metrics it wrote."""
+def build_trainer(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args):
+    """(trainer, tokenizer, held-out rows) for one run of the recipe; shared with ``hellora ablate``."""
     from .trainer import HELLoRATrainer
 
     model, tokenizer = build_model_and_tokenizer(model_args, training_args)
@@ -218,6 +218,12 @@ def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model
         processing_class=tokenizer,
         peft_config=lora_config_from(model_args),
     )
+    return trainer, tokenizer, held_out
+
+
+def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args) -> dict[str, Any]:
+    """Profile -> select -> attach -> train -> save -> evaluate; returns the metrics it wrote."""
+    trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
     output = trainer.train()
     trainer.save_model(training_args.output_dir)
     summary: dict[str, Any] = {"train": output.metrics}
