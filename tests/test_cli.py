@@ -1,0 +1,312 @@
+"""The `hellora` command line, run in-process on the offline tiny OLMoE (`--tiny olmoe`), plus one real subprocess."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from hellora_trl import ExpertProfile, apply_hellora, default_lora_config, find_moe_layers, load_hellora, select_hot_experts
+from hellora_trl import cli
+
+HOT = [0, 3]
+
+
+def tiny_base():
+    """The model `--tiny olmoe` builds: `hellora train`'s offline default shape, seed 42."""
+    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.sft import OFFLINE_MODEL
+
+    return tiny_moe_model("olmoe", seed=42, **OFFLINE_MODEL)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A saved HELLoRA adapter with non-zero factors (so merging changes the model) on the `--tiny olmoe` base."""
+    model = tiny_base()
+    peft_model = apply_hellora(model, {layer.name: HOT for layer in find_moe_layers(model)},
+                               default_lora_config(r=4, lora_alpha=8))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    path = tmp_path_factory.mktemp("adapter") / "adapter"
+    peft_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """`hellora profile --tiny olmoe` on 24 generated GSM8K rows, model saved beside it."""
+    root = tmp_path_factory.mktemp("profile")
+    argv = ["profile", "--tiny", "olmoe", "--limit", "24", "--batch_size", "8", "--max_length", "96",
+            "--output", str(root / "p.json"), "--save_model_to", str(root / "model"), "--disable_tqdm"]
+    assert cli.main(argv) == 0
+    return root
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ------------------------------------------------------------------------------------------------ help
+def test_console_script_help_in_a_subprocess():
+    command = [shutil.which("hellora")] if shutil.which("hellora") else [sys.executable, "-m", "hellora_trl.cli"]
+    result = subprocess.run(command + ["--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in cli.COMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_subcommand_has_help(name, capsys):
+    try:
+        code = cli.main([name, "--help"])
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr().out
+    assert code == 0 and f"hellora {name}" in out
+    if name == "train":
+        assert "--hellora_k" in out and "--per_device_train_batch_size" in out
+    if name in ("profile", "select", "eval", "report", "merge", "export"):
+        assert "--config x.yaml" in " ".join(out.split())
+
+
+def test_unknown_command_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["frobnicate"])
+    assert stop.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ profile / select
+def test_profile_writes_a_profile_of_the_model(profiled):
+    profile = ExpertProfile.load(profiled / "p.json")
+    assert (profile.num_layers, profile.num_experts) == (4, 16)
+    assert profile.tokens_seen > 24 * 10
+    assert (profile.counts.sum(dim=1) == profile.tokens_seen * profile.experts_per_token).all()
+    assert profile.source["task"] == "gsm8k" and profile.source["rows"] == 24 and profile.source["model"].startswith("tiny:")
+    assert (profiled / "model" / "config.json").is_file() and (profiled / "model" / "tokenizer.json").is_file()
+
+
+def test_profile_reads_yaml_config_and_cli_wins(profiled, tmp_path, capsys):
+    config = tmp_path / "profile.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": str(profiled / "model"), "limit": 24, "fraction": 0.5,
+                                      "output": str(tmp_path / "from_yaml.json"), "disable_tqdm": True, "max_length": 96}))
+    code, out, _ = run(["profile", "--config", config, "--seed", 7], capsys)
+    assert code == 0 and "Wrote" in out
+    profile = ExpertProfile.load(tmp_path / "from_yaml.json")
+    assert profile.source["rows"] == 12 and profile.source["seed"] == 7 and profile.source["fraction"] == 0.5
+
+
+def test_select_writes_hot_map_and_prints_table(profiled, tmp_path, capsys):
+    out_path = tmp_path / "hot.json"
+    code, out, _ = run(["select", "--profile", profiled / "p.json", "--k", 3, "--output", out_path,
+                        "--model_name_or_path", profiled / "model"], capsys)
+    assert code == 0
+    data = json.loads(out_path.read_text())
+    expected = select_hot_experts(ExpertProfile.load(profiled / "p.json"), 3)
+    assert data["hot_experts"] == expected and data["selection"]["k"] == 3
+    assert ExpertProfile.load(out_path).counts.equal(ExpertProfile.load(profiled / "p.json").counts)
+    first = expected["model.layers.0.mlp.experts"]
+    assert f"L0         3" in out and ", ".join(map(str, first)) in out
+
+
+def test_select_rejects_a_profile_of_another_model(profiled, capsys):
+    code, _, err = run(["select", "--profile", profiled / "p.json", "--tiny", "mixtral"], capsys)
+    assert code == 1 and "does not match the model" in err
+
+
+def test_missing_inputs_fail_early_with_one_line(tmp_path, capsys):
+    code, _, err = run(["select", "--profile", tmp_path / "nope.json"], capsys)
+    assert code == 1 and "not found" in err and "Traceback" not in err
+    code, _, err = run(["eval", "--adapter", tmp_path, "--tiny", "olmoe"], capsys)
+    assert code == 1 and "adapter_config.json" in err
+    code, _, err = run(["eval", "--task", "humaneval", "--tiny", "olmoe"], capsys)
+    assert code == 1 and "--dataset_name is required" in err
+    code, _, err = run(["profile", "--tiny", "olmoe", "--dataset_name", tmp_path / "missing.jsonl"], capsys)
+    assert code == 1 and "not found" in err
+    code, _, err = run(["profile", "--dataset_name", "x.jsonl"], capsys)
+    assert code == 1 and "--tiny olmoe" in err
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def test_eval_gsm8k_on_adapter(adapter_dir, tmp_path, capsys):
+    code, out, _ = run(["eval", "--adapter", adapter_dir, "--tiny", "olmoe", "--limit", 2, "--max_new_tokens", 4,
+                        "--output_dir", tmp_path, "--disable_tqdm"], capsys)
+    assert code == 0 and "gsm8k:" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["gsm8k"]["total"] == 2 and len(results["gsm8k"]["records"]) == 2
+    assert results["run"]["adapter"] == str(adapter_dir)
+    assert "| gsm8k.accuracy |" in (tmp_path / "results.md").read_text()
+
+
+def test_eval_humaneval_and_safety(tmp_path, capsys):
+    problem = {"task_id": "t/0", "prompt": "def double(x):\n", "entry_point": "double",
+               "canonical_solution": "    return 2 * x\n", "test": "def check(f):\n    assert f(2) == 4\n"}
+    (tmp_path / "he.jsonl").write_text(json.dumps(problem) + "\n")
+    code, _, _ = run(["eval", "--task", "humaneval", "--dataset_name", tmp_path / "he.jsonl", "--tiny", "olmoe",
+                      "--max_new_tokens", 4, "--output_dir", tmp_path / "he", "--disable_tqdm"], capsys)
+    assert code == 0
+    results = json.loads((tmp_path / "he" / "results.json").read_text())["humaneval"]
+    assert results["n_tasks"] == 1 and results["pass@1"] in (0.0, 1.0)
+    (tmp_path / "harm.json").write_text(json.dumps({"instructions": ["a", "b"], "inputs": []}))
+    (tmp_path / "ok.json").write_text(json.dumps(["c"]))
+    code, _, _ = run(["eval", "--task", "safety", "--dataset_name", tmp_path / "harm.json", "--benign_path",
+                      tmp_path / "ok.json", "--tiny", "olmoe", "--max_new_tokens", 4, "--output_dir", tmp_path / "s",
+                      "--disable_tqdm"], capsys)
+    safety = json.loads((tmp_path / "s" / "results.json").read_text())["safety"]
+    assert code == 0 and (safety["n_harmful"], safety["n_benign"]) == (2, 1)
+
+
+def test_eval_vllm_backend_errors_clearly(tmp_path, adapter_dir, capsys):
+    code, _, err = run(["eval", "--backend", "vllm", "--adapter", adapter_dir, "--tiny", "olmoe"], capsys)
+    assert code == 1 and "hellora merge" in err
+
+
+def test_eval_vllm_missing_is_reported(tmp_path, capsys):
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vLLM is installed")
+    except ImportError:
+        pass
+    code, _, err = run(["eval", "--backend", "vllm", "--model_name_or_path", tmp_path], capsys)
+    assert code == 1 and "vLLM" in err
+
+
+# ------------------------------------------------------------------------------------------------ merge / export
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_merge_writes_a_plain_checkpoint_equal_to_base_plus_adapter(adapter_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    code, _, err = run(["merge", "--adapter", adapter_dir, "--tiny", "olmoe", "--output_dir", out], capsys)
+    assert code == 0, err
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = logits(load_hellora(tiny_base(), adapter_dir), ids)
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=0, atol=1e-4)
+    assert (expected - logits(tiny_base().eval(), ids)).abs().max() > 1e-3
+    assert (out / "tokenizer.json").is_file()
+    code, _, err = run(["merge", "--adapter", adapter_dir, "--tiny", "olmoe", "--output_dir", out], capsys)
+    assert code == 1 and "--overwrite" in err
+
+
+def test_export_peft_layout(adapter_dir, tmp_path, capsys):
+    out = tmp_path / "peft"
+    code, _, err = run(["export", "--format", "peft", "--adapter", adapter_dir, "--tiny", "olmoe", "--output_dir", out],
+                       capsys)
+    assert code == 0, err
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_parameters"] and (out / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ report
+def image_size(path):
+    return Image.open(path).size
+
+
+def test_report_from_profiles(profiled, tmp_path, capsys):
+    sel = tmp_path / "sel.json"
+    assert cli.main(["select", "--profile", str(profiled / "p.json"), "--k", "3", "--output", str(sel)]) == 0
+    out = tmp_path / "report"
+    code, _, err = run(["report", "--profiles", f"math={profiled / 'p.json'}", f"picked={sel}", "--output_dir", out],
+                       capsys)
+    assert code == 0, err
+    assert image_size(out / "heatmap_math.png") == (600, 300)
+    assert image_size(out / "heatmap_picked.png") == (600, 300)
+    assert image_size(out / "concentration.png") == (700, 400)
+    assert image_size(out / "jaccard.png")[0] > 400
+    markdown = (out / "report.md").read_text()
+    assert "stored hot map (k=3)" in markdown and "| math | olmoe | 4 | 16 |" in markdown
+
+
+def test_report_stability_from_a_model(tmp_path, capsys):
+    out = tmp_path / "report"
+    code, _, err = run(["report", "--tiny", "olmoe", "--limit", 20, "--max_length", 64, "--stability_fractions", 0.1,
+                        0.5, 1.0, "--stability_seeds", 2, "--output_dir", out, "--disable_tqdm"], capsys)
+    assert code == 0, err
+    assert image_size(out / "stability.png") == (600, 350)
+    assert image_size(out / "heatmap_full_data.png") == (600, 300)
+    summary = json.loads((out / "report.json").read_text())
+    rows = summary["stability"]["rows"]
+    assert [r["fraction"] for r in rows] == [0.1, 0.5, 1.0] and rows[0]["rows"] == 2
+    assert rows[-1]["jaccard"] == 1.0 and rows[-1]["coverage"] == pytest.approx(summary["stability"]["ceiling"])
+    assert ExpertProfile.load(out / "full_profile.json").source["rows"] == 20
+    assert "paper Table 10" in (out / "report.md").read_text()
+
+
+def test_report_stability_from_labelled_profiles(profiled, tmp_path, capsys):
+    half = tmp_path / "half.json"
+    assert cli.main(["profile", "--model_name_or_path", str(profiled / "model"), "--limit", "24", "--fraction", "0.5",
+                     "--max_length", "96", "--output", str(half), "--disable_tqdm"]) == 0
+    code, _, err = run(["report", "--stability_profiles", half, "--reference_profile", profiled / "p.json",
+                        "--output_dir", tmp_path / "r"], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())["stability"]["rows"]
+    assert [r["fraction"] for r in rows] == [0.5]
+    assert (tmp_path / "r" / "stability.png").is_file()
+
+
+def test_report_rejects_profile_of_another_model(profiled, tmp_path, capsys):
+    code, _, err = run(["report", "--profiles", profiled / "p.json", "--tiny", "mixtral", "--limit", 4,
+                        "--output_dir", tmp_path], capsys)
+    assert code == 1 and "does not match the model" in err
+
+
+# ------------------------------------------------------------------------------------------------ train / ablate
+def test_train_hands_every_argument_to_the_sft_recipe(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("hellora_trl.sft.main", lambda argv: seen.setdefault("argv", argv))
+    argv = ["--config", "x.yaml", "--hellora_k", "4", "--learning_rate", "1e-4"]
+    assert cli.main(["train", *argv]) == 0
+    assert seen["argv"] == argv
+
+
+def test_ablate_delegates_to_the_ablation_module(monkeypatch):
+    pytest.importorskip("hellora_trl.ablation", reason="hellora_trl.ablation not in this checkout yet")
+    seen = {}
+    monkeypatch.setattr("hellora_trl.ablation.main", lambda argv: seen.setdefault("argv", argv))
+    assert cli.main(["ablate", "--ks", "2,4"]) == 0 and seen["argv"] == ["--ks", "2,4"]
+
+
+def test_ablate_explains_when_the_module_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hellora_trl.ablation", None)  # import now fails as if the file were absent
+    assert cli.main(["ablate", "--help"]) == 0
+    assert "not part of this installation" in capsys.readouterr().out
+    assert cli.main(["ablate", "--anything"]) == 1
+    assert "hellora_trl.ablation" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_then_eval_merge_and_report_end_to_end(tmp_path, capsys):
+    """The offline recipe for real (a couple of steps), then every downstream command on its outputs."""
+    run_dir = tmp_path / "run"
+    code, _, err = run(["train", "--output_dir", run_dir, "--train_limit", 16, "--max_steps", 2, "--eval_limit", 0,
+                        "--hellora_profile_mode", "forward", "--per_device_train_batch_size", 4, "--max_length", 64,
+                        "--disable_tqdm", "true", "--hellora_plots", "false"], capsys)
+    assert code == 0, err
+    assert (run_dir / "adapter_config.json").is_file() and (run_dir / "hellora_profile.json").is_file()
+    code, _, err = run(["eval", "--adapter", run_dir, "--tiny", "olmoe", "--limit", 2, "--max_new_tokens", 4,
+                        "--output_dir", tmp_path / "eval", "--disable_tqdm"], capsys)
+    assert code == 0, err
+    code, _, err = run(["merge", "--adapter", run_dir, "--tiny", "olmoe", "--output_dir", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    code, _, err = run(["eval", "--model_name_or_path", tmp_path / "merged", "--limit", 2, "--max_new_tokens", 4,
+                        "--output_dir", tmp_path / "eval_merged", "--disable_tqdm"], capsys)
+    assert code == 0, err
+    code, _, err = run(["report", "--profiles", f"trained={run_dir / 'hellora_profile.json'}",
+                        "--output_dir", tmp_path / "report"], capsys)
+    assert code == 0, err
+    assert "stored hot map" in (tmp_path / "report" / "report.md").read_text()
