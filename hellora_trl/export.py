@@ -260,7 +260,8 @@ def _expert_factors(name: str, layer: HotExpertLoraLayer, adapter: str) -> list[
     """The whole expert stack in PEFT layout, checked against the layer's own merge deltas."""
     hot = layer.hot_experts(adapter)
     scaling = float(layer.scaling[adapter])
-    reference = layer.delta_weights(adapter)
+    with torch.no_grad():
+        reference = layer.delta_weights(adapter)
     factors = []
     for param, (a, b) in _expert_stacks(layer, adapter).items():
         lora_a, lora_b = _to_peft_stack(a, b, hot, layer.num_experts)
