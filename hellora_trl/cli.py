@@ -234,6 +234,10 @@ def load_model(model_args: ModelArguments):
         from .offline import tiny_moe_model
 
         model = tiny_moe_model(model_args.tiny, seed=model_args.tiny_seed, **_tiny_overrides(model_args.tiny))
+        if model_args.dtype != "auto":
+            import torch
+
+            model = model.to(getattr(torch, model_args.dtype))
     else:
         import torch
         from transformers import AutoModelForCausalLM
@@ -517,7 +521,7 @@ def _run_eval(args: EvalArguments, model, tokenizer) -> dict[str, Any]:
         completions = ev.generate_batched(model, tokenizer, [p["prompt"] for p in problems], **common)
         stops = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
         samples = {p["task_id"]: [ev._cut_at_stops(c, stops)] for p, c in zip(problems, completions)}
-        return ev.evaluate_humaneval(problems, samples, ks=(1,), timeout=args.timeout)
+        return ev.evaluate_humaneval(problems, samples, ks=(1,), timeout=args.timeout, progress=not args.disable_tqdm)
     harmful = ev.load_instruction_set(path)[: args.limit]
     benign = ev.load_instruction_set(args.benign_path)[: args.limit] if args.benign_path else []
     return ev.evaluate_safety(model, tokenizer, harmful, benign, **common)
@@ -747,9 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _top_parser()
     if not argv or argv[0] not in COMMANDS:
-        args, _ = parser.parse_known_args(argv)  # --help / --version / unknown command exit here
+        parser.parse_args(argv)  # --help / --version / an unknown command or option exit here
         parser.print_help()
-        return 0 if not argv else 2
+        return 0
     name = argv[0]
     try:
         return COMMANDS[name].run(argv[1:])

@@ -432,7 +432,10 @@ def write_report(
     rows = []
     for label, profile in profiles.items():
         hot, boxed = _boxes(profile, hot_maps.get(label), k, strategy)
-        path = plot_heatmap(profile, hot, out / f"heatmap_{_slug(label)}.png",
+        name = f"heatmap_{_slug(label)}"
+        while name in {p.stem for p in figures.values()}:  # labels that differ only in punctuation
+            name += "_"
+        path = plot_heatmap(profile, hot, out / f"{name}.png",
                             title=f"{label}: expert activation ({profile.tokens_seen} tokens; hot experts boxed)")
         figures[f"heatmap {label}"] = path
         rows.append(_profile_row(label, profile, k, path, boxed))
