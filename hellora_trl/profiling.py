@@ -23,6 +23,13 @@ from .registry import MoEFamily, MoELayer, experts_per_token, family_for, find_m
 PROFILE_FORMAT_VERSION = 1
 
 
+def _default_file_mode() -> int:
+    """0666 minus the process umask: what ``open(path, "w")`` would have given."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write via a temp file in the same folder + rename, so an interrupted save never leaves a torn file."""
     path = Path(path)
@@ -33,6 +40,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; a profile or report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -148,3 +148,19 @@ def test_gradient_checkpoint_recompute_is_not_double_counted(olmoe):
     assert checkpointed.counts.sum() > 0
     assert torch.equal(plain.counts, checkpointed.counts)
     assert plain.tokens_seen == checkpointed.tokens_seen == batch["input_ids"].numel()
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    """Regression: files went out 0600 because mkstemp creates them so."""
+    import os
+    import stat
+
+    from hellora_trl.profiling import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "p.json", "{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert path.read_text() == "{}" and not list(tmp_path.glob(".p.json.*"))
