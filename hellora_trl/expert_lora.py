@@ -29,6 +29,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .distributed import full_shape
 
 def _proj(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """x @ W.T for (out, in) weights, x @ W for transposed (in, out) storage (GPT-OSS)."""
@@ -108,6 +109,110 @@ def _grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
+def grouped_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(G, a.shape[1], b.shape[1]): ``a[rows of g].T @ b[rows of g]`` per group, zeros for empty groups. The
+    weight gradient of :func:`grouped_mm`."""
+    if _outer_kernel_ok(a, b):
+        return _GROUPED_MM(a.t(), b, offs=offsets)
+    out = a.new_zeros(offsets.shape[0], a.shape[1], b.shape[1])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[g] = a[start:end].T @ b[start:end]
+        start = end
+    return out
+
+
+def _outer_kernel_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The 2-D x 2-D grouped kernel: same rules as :func:`grouped_mm_available` on the row widths."""
+    if _GROUPED_MM is None or a.dtype not in _GROUPED_MM_DTYPES or a.dtype != b.dtype or a.shape[0] == 0:
+        return False
+    if not (a.is_contiguous() and b.is_contiguous()) or a.data_ptr() % 16 or b.data_ptr() % 16:
+        return False
+    if (a.shape[1] * a.element_size()) % 16 or (b.shape[1] * b.element_size()) % 16:
+        return False
+    if a.device.type == "cuda":
+        return torch.cuda.get_device_capability(a.device) >= (8, 0)
+    return a.device.type == "cpu" and _TORCH_VERSION >= (2, 9)
+
+
+class _LoraRows(torch.autograd.Function):
+    """``scaling * (x @ A_j.T) @ B_j.T`` (times an optional per-row weight) for rows grouped by hot slot j, for
+    one or more (A, B) pairs sharing the input rows ``x = source[rows]``.
+
+    Why not plain autograd: it would keep the gathered input rows (n, in) and, through the ``index_add`` that
+    adds the delta back, every (n, out) delta alive until backward. Here only the (n, r) products are saved; the
+    input rows are gathered again from ``source``, a tensor the graph keeps anyway (the layer input, or the
+    activation that the routing-weight product saves).
+    """
+
+    @staticmethod
+    def forward(ctx, source, rows, offsets, scaling, row_weights, *factors):
+        a0 = factors[0]
+        x = (source if rows is None else source.index_select(0, rows)).to(a0.dtype)
+        scale = _row_scale(scaling, row_weights, a0.dtype)
+        outputs, products = [], []
+        for a, b in zip(factors[0::2], factors[1::2]):
+            xa = grouped_mm(x, a.transpose(1, 2), offsets)
+            products.append(xa)
+            outputs.append(grouped_mm(xa * scale, b.transpose(1, 2), offsets))
+        ctx.scaling = scaling
+        ctx.save_for_backward(source, rows, offsets, row_weights, *factors, *products)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        source, rows, offsets, row_weights, *rest = ctx.saved_tensors
+        factors, products = rest[: len(rest) * 2 // 3], rest[len(rest) * 2 // 3 :]
+        dtype = factors[0].dtype
+        x = (source if rows is None else source.index_select(0, rows)).to(dtype)
+        scale = _row_scale(ctx.scaling, row_weights, dtype)
+        grad_x = grad_weights = None
+        factor_grads: list[Optional[torch.Tensor]] = []
+        for a, b, xa, grad in zip(factors[0::2], factors[1::2], products, grads):
+            if grad is None:
+                factor_grads += [None, None]
+                continue
+            grad = grad.contiguous().to(dtype)
+            grad_b = grouped_outer(grad, xa * scale, offsets)  # (k, out, r)
+            grad_scaled = grouped_mm(grad, b, offsets)  # d loss / d (xa * scale), (n, r)
+            if row_weights is not None and ctx.needs_input_grad[4]:
+                term = (grad_scaled * xa).sum(-1) * ctx.scaling
+                grad_weights = term if grad_weights is None else grad_weights + term
+            grad_xa = grad_scaled * scale
+            factor_grads += [grouped_outer(grad_xa, x, offsets), grad_b]  # (k, r, in), (k, out, r)
+            if ctx.needs_input_grad[0]:
+                term = grouped_mm(grad_xa, a, offsets)
+                grad_x = term if grad_x is None else grad_x + term
+        grad_source = None
+        if grad_x is not None:
+            grad_x = grad_x.to(source.dtype)
+            grad_source = grad_x if rows is None else torch.zeros_like(source).index_add_(0, rows, grad_x)
+        if grad_weights is not None:
+            grad_weights = grad_weights.to(row_weights.dtype)
+        return grad_source, None, None, None, grad_weights, *factor_grads
+
+
+def _row_scale(scaling: float, row_weights: Optional[torch.Tensor], dtype: torch.dtype):
+    return scaling if row_weights is None else row_weights.to(dtype).unsqueeze(-1) * scaling
+
+
+class _AddRows(torch.autograd.Function):
+    """``y[rows] += delta`` in place, saving only ``rows`` (``index_add`` would keep ``delta`` for backward)."""
+
+    @staticmethod
+    def forward(ctx, y, rows, delta):
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(rows)
+        ctx.delta_dtype = delta.dtype
+        return y.index_add_(0, rows, delta.to(y.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, rows).to(ctx.delta_dtype)
+
+
 @dataclass
 class RowGroups:
     """Assignment rows sorted by expert, grouped once per layer call and shared by gate/up, down and LoRA.
@@ -131,8 +236,9 @@ def _take_rows(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
 
 def _add_rows(y: torch.Tensor, delta: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     """``y[rows] += delta`` in place: ``y`` is a fresh GEMM output that no backward formula saved."""
-    delta = delta.to(y.dtype)
-    return y.add_(delta) if rows is None else y.index_add_(0, rows, delta)
+    if rows is None:
+        return y.add_(delta.to(y.dtype))
+    return _AddRows.apply(y, rows, delta)
 
 
 def expert_factor_shapes(experts: nn.Module, fuse_gate_up: bool = False) -> dict[str, tuple[int, int]]:
@@ -140,8 +246,8 @@ def expert_factor_shapes(experts: nn.Module, fuse_gate_up: bool = False) -> dict
     transposed = bool(getattr(experts, "is_transposed", False))
     has_gate = bool(getattr(experts, "has_gate", hasattr(experts, "gate_up_proj")))
     up_name = "gate_up_proj" if has_gate else "up_proj"
-    up_shape = tuple(getattr(experts, up_name).shape[1:])
-    down_shape = tuple(experts.down_proj.shape[1:])
+    up_shape = full_shape(getattr(experts, up_name))[1:]  # full_shape: real shape under ZeRO-3 partitioning
+    down_shape = full_shape(experts.down_proj)[1:]
     up_in, up_out = (up_shape[0], up_shape[1]) if transposed else (up_shape[1], up_shape[0])
     down_in, down_out = (down_shape[0], down_shape[1]) if transposed else (down_shape[1], down_shape[0])
     if not has_gate:
@@ -189,7 +295,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.expert_path = expert_path
-        self.num_experts = int(getattr(base_layer, "num_experts", base_layer.down_proj.shape[0]))
+        self.num_experts = int(getattr(base_layer, "num_experts", full_shape(base_layer.down_proj)[0]))
         self.is_transposed = bool(getattr(base_layer, "is_transposed", False))
         self.is_concatenated = bool(getattr(base_layer, "is_concatenated", True))
         self.has_gate = bool(getattr(base_layer, "has_gate", hasattr(base_layer, "gate_up_proj")))
@@ -352,16 +458,14 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------------------------------ fused / grouped paths
     def _fused_forward(self, adapter, base, hidden, index, weights) -> torch.Tensor:
         """All assignments in one grouped pass: sort by expert once, base GEMMs for every row, LoRA on hot rows."""
-        num_tokens, top_k = index.shape
+        top_k = index.shape[-1]
         expert, perm = torch.sort(index.reshape(-1), stable=True)
         hot = self.lora_hot_experts[adapter].to(index.device)
         slot_of = None if hot.numel() == self.num_experts else self._slot_lookup(adapter, index.device)
         groups = self._group_rows(expert, hot, slot_of)
-        rows = self._expert_rows(base, adapter, hidden[perm // top_k], groups)
-        rows = rows * weights.reshape(-1)[perm].unsqueeze(-1).to(rows.dtype)
-        # Back to (token, k) order and a plain sum over k: deterministic, and bf16 sums accumulate in float32.
-        unsorted = torch.empty_like(rows).index_copy_(0, perm, rows)
-        out = unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+        token = perm // top_k
+        rows = self._expert_rows(base, adapter, hidden, token, groups, weights.reshape(-1)[perm])
+        out = self._sum_per_token(rows, token, hidden)
         if groups.num_hot_rows == 0:
             out = out + self._graph_anchor(adapter, out.dtype)
         return out
@@ -374,10 +478,14 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         token_idx, k_pos = token_idx[order], k_pos[order]
         hot = self.lora_hot_experts[adapter].to(slot.device)
         groups = self._group_rows(hot[slot], hot, slot_of=None)
-        rows = self._expert_rows(base, adapter, hidden[token_idx], groups)
-        rows = rows * weights[token_idx, k_pos].unsqueeze(-1).to(rows.dtype)
+        rows = self._expert_rows(base, adapter, hidden, token_idx, groups, weights[token_idx, k_pos])
+        return self._sum_per_token(rows, token_idx, hidden)
+
+    @staticmethod
+    def _sum_per_token(rows: torch.Tensor, token: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Rows added into their tokens' outputs; the backward is one row gather (nothing (S, H) is saved)."""
         out = torch.zeros(hidden.shape[0], rows.shape[-1], dtype=rows.dtype, device=rows.device)
-        return out.index_add_(0, token_idx, rows)
+        return _AddRows.apply(out, token, rows).to(hidden.dtype)
 
     def _group_rows(self, expert: torch.Tensor, hot: torch.Tensor, slot_of: Optional[torch.Tensor]) -> "RowGroups":
         """Group boundaries for rows already sorted by expert; ``slot_of=None`` means every row is hot."""
@@ -391,27 +499,37 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
             num_hot_rows=expert.shape[0] if hot_rows is None else hot_rows.shape[0],
         )
 
-    def _expert_rows(self, base, adapter, x, groups: "RowGroups") -> torch.Tensor:
-        """Each sorted row through its expert, plus ``scaling * B @ A`` in activation space on the hot rows.
+    def _expert_rows(self, base, adapter, hidden, token, groups: "RowGroups", row_weights) -> torch.Tensor:
+        """Rows (sorted by expert; row i is token ``token[i]``) through their experts, plus
+        ``scaling * B @ A`` in activation space on the hot rows, times their routing weights.
 
-        The grouping (``groups``) is computed once and reused by gate/up, down and the low-rank paths.
+        The grouping (``groups``) is computed once and reused by gate/up, down and the low-rank paths. When the
+        down projection is linear (no bias, no post-expert norm) the routing weight scales its input, which is
+        half as wide as its output on every supported family.
         """
         gated = self.has_gate
-        y = self._base_rows(base, x, "gate_up_proj" if gated else "up_proj", groups)
+        hot_rows, offsets = groups.hot_rows, groups.hot_offsets
+        y = self._base_rows(base, hidden[token], "gate_up_proj" if gated else "up_proj", groups)
         if groups.num_hot_rows:
-            x_hot = _take_rows(x, groups.hot_rows)
-            if gated:
-                delta = self._gate_up_delta_rows(adapter, x_hot, groups.hot_offsets)
+            hot_tokens = _take_rows(token, hot_rows)
+            if gated and not self.fuse_gate_up:
+                gate, up = self._lora_deltas(adapter, ("gate", "up"), hidden, hot_tokens, offsets, None)
+                delta = self._interleave_gate_up(gate, up)
             else:
-                delta = self._lora_rows(adapter, "up", x_hot, groups.hot_offsets)
-            y = _add_rows(y, delta, groups.hot_rows)
+                (delta,) = self._lora_deltas(adapter, ("gate_up" if gated else "up",), hidden, hot_tokens, offsets, None)
+            y = _add_rows(y, delta, hot_rows)
         h = base._apply_gate(y) if gated else base.act_fn(y)
-        out = self._base_rows(base, h, "down_proj", groups)
+        post_norm = getattr(base, "has_post_expert_norm", False)
+        linear_down = not (self.has_bias or post_norm)
+        out = self._base_rows(base, h * row_weights.unsqueeze(-1).to(h.dtype) if linear_down else h, "down_proj", groups)
         if groups.num_hot_rows:
-            delta = self._lora_rows(adapter, "down", _take_rows(h, groups.hot_rows), groups.hot_offsets)
-            out = _add_rows(out, delta, groups.hot_rows)
-        if getattr(base, "has_post_expert_norm", False):
+            hot_weights = _take_rows(row_weights, hot_rows) if linear_down else None
+            (delta,) = self._lora_deltas(adapter, ("down",), h, hot_rows, offsets, hot_weights)
+            out = _add_rows(out, delta, hot_rows)
+        if post_norm:
             out = base.post_expert_norm(out)
+        if not linear_down:
+            out = out * row_weights.unsqueeze(-1).to(out.dtype)
         return out
 
     def _base_rows(self, base, x, name: str, groups: "RowGroups") -> torch.Tensor:
@@ -422,19 +540,21 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
             y = y + getattr(base, f"{name}_bias")[groups.expert]
         return y
 
-    def _lora_rows(self, adapter: str, proj: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``scaling * (x @ A_j.T) @ B_j.T`` for rows grouped by hot slot j (scaling applied on the r-wide side)."""
-        a = getattr(self, f"lora_{proj}_A")[adapter]
-        b = getattr(self, f"lora_{proj}_B")[adapter]
-        x = self.lora_dropout[adapter](x.to(a.dtype))
-        xa = grouped_mm(x, a.transpose(1, 2), offsets) * self.scaling[adapter]
-        return grouped_mm(xa, b.transpose(1, 2), offsets)
-
-    def _gate_up_delta_rows(self, adapter: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        if self.fuse_gate_up:
-            return self._lora_rows(adapter, "gate_up", x, offsets)
-        gate = self._lora_rows(adapter, "gate", x, offsets)
-        return self._interleave_gate_up(gate, self._lora_rows(adapter, "up", x, offsets))
+    def _lora_deltas(self, adapter, projs, source, rows, offsets, row_weights) -> tuple[torch.Tensor, ...]:
+        """Low-rank deltas of ``source[rows]`` (rows grouped by hot slot) for each projection in ``projs``."""
+        factors = [getattr(self, f"lora_{p}_{s}")[adapter] for p in projs for s in ("A", "B")]
+        scaling = self.scaling[adapter]
+        dropout = self.lora_dropout[adapter]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            return _LoraRows.apply(source, rows, offsets, scaling, row_weights, *factors)
+        # Dropout draws a mask per projection: plain autograd (it keeps the dropped inputs for backward).
+        x = _take_rows(source, rows)
+        scale = _row_scale(scaling, row_weights, factors[0].dtype)
+        deltas = []
+        for a, b in zip(factors[0::2], factors[1::2]):
+            xa = grouped_mm(dropout(x.to(a.dtype)), a.transpose(1, 2), offsets) * scale
+            deltas.append(grouped_mm(xa, b.transpose(1, 2), offsets))
+        return tuple(deltas)
 
     # ------------------------------------------------------------------------------ split path: cold experts
     def _cold_forward(self, base, hidden, index, weights, hot_mask, *args, **kwargs) -> torch.Tensor:
@@ -621,7 +741,7 @@ class RouterLoraLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name, r, lora_alpha, init_lora_weights=True, use_rslora=False) -> None:
         weight = self.get_base_layer().weight
-        out_features, in_features = weight.shape
+        out_features, in_features = full_shape(weight)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
