@@ -1,0 +1,69 @@
+"""The benchmark scripts run end to end at a tiny preset (timings are not checked: speed targets live in the
+benchmark's own output, never in tests)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import profile_overhead  # noqa: E402
+import render_readme  # noqa: E402
+import step_throughput  # noqa: E402
+
+
+def test_step_throughput_tiny_writes_table_and_json(tmp_path):
+    argv = ["--preset", "tiny", "--steps", "2", "--warmup", "1", "--out", str(tmp_path), "--with-loop"]
+    (data,) = step_throughput.main(argv)
+    md = (tmp_path / "tiny.md").read_text()
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    configs = {(r["config"], r["router"]) for r in saved["rows"]}
+    expected = {"floor", "peft-all", "ours-all", "hellora-k2", "hellora-k4", "hellora-k2-loop"}
+    assert configs == {(c, r) for c in expected for r in ("skewed", "uniform")}
+    for row in saved["rows"]:
+        assert row["step_s"] > 0 and row["peak_bytes"] >= row["static_bytes"] > 0 and row["trainable"] > 0
+        if row["config"] == "floor":
+            assert row["time_x"] == row["mem_x"] == 1.0
+    # HELLoRA trains fewer parameters than LoRA on every expert, and every hot set has k experts per layer
+    by = {(r["config"], r["router"]): r for r in saved["rows"]}
+    assert by[("hellora-k2", "skewed")]["trainable"] < by[("peft-all", "skewed")]["trainable"]
+    shares = saved["routing"]["routers"]["skewed"]["top_k_share_per_layer"]
+    assert all(0.35 < s < 0.65 for s in shares)  # the skewed router's favourites take about half
+    assert "Command: `python bench/step_throughput.py --preset tiny" in md and "Machine: " in md
+    assert "| hellora-k2 | skewed |" in md and "Targets" in md
+    assert data["targets"] and all({"target", "met", "value"} <= set(t) for t in data["targets"])
+
+
+def test_gpu_presets_are_skipped_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the GPU preset would run for real")
+    assert step_throughput.main(["--preset", "olmoe-1b-7b-gpu", "--no-write"]) == []
+    assert "needs CUDA" in capsys.readouterr().out
+
+
+def test_profile_overhead_tiny(tmp_path):
+    data = profile_overhead.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert [r["fraction"] for r in data["rows"]] == [0.01, 0.05, 0.10, 0.20, 0.50]
+    forward = [r["forward_share"] for r in data["rows"]]
+    assert forward == sorted(forward) and all(0 < s < 1 for s in forward)
+    assert all(r["warmup_share"] > r["forward_share"] for r in data["rows"])
+    assert (tmp_path / "profile-overhead-tiny.md").read_text().count("|") > 20
+
+
+def test_render_readme_replaces_only_the_marked_section(tmp_path):
+    results = tmp_path / "a.md"
+    results.write_text("### Step throughput\n\n| x | y |\n|---|---|\n| 1 | 2 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nbefore\n<!-- bench:start -->\nold numbers\n<!-- bench:end -->\nafter\n")
+    render_readme.main([str(results), "--readme", str(readme), "--write"])
+    text = readme.read_text()
+    assert "old numbers" not in text and "| 1 | 2 |" in text
+    assert text.startswith("# Title\n\nbefore\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\nafter\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        render_readme.main([str(results), "--readme", str(readme), "--write"])
