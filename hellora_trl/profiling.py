@@ -360,13 +360,15 @@ def all_reduce_counts(counts: torch.Tensor, tokens: int) -> tuple[torch.Tensor, 
     return packed[:-1].reshape(counts.shape), int(packed[-1])
 
 
-def _iter_batches(data: Any, batch_size: int, collate) -> Iterator[Mapping[str, torch.Tensor]]:
+def _iter_batches(data: Any, batch_size: int, collate, allow_empty: bool = False) -> Iterator[Mapping[str, torch.Tensor]]:
     try:
         from datasets import Dataset
     except ImportError:  # pragma: no cover - datasets is a dependency
         Dataset = ()
     if isinstance(data, Dataset):
         if len(data) == 0:
+            if allow_empty:
+                return
             raise ValueError("Cannot profile on an empty dataset.")
         if "input_ids" not in data.column_names:
             raise ValueError(
@@ -381,7 +383,7 @@ def _iter_batches(data: Any, batch_size: int, collate) -> Iterator[Mapping[str, 
     for batch in data:
         seen = True
         yield batch
-    if not seen:
+    if not seen and not allow_empty:
         raise ValueError("Cannot profile on an empty dataset (the iterable yielded no batch).")
 
 
@@ -419,33 +421,45 @@ def profile_experts(
     max_batches: int | None = None,
     progress: bool = True,
     source: dict[str, Any] | None = None,
+    pad_batches_to: int | None = None,
 ) -> ExpertProfile:
     """Forward-only profiling: count the router's token->expert assignments per MoE layer.
 
     ``data`` is a tokenized ``datasets.Dataset`` (``input_ids``[, ``attention_mask``]), a DataLoader, or any
     iterable of batch dicts. Padding tokens are not counted. Under ``torch.distributed`` the counts are summed
     over ranks, so every rank returns the same profile.
+
+    ``pad_batches_to`` (distributed runs, where ranks hold shards of different sizes): run uncounted one-token
+    forwards until this many batches ran, so every rank makes the same number of forward passes (ZeRO-3 gathers
+    weights collectively in each one); ``data`` may then be empty on this rank.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     counter = RoutingCounter(model)
     pad_id = getattr(getattr(_unwrap(model), "config", None), "pad_token_id", None) or 0
     device = next(model.parameters()).device
-    batches = _iter_batches(data, batch_size, pad_collate(pad_id))
+    batches = _iter_batches(data, batch_size, pad_collate(pad_id), allow_empty=pad_batches_to is not None)
     total = _maybe_len(data, batch_size, max_batches)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
     bar = tqdm(total=total, desc="HELLoRA profiling", disable=not progress or tqdm is None, unit="batch") if tqdm else None
+    ran = 0
     with counter, _eval_mode(model), torch.no_grad():
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
             model(**inputs, use_cache=False)
+            ran += 1
             if bar is not None:
                 bar.update(1)
+        counter.enabled = False  # filler forwards are not counted
+        filler = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+        for _ in range(max(0, (pad_batches_to or 0) - ran)):
+            model(input_ids=filler, attention_mask=torch.ones_like(filler), use_cache=False)
+        counter.enabled = True
     if bar is not None:
         bar.close()
     meta = {"mode": "forward", "batch_size": batch_size, "max_batches": max_batches}

@@ -12,6 +12,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .distributed import full_shape
+
 
 @dataclass(frozen=True)
 class MoEFamily:
@@ -128,7 +130,8 @@ def is_fused_experts(module: nn.Module) -> bool:
     weight = getattr(module, "gate_up_proj", None)
     if weight is None:
         weight = getattr(module, "up_proj", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 3 and hasattr(module, "down_proj")
+    # full_shape: under ZeRO-3 a partitioned parameter's .shape is an empty placeholder (real shape in ds_shape).
+    return isinstance(weight, torch.Tensor) and len(full_shape(weight)) == 3 and hasattr(module, "down_proj")
 
 
 @dataclass

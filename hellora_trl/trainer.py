@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from trl import SFTTrainer
 
 from .adapter import apply_hellora, default_lora_config, hot_map_from_model
 from .config import HELLoRAConfig
+from .distributed import register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
 from .profiling import ExpertProfile, RoutingCounter, profile_experts
 from .registry import find_moe_layers
 from .selection import HotMap, select_hot_experts, validate_hot_map
@@ -86,6 +88,26 @@ class HELLoRATrainer(SFTTrainer):
         super().__init__(model, args, *pos, peft_config=None, **kwargs)
         # Fail before any work when the model is not a MoE model the registry knows.
         self._moe_layers = find_moe_layers(self.model)
+        self._check_fsdp_sub_runs()
+
+    def _check_fsdp_sub_runs(self) -> None:
+        """FSDP shards the modules of the model it trains in place, so the base model cannot go through a LoRA
+        warm-up (or LoRI-D) sub-run and then be sharded again for the main run. Say so before any work."""
+        if not self.is_fsdp_enabled:
+            return
+        args: HELLoRAConfig = self.args
+        has_profile = bool(args.hellora_profile_path and Path(args.hellora_profile_path).is_file())
+        if args.hellora_profile_mode == "lora_warmup" and not has_profile:
+            raise ValueError(
+                "hellora_profile_mode='lora_warmup' trains a warm-up adapter in a sub-run, which FSDP cannot shard "
+                "twice. Under FSDP use hellora_profile_mode='forward', or take the profile beforehand (a "
+                "lora_warmup run under DDP/DeepSpeed, or `hellora profile`) and pass it as hellora_profile_path."
+            )
+        if args.hellora_variant == "lori_s" and not args.hellora_lori_d_adapter:
+            raise ValueError(
+                "hellora_variant='lori_s' runs a LoRI-D stage first, which FSDP cannot shard twice. Train LoRI-D "
+                "separately and pass it as hellora_lori_d_adapter."
+            )
 
     # ------------------------------------------------------------------------------------------- phases
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -148,6 +170,11 @@ class HELLoRATrainer(SFTTrainer):
         )
 
     @property
+    def _zero3(self) -> bool:
+        """ZeRO-3 needs one dtype for all parameters (no float32 adapters on a bf16 base)."""
+        return bool(self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+    @property
     def _seed(self) -> int:
         return self.args.hellora_seed if self.args.hellora_seed is not None else self.args.seed
 
@@ -173,13 +200,21 @@ class HELLoRATrainer(SFTTrainer):
 
     def _profile_forward(self, warmup, source: dict[str, Any]) -> ExpertProfile:
         state = self.accelerator.state
-        if state.num_processes > 1:
-            warmup = warmup.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
         batch_size = self.args.hellora_profile_batch_size or self.args.per_device_train_batch_size
+        pad_to = None
+        if state.num_processes > 1:  # contiguous shards; a slice smaller than the world leaves some ranks empty
+            start, end = shard_bounds(len(warmup), state.num_processes, state.process_index)
+            pad_to = math.ceil(len(range(*shard_bounds(len(warmup), state.num_processes, 0))) / batch_size)
+            warmup = warmup.select(list(range(start, end)))  # a list: datasets rejects an empty range at the end
         loader = DataLoader(warmup, batch_size=batch_size, collate_fn=self.data_collator)
-        return profile_experts(
-            self.model, loader, progress=not self.args.disable_tqdm and self.is_local_process_zero(), source=source
-        )
+        with zero3_forward_gathering(self.model):  # ZeRO-3: no engine yet, gather each module's weights in turn
+            return profile_experts(
+                self.model,
+                loader,
+                progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+                source=source,
+                pad_batches_to=pad_to,  # equal forward counts on every rank (ZeRO-3 gathers are collective)
+            )
 
     def _profile_lora_warmup(self, warmup, source: dict[str, Any]) -> ExpertProfile:
         """The paper's warm-up: LoRA on attention, routers and every expert, trained on the slice while counting."""
@@ -193,7 +228,9 @@ class HELLoRATrainer(SFTTrainer):
             components=args.hellora_components,
             fuse_gate_up=args.hellora_fuse_gate_up,
             include_shared_experts=args.hellora_include_shared_experts,
+            autocast_adapter_dtype=not self._zero3,
         )
+        register_moe_leaf_modules(warm_model)
         warm_args = copy.deepcopy(args)
         warm_args.output_dir = os.path.join(args.output_dir, "hellora_warmup")
         warm_args.save_strategy = SaveStrategy.NO
@@ -205,6 +242,8 @@ class HELLoRATrainer(SFTTrainer):
         warm_args.max_steps = -1
         warm_args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         warm_args.packing = False  # the slice is already processed (and packed, if packing was on)
+        # DeepSpeed: accelerate allows one plugin per process; the sub-trainer's Accelerator reuses the main one.
+        warm_args.deepspeed_plugin = None
         counter = RoutingCounter(warm_model)
         warm_trainer = SFTTrainer(
             model=warm_model,
@@ -218,6 +257,7 @@ class HELLoRATrainer(SFTTrainer):
                 warm_trainer.train()
             warm_loss = [log["loss"] for log in warm_trainer.state.log_history if "loss" in log]
         finally:
+            warm_trainer.accelerator.free_memory()  # DeepSpeed: destroy the warm-up engine (and its ZeRO-3 hooks)
             del warm_trainer
             restored = warm_model.unload()  # drop the warm-up adapters, keep the base weights untouched
             gc.collect()
@@ -230,7 +270,6 @@ class HELLoRATrainer(SFTTrainer):
 
     def _build_adapter(self, hot: HotMap, variant: str, masks=None):
         args: HELLoRAConfig = self.args
-        autocast = not (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
         return apply_hellora(
             self.model,
             hot,
@@ -238,7 +277,7 @@ class HELLoRATrainer(SFTTrainer):
             components=args.hellora_components,
             fuse_gate_up=args.hellora_fuse_gate_up,
             include_shared_experts=args.hellora_include_shared_experts,
-            autocast_adapter_dtype=autocast,
+            autocast_adapter_dtype=not self._zero3,
             variant=variant,
             masks=masks,
             density=args.hellora_lori_density,
@@ -254,6 +293,7 @@ class HELLoRATrainer(SFTTrainer):
             copy_lora_A(peft_model, lori_d)
         if args.gradient_checkpointing:
             peft_model.enable_input_require_grads()
+        register_moe_leaf_modules(peft_model)  # ZeRO-3 only: gather each MoE block whole, the same on every rank
         self.model = self.model_wrapped = peft_model
         self.optimizer, self.lr_scheduler = None, None  # built on the new adapter's parameters
         if self.is_local_process_zero():
@@ -272,6 +312,7 @@ class HELLoRATrainer(SFTTrainer):
         """LoRI-S stage one: LoRI-D on the same hot experts, data and budget; its adapter is kept in output_dir."""
         args: HELLoRAConfig = self.args
         stage_model = self._build_adapter(hot, "lori_d")
+        register_moe_leaf_modules(stage_model)
         stage_args = copy.deepcopy(args)
         stage_args.output_dir = os.path.join(args.output_dir, "lori_d")
         stage_args.save_strategy = SaveStrategy.NO
@@ -280,6 +321,7 @@ class HELLoRATrainer(SFTTrainer):
         stage_args.push_to_hub = False
         stage_args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         stage_args.packing = False  # the dataset is already processed (and packed, if packing was on)
+        stage_args.deepspeed_plugin = None  # DeepSpeed: the stage's Accelerator reuses the main plugin
         stage = SFTTrainer(
             model=stage_model,
             args=stage_args,
@@ -294,6 +336,7 @@ class HELLoRATrainer(SFTTrainer):
                 stage_model.save_pretrained(stage_args.output_dir)
             self.accelerator.wait_for_everyone()
         finally:
+            stage.accelerator.free_memory()  # DeepSpeed: destroy the stage's engine (and its ZeRO-3 hooks)
             del stage
             restored = stage_model.unload()
             gc.collect()

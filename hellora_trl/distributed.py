@@ -1,0 +1,170 @@
+"""Helpers that keep HELLoRA correct under DDP, FSDP2 and DeepSpeed ZeRO-2/3.
+
+Under ZeRO-3 (``zero3_init_flag``) every parameter is partitioned from the moment the model is built: its
+``.shape`` is an empty placeholder and the real shape is in ``ds_shape``, and a forward outside a DeepSpeed
+engine sees no weights at all. Under FSDP2 parameters are ``DTensor`` shards. The functions here read real
+shapes, gather weights for HELLoRA's own forward passes (profiling) and tell DeepSpeed to gather a whole MoE
+block at once, so ranks that route tokens to different experts never wait on each other.
+
+Nothing here changes a single-process or DDP run: without partitioned parameters every helper is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, end) of ``rank``'s contiguous share of ``n`` rows; the first ``n % world`` ranks get one extra row.
+
+    Same split as ``datasets.Dataset.shard(contiguous=True)``, but defined for ``n < world`` (empty shards),
+    which a small warm-up slice on many GPUs produces.
+    """
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The real shape of a (possibly ZeRO-3 partitioned) parameter: ``ds_shape`` when DeepSpeed set one."""
+    shape = getattr(tensor, "ds_shape", None)
+    return tuple(shape) if shape is not None else tuple(tensor.shape)
+
+
+def is_zero3_param(tensor: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages (partitions) this parameter."""
+    return hasattr(tensor, "ds_id")
+
+
+def has_zero3_params(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is ZeRO-3 partitioned (the model was built under ``zero.Init``)."""
+    return any(is_zero3_param(p) for p in module.parameters())
+
+
+def zero3_enabled() -> bool:
+    """Whether the current training run is configured for DeepSpeed ZeRO-3 (transformers' global flag)."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - transformers always has it
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full (gathered) values of ZeRO-3 partitioned ``params`` inside the block; a no-op for other tensors.
+
+    Collective under ZeRO-3: every rank must enter it with the same parameters.
+    """
+    zero = [p for p in params if is_zero3_param(p)]
+    if not zero:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero, modifier_rank=modifier_rank):
+        yield
+
+
+@contextlib.contextmanager
+def zero3_forward_gathering(model: nn.Module) -> Iterator[None]:
+    """Let a plain ``model(...)`` run on ZeRO-3 partitioned weights (profiling happens before any engine exists).
+
+    Each module's own parameters are gathered right before its forward and released right after, so at most one
+    module's full weights (e.g. one MoE layer's expert stack) are materialised at a time, as ZeRO-3 itself does.
+    Every rank must run the same number of forwards (ranks profile equal-length shards).
+    """
+    if not has_zero3_params(model):
+        yield
+        return
+    import deepspeed
+
+    handles, open_contexts = [], {}
+
+    def pre_hook(module: nn.Module, args) -> None:
+        params = [p for p in module.parameters(recurse=False) if is_zero3_param(p)]
+        if params:
+            ctx = deepspeed.zero.GatheredParameters(params)
+            ctx.__enter__()
+            open_contexts.setdefault(id(module), []).append(ctx)
+
+    def post_hook(module: nn.Module, args, output) -> None:
+        stack = open_contexts.get(id(module))
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(post_hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in open_contexts.values():
+            while stack:
+                stack.pop().__exit__(None, None, None)
+
+
+def register_moe_leaf_modules(model: nn.Module) -> list[str]:
+    """Mark every MoE block as a ZeRO-3 leaf module and return their names (empty when ZeRO-3 is not in use).
+
+    ZeRO-3 normally gathers a submodule's weights when that submodule runs. In an MoE block the router decides
+    which experts run, so two ranks may run different expert submodules and wait forever on each other's
+    all-gathers; HELLoRA's expert-LoRA layer also reads the fused expert weights without calling the wrapped
+    module. A leaf block is gathered whole when the block starts, the same on every rank.
+    """
+    if not (zero3_enabled() or has_zero3_params(model)):
+        return []
+    from deepspeed.utils import set_z3_leaf_modules_by_name
+
+    from .profiling import _unwrap
+    from .registry import find_moe_layers
+
+    base = _unwrap(model)
+    names = [layer.block_name for layer in find_moe_layers(base)]
+    set_z3_leaf_modules_by_name(base, names)
+    return names
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of the whole tensor: FSDP2 ``DTensor`` shards are all-gathered (collective)."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu", copy=True)
+
+
+def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA tensor of ``model`` (PEFT names, adapter name kept) as full CPU tensors, on every rank.
+
+    Works on a plain/DDP model, an FSDP2-sharded one (DTensor) and under ZeRO-3 (gathered). Collective under
+    FSDP2 and ZeRO-3: call it on every rank.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    state: dict[str, torch.Tensor] = {}
+    with gathered([p for _, p in named]):
+        for name, param in named:
+            state[_clean_name(name)] = full_tensor(param)
+    for name, buf in model.named_buffers():
+        if "lora_" in name:
+            state[_clean_name(name)] = full_tensor(buf)
+    return state
+
+
+def _clean_name(name: str) -> str:
+    """Drop wrapper prefixes (DDP ``module.``, FSDP/compile wrappers) so names compare across strategies."""
+    for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def end_distributed() -> None:
+    """Barrier then destroy the process group, so multi-process runs exit cleanly (no gloo abort at exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

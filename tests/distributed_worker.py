@@ -1,0 +1,165 @@
+"""One rank of a distributed HELLoRA run (launched by tests/test_distributed.py through distributed_harness).
+
+Trains a tiny OLMoE saved in ``--base`` on generated GSM8K-style rows with HELLoRATrainer under whatever strategy
+``accelerate launch --config_file configs/accelerate/<name>.yaml`` set up, then records, per rank, what the
+test compares: the hot map and routing counts this rank used, the logged losses, the full (gathered) adapter
+tensors and the logits of a fixed batch, to ``--out/rank{N}.json`` and ``--out/rank{N}.safetensors``.
+
+``--resume CHECKPOINT`` rebuilds everything and continues from that checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+torch.set_num_threads(1)
+
+# Small enough for 2 CPU processes in seconds; the numbers below are shared with test_distributed.py.
+ROWS = 32
+WARMUP_FRACTION = 0.25
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def training_args(out: str, strategy: str, profile_mode: str, max_steps: int):
+    """The run's HELLoRAConfig: 2 rows/rank x 2 accumulation steps, a checkpoint at step 2."""
+    from hellora_trl.config import HELLoRAConfig
+
+    return HELLoRAConfig(
+        output_dir=out,
+        use_cpu=True,  # CPU switch (DeepSpeed sizes its batch by device count otherwise)
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        max_length=64,
+        seed=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        hellora_k=2,
+        hellora_profile_mode=profile_mode,
+        hellora_warmup_fraction=WARMUP_FRACTION,
+        hellora_plots=False,
+    )
+
+
+def fixed_batch(tokenizer) -> dict[str, torch.Tensor]:
+    texts = ["Tom has 3 apples and buys 4 more. How many apples?", "What is 12 times 7?"]
+    return dict(tokenizer(texts, return_tensors="pt", padding=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--profile_mode", default="forward")
+    parser.add_argument("--max_steps", type=int, default=3)
+    parser.add_argument("--resume", default=None)
+    opts = parser.parse_args()
+
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distributed_harness import apply_cpu_switches
+    from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.distributed import end_distributed, has_zero3_params
+    from hellora_trl.trainer import HELLoRATrainer
+
+    args = training_args(opts.out, opts.strategy, opts.profile_mode, opts.max_steps)
+    apply_cpu_switches(opts.strategy)
+    model = AutoModelForCausalLM.from_pretrained(opts.base, dtype=torch.float32)
+    built_partitioned = has_zero3_params(model)  # ZeRO-3: built under zero.Init, weights already sharded
+    tokenizer = AutoTokenizer.from_pretrained(opts.base)
+    trainer = HELLoRATrainer(
+        model=model,
+        args=args,
+        train_dataset=synthetic_gsm8k(ROWS, seed=0),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
+    steps = StepCounter()
+    trainer.add_callback(steps)
+    trainer.train(resume_from_checkpoint=opts.resume)
+    trainer.save_model(os.path.join(opts.out, "final"))
+    record(trainer, tokenizer, Path(opts.out), {"built_partitioned": built_partitioned, "steps_run_here": steps.steps})
+    end_distributed()
+
+
+class StepCounter(TrainerCallback):
+    """Optimizer steps taken in this process (a resumed run must not redo the checkpoint's steps)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def record(trainer, tokenizer, out: Path, extra: dict) -> None:
+    """What this rank used and produced (collective: every rank runs it)."""
+    from safetensors.torch import save_file
+
+    from hellora_trl.distributed import gathered_adapter_state
+
+    rank = trainer.accelerator.process_index
+    model = trainer.model_wrapped
+    model.eval()
+    with torch.no_grad():
+        logits = model(**fixed_batch(tokenizer)).logits.float().cpu()
+    state = gathered_adapter_state(trainer.model)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
+    profile = trainer.hellora_profile
+    info = {
+        "rank": rank,
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "hot_experts": trainer.hellora_hot_experts,
+        "model_hot_experts": trainer.hot_experts,
+        "counts": profile.counts.tolist(),
+        "tokens_seen": profile.tokens_seen,
+        "profile_source": profile.source,
+        "losses": {int(log["step"]): log["loss"] for log in trainer.state.log_history if "loss" in log},
+        "logits": logits.tolist(),
+        "fsdp_units": _fsdp_units(trainer.model),
+        "zero3_leaf_blocks": _zero3_leaves(trainer.model),
+        "expert_factor_local_shapes": _expert_factor_local_shapes(trainer.model),
+        **extra,
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+def _fsdp_units(model) -> list[str]:
+    """Class names of the modules FSDP2 wrapped (fully_shard turns them into FSDPModule subclasses)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return []
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)})
+
+
+def _expert_factor_local_shapes(model) -> dict[str, list[int]]:
+    """Shape of each rank's own piece of the expert-LoRA factors (FSDP2 shards dim 0, ZeRO-3 flattens)."""
+    shapes = {}
+    for name, param in model.named_parameters():
+        if ".experts.lora_" in name:
+            local = param.to_local() if hasattr(param, "to_local") else param.data
+            shapes[name] = list(local.shape)
+    return shapes
+
+
+def _zero3_leaves(model) -> list[str]:
+    return [name for name, m in model.named_modules() if getattr(m, "_z3_leaf", False)]
+
+
+if __name__ == "__main__":
+    main()
