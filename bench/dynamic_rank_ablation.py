@@ -128,6 +128,42 @@ def run_row(row: dict[str, Any], args: argparse.Namespace, seed: int, work: Path
     }
 
 
+def hook_overhead(args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of one training step (fwd + bwd + AdamW, batch 8 x 160 tokens) with and without rank masks,
+    alternated step by step on the same batch so a busy shared machine slows both alike."""
+    from hellora_trl import apply_hellora, default_lora_config, find_moe_layers
+    from hellora_trl.dynamic_rank import init_rank_masks
+    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.sft import OFFLINE_MODEL
+
+    steps = {}
+    for name in ("fixed", "masks"):
+        base = tiny_moe_model("olmoe", seed=0, **OFFLINE_MODEL)
+        hot = {layer.name: list(range(args.k)) for layer in find_moe_layers(base)}
+        model = apply_hellora(base, hot, default_lora_config(r=args.r, lora_alpha=2 * args.r))
+        if name == "masks":
+            init_rank_masks(model, args.r_init, args.r_budget)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        ids = torch.randint(3, base.config.vocab_size, (8, 160), generator=torch.Generator().manual_seed(0))
+        steps[name] = _train_step(model, optimizer, ids)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.time_rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values[1:] or values) for name, values in times.items()}
+
+
+def _train_step(model, optimizer, ids):
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
 def markdown(results: list[dict[str, Any]], baseline: str | None) -> str:
     head = ["configuration", "trainable %", "final train loss", "held-out loss", "Δ held-out vs fixed budget rank",
             "s/step", "active ranks: min-max (mean)"]
@@ -152,7 +188,9 @@ def _mean_sd(values: list[float], fmt: str) -> str:
     return text + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
 
-def section(results: list[dict[str, Any]], args: argparse.Namespace, command: str) -> str:
+def section(
+    results: list[dict[str, Any]], args: argparse.Namespace, command: str, overhead: dict[str, float] | None
+) -> str:
     load = f", load average {os.getloadavg()[0]:.2f} at the end" if hasattr(os, "getloadavg") else ""
     baseline = f"fixed rank {args.r_budget} (masks, no growth)"
     return f"""## {args.steps} steps, seeds {args.seeds}
@@ -166,7 +204,18 @@ against "{baseline}" (same trainable count). Machine: {platform.machine()} CPU, 
 thread{load}.
 
 {markdown(results, baseline)}
-"""
+{_overhead_line(overhead, args)}"""
+
+
+def _overhead_line(overhead: dict[str, float] | None, args: argparse.Namespace) -> str:
+    if not overhead:
+        return ""
+    ratio = overhead["masks"] / overhead["fixed"]
+    return (
+        f"\nRank-mask hooks, alternated steps on one batch (median of {args.time_rounds}): "
+        f"{overhead['fixed'] * 1e3:.0f} ms/step without, {overhead['masks'] * 1e3:.0f} ms/step with ({ratio:.2f}x). "
+        "Inactive components still run as zeros, so dynamic rank saves trainable entries, not compute.\n"
+    )
 
 
 HEADER = """# Dynamic rank vs fixed rank (tiny offline OLMoE)
@@ -182,9 +231,11 @@ loss" is the mean of the last 5 steps. s/step is wall time on a shared 2-core bo
 """
 
 
-def write(results: list[dict[str, Any]], args: argparse.Namespace, command: str) -> None:
+def write(
+    results: list[dict[str, Any]], args: argparse.Namespace, command: str, overhead: dict[str, float] | None = None
+) -> None:
     """Replace this command's section (keyed by its heading) and keep the others; atomic rename."""
-    new = section(results, args, command)
+    new = section(results, args, command, overhead)
     key = new.splitlines()[0]
     sections = []
     if RESULTS.is_file():
@@ -208,6 +259,7 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--grow_until", type=float, default=0.5)
     parser.add_argument("--eval_rows", type=int, default=64)
+    parser.add_argument("--time_rounds", type=int, default=30, help="Alternated steps of the hook timing (0: skip).")
     parser.add_argument("--only", default="", help="Comma-separated row indices to run (default: all).")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -227,7 +279,9 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         write([r for r in results if r["per_seed"]], args, command)  # after every seed: partial runs keep rows
-    print(f"wrote {RESULTS}")
+    overhead = hook_overhead(args) if args.time_rounds else None
+    write([r for r in results if r["per_seed"]], args, command, overhead)
+    print(f"wrote {RESULTS}", overhead)
 
 
 if __name__ == "__main__":

@@ -496,7 +496,9 @@ class DynamicRankCallback(TrainerCallback):
     from a checkpoint). After every ``interval``-th optimizer step up to ``grow_until`` of ``max_steps``: saliency
     -> per-layer quota -> growth, then the saliency accumulators restart. ``routing``: ``"profile"`` uses
     ``profile`` (an ExpertProfile, or a callable returning one, e.g. ``lambda: trainer.hellora_profile``),
-    ``"live"`` counts routing during training, ``"none"`` ranks by gradient alone. ``events`` records each growth.
+    ``"live"`` counts routing during training, ``"none"`` ranks by gradient alone. ``warm_optimizer_state``
+    starts the Adam second moment of new components at the expert's mean (off by default: on the tiny offline
+    model it slowed the new components down, see docs/dynamic_rank.md). ``events`` records each growth.
     """
 
     def __init__(
@@ -508,7 +510,7 @@ class DynamicRankCallback(TrainerCallback):
         grow_until: float = 0.5,
         routing: str = "profile",
         profile: ExpertProfile | Callable[[], ExpertProfile | None] | None = None,
-        warm_optimizer_state: bool = True,
+        warm_optimizer_state: bool = False,
         adapter_name: str = "default",
     ) -> None:
         if routing not in ROUTING_SOURCES:
@@ -532,7 +534,7 @@ class DynamicRankCallback(TrainerCallback):
         if state.global_step not in events:
             return
         left = sum(1 for step in events if step >= state.global_step)
-        scores = saliency(model, self._routing(), self.adapter_name)
+        scores = self.scores(model)
         quotas = growth_quotas(model, left, self.adapter_name)
         added = grow_ranks(
             model, scores, quotas, self.grow_step, optimizer if self.warm_optimizer_state else None, self.adapter_name
@@ -546,6 +548,10 @@ class DynamicRankCallback(TrainerCallback):
         if self._counter is not None:
             self._counter.detach()
             self._counter = None
+
+    def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Per-layer growth scores of the hot experts; override to try another saliency."""
+        return saliency(model, self._routing(), self.adapter_name)
 
     def _routing(self) -> ExpertProfile | None:
         if self.routing == "none":

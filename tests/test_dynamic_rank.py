@@ -300,3 +300,20 @@ def test_callback_grows_ranks_during_training_within_the_budget(tmp_path):
                 assert not bool(b[j, :, active:].any())
     trainer.save_model(str(tmp_path / "final"))
     assert json.loads((tmp_path / "final" / RANKS_FILE).read_text())["layers"][name]["active_ranks"] == ranks[name]
+
+
+def test_warm_second_moment_starts_new_components_at_the_experts_mean():
+    model = adapted()
+    init_rank_masks(model, r_init=2, r_budget=3)
+    optimizer = train(model, random_batch(model), steps=2)
+    name, layer = next(iter(expert_layers(model).items()))
+    b = layer.lora_down_B["default"]
+    v = optimizer.state[b]["exp_avg_sq"]
+    assert not bool(v[:, :, 2:].any())  # never-active columns: no second moment yet
+    expected = v[1, :, :2].mean().item()
+    grow_ranks(model, {n: torch.tensor([0.0, 1.0, 0.0, 0.0]) for n in expert_layers(model)}, quotas=1, optimizer=optimizer)
+    assert active_ranks(model)[name] == [2, 3, 2, 2]
+    assert torch.allclose(v[1, :, 2], torch.full_like(v[1, :, 2], expected))
+    assert not bool(v[[0, 2, 3], :, 2:].any()) and not bool(v[1, :, 3].any())
+    a_v = optimizer.state[layer.lora_down_A["default"]]["exp_avg_sq"]
+    assert torch.allclose(a_v[1, 2], torch.full_like(a_v[1, 2], a_v[1, :2].mean().item()))
