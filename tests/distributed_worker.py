@@ -26,7 +26,7 @@ WARMUP_FRACTION = 0.25
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
-def training_args(out: str, strategy: str, profile_mode: str, max_steps: int):
+def training_args(out: str, strategy: str, profile_mode: str, max_steps: int, bf16: bool = False):
     """The run's HELLoRAConfig: 2 rows/rank x 2 accumulation steps, a checkpoint at step 2."""
     from hellora_trl.config import HELLoRAConfig
 
@@ -49,6 +49,7 @@ def training_args(out: str, strategy: str, profile_mode: str, max_steps: int):
         hellora_profile_mode=profile_mode,
         hellora_warmup_fraction=WARMUP_FRACTION,
         hellora_plots=False,
+        bf16=bf16,
     )
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--profile_mode", default="forward")
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--bf16", action="store_true", help="mixed precision (bf16 autocast; DeepSpeed: bf16 weights)")
     opts = parser.parse_args()
 
     from peft import LoraConfig
@@ -75,7 +77,7 @@ def main() -> None:
     from hellora_trl.distributed import end_distributed, has_zero3_params
     from hellora_trl.trainer import HELLoRATrainer
 
-    args = training_args(opts.out, opts.strategy, opts.profile_mode, opts.max_steps)
+    args = training_args(opts.out, opts.strategy, opts.profile_mode, opts.max_steps, opts.bf16)
     apply_cpu_switches(opts.strategy)
     model = AutoModelForCausalLM.from_pretrained(opts.base, dtype=torch.float32)
     built_partitioned = has_zero3_params(model)  # ZeRO-3: built under zero.Init, weights already sharded
@@ -128,6 +130,7 @@ def record(trainer, tokenizer, out: Path, extra: dict) -> None:
         "counts": profile.counts.tolist(),
         "tokens_seen": profile.tokens_seen,
         "profile_source": profile.source,
+        "adapter_dtypes": sorted({str(p.dtype) for n, p in trainer.model.named_parameters() if "lora_" in n}),
         "losses": {int(log["step"]): log["loss"] for log in trainer.state.log_history if "loss" in log},
         "logits": logits.tolist(),
         "fsdp_units": _fsdp_units(trainer.model),

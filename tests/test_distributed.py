@@ -247,6 +247,21 @@ def test_sharded_strategies_match_ddp(strategy, base_dir):
         torch.testing.assert_close(value, ref[key], rtol=1e-3, atol=1e-4)
 
 
+@slow
+@pytest.mark.parametrize("strategy,adapter_dtype", [("ddp", "torch.float32"), ("zero3", "torch.bfloat16")])
+def test_bf16_mixed_precision_trains_like_float32(strategy, adapter_dtype, base_dir):
+    """--bf16: DDP autocasts with float32 adapters (PEFT's autocast, as under plain TRL); ZeRO-3 needs one dtype,
+    so base and adapters are bf16. Same hot map, losses within bf16 rounding of the float32 run."""
+    ref = trained("ddp", base_dir).ranks[0]
+    result = launch(strategy, base_dir, "bf16", "--bf16")
+    for rank in result.ranks:
+        assert rank["adapter_dtypes"] == [adapter_dtype]
+        assert rank["hot_experts"] == ref["hot_experts"]
+        for step, loss in ref["losses"].items():
+            assert rank["losses"][step] == pytest.approx(loss, abs=1e-2), step
+    assert result.ranks[0]["losses"] == result.ranks[1]["losses"]
+
+
 # ------------------------------------------------------------------------------------------ LoRA warm-up mode
 @slow
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
