@@ -54,6 +54,13 @@ class HELLoRAConfig(SFTConfig):
             "otherwise the new profile is written there (and always to output_dir/hellora_profile.json)."
         },
     )
+    hellora_reselect: bool = field(
+        default=False,
+        metadata={
+            "help": "When hellora_profile_path holds a hot map (from `hellora select` or an earlier run) it is used "
+            "as is; True selects again from its counts with this run's hellora_k / hellora_selection."
+        },
+    )
     hellora_seed: int | None = field(
         default=None, metadata={"help": "Seed of the warm-up slice and random selection (default: `seed`)."}
     )

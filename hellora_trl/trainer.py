@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .variants import MASKS_FILE, copy_lora_A, freeze_lora_A, load_masks, lori_s
 logger = logging.get_logger(__name__)
 
 PROFILE_FILE = "hellora_profile.json"
+STAGING_DIR = ".hellora-staging"
 HEATMAP_FILE = "hellora_expert_heatmap.png"
 CONCENTRATION_FILE = "hellora_concentration.png"
 OVERHEAD_FILE = "hellora_overhead.png"
@@ -44,6 +46,20 @@ def sample_warmup_slice(dataset, fraction: float, seed: int):
     from .data import sample_fraction
 
     return sample_fraction(dataset, fraction, seed)
+
+
+def publish_staged(staging: Path, target: Path) -> None:
+    """Move every entry of ``staging`` into ``target`` with atomic renames (same filesystem), then drop it."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(staging.iterdir()):
+        destination = target / entry.name
+        if entry.is_dir():
+            if destination.exists():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+        else:
+            os.replace(entry, destination)
+    staging.rmdir()
 
 
 class HELLoRATrainer(SFTTrainer):
@@ -148,6 +164,11 @@ class HELLoRATrainer(SFTTrainer):
             self.hellora_profile = ExpertProfile.load(args.hellora_profile_path)
             self.hellora_profile.check_matches(self.model)
             logger.info("HELLoRA: loaded routing profile %s, profiling skipped.", args.hellora_profile_path)
+            stored = self._stored_hot_map(args.hellora_profile_path)
+            if stored is not None:
+                self.hellora_hot_experts = stored
+                self._write_profile_outputs()
+                return stored
         else:
             started = time.perf_counter()
             self.hellora_profile = self.run_profiling()
@@ -155,6 +176,22 @@ class HELLoRATrainer(SFTTrainer):
         hot = self.select(self.hellora_profile)
         self.hellora_hot_experts = hot
         self._write_profile_outputs()
+        return hot
+
+    def _stored_hot_map(self, path: str) -> HotMap | None:
+        """The hot map saved with a profile (``hellora select``, an earlier run), unless re-selection is asked for."""
+        args: HELLoRAConfig = self.args
+        hot = json.loads(Path(path).read_text()).get("hot_experts")
+        if hot is None or args.hellora_reselect:
+            return None
+        validate_hot_map(hot, self.hellora_profile.layer_names, self.hellora_profile.num_experts)
+        if args.hellora_k is not None and any(len(ids) != args.hellora_k for ids in hot.values()):
+            logger.warning(
+                "HELLoRA: %s holds a hot map with %s experts per layer, not hellora_k=%d; using the stored map. "
+                "Set hellora_reselect=True to select again from its counts.",
+                path, sorted({len(ids) for ids in hot.values()}), args.hellora_k,
+            )
+        logger.info("HELLoRA: using the hot map stored in %s.", path)
         return hot
 
     def select(self, profile: ExpertProfile) -> HotMap:
@@ -216,6 +253,20 @@ class HELLoRATrainer(SFTTrainer):
                 pad_batches_to=pad_to,  # equal forward counts on every rank (ZeRO-3 gathers are collective)
             )
 
+    def _phase_args(self, subdir: str) -> HELLoRAConfig:
+        """Arguments of a phase run inside ``train()`` (LoRA warm-up, LoRI-D stage): no saving, eval or hub."""
+        phase = copy.deepcopy(self.args)
+        phase.output_dir = os.path.join(self.args.output_dir, subdir)
+        phase.save_strategy = SaveStrategy.NO
+        phase.eval_strategy = IntervalStrategy.NO
+        phase.load_best_model_at_end = False
+        phase.push_to_hub = False
+        phase.dataset_kwargs = {**(self.args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        phase.packing = False  # the data is already processed (and packed, if packing was on)
+        # DeepSpeed: accelerate allows one plugin per process; the phase's Accelerator reuses the main one.
+        phase.deepspeed_plugin = None
+        return phase
+
     def _profile_lora_warmup(self, warmup, source: dict[str, Any]) -> ExpertProfile:
         """The paper's warm-up: LoRA on attention, routers and every expert, trained on the slice while counting."""
         args: HELLoRAConfig = self.args
@@ -231,19 +282,10 @@ class HELLoRATrainer(SFTTrainer):
             autocast_adapter_dtype=not self._zero3,
         )
         register_moe_leaf_modules(warm_model)
-        warm_args = copy.deepcopy(args)
-        warm_args.output_dir = os.path.join(args.output_dir, "hellora_warmup")
-        warm_args.save_strategy = SaveStrategy.NO
-        warm_args.eval_strategy = IntervalStrategy.NO
-        warm_args.load_best_model_at_end = False
-        warm_args.push_to_hub = False
+        warm_args = self._phase_args("hellora_warmup")
         warm_args.report_to = []
         warm_args.num_train_epochs = args.hellora_warmup_epochs
         warm_args.max_steps = -1
-        warm_args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        warm_args.packing = False  # the slice is already processed (and packed, if packing was on)
-        # DeepSpeed: accelerate allows one plugin per process; the sub-trainer's Accelerator reuses the main one.
-        warm_args.deepspeed_plugin = None
         counter = RoutingCounter(warm_model)
         warm_trainer = SFTTrainer(
             model=warm_model,
@@ -313,15 +355,7 @@ class HELLoRATrainer(SFTTrainer):
         args: HELLoRAConfig = self.args
         stage_model = self._build_adapter(hot, "lori_d")
         register_moe_leaf_modules(stage_model)
-        stage_args = copy.deepcopy(args)
-        stage_args.output_dir = os.path.join(args.output_dir, "lori_d")
-        stage_args.save_strategy = SaveStrategy.NO
-        stage_args.eval_strategy = IntervalStrategy.NO
-        stage_args.load_best_model_at_end = False
-        stage_args.push_to_hub = False
-        stage_args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        stage_args.packing = False  # the dataset is already processed (and packed, if packing was on)
-        stage_args.deepspeed_plugin = None  # DeepSpeed: the stage's Accelerator reuses the main plugin
+        stage_args = self._phase_args("lori_d")
         stage = SFTTrainer(
             model=stage_model,
             args=stage_args,
@@ -379,13 +413,25 @@ class HELLoRATrainer(SFTTrainer):
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """PEFT adapter as usual, plus the profile and hot map, so every checkpoint can be resumed or reloaded."""
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if self.hellora_profile is not None and self.args.should_save:
-            target = Path(output_dir or self.args.output_dir) / PROFILE_FILE
-            self.hellora_profile.save(
-                target, extra={"hot_experts": self.hellora_hot_experts, "selection": self._selection_record()}
-            )
+        """PEFT adapter as usual, plus the profile and hot map, so every checkpoint can be resumed or reloaded.
+
+        Everything is first written to a hidden staging folder and then renamed into place file by file, so an
+        interrupted save never leaves a torn adapter next to a good one.
+        """
+        target = Path(output_dir or self.args.output_dir)
+        staging = target / STAGING_DIR
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left over from an interrupted save
+        self.accelerator.wait_for_everyone()
+        super().save_model(str(staging), _internal_call=_internal_call)
+        if self.args.should_save:
+            if self.hellora_profile is not None:
+                self.hellora_profile.save(
+                    staging / PROFILE_FILE,
+                    extra={"hot_experts": self.hellora_hot_experts, "selection": self._selection_record()},
+                )
+            publish_staged(staging, target)
+        self.accelerator.wait_for_everyone()
 
     def _report_overhead(self, output) -> None:
         profiling = self.hellora_timings.get("profiling", 0.0)

@@ -288,3 +288,47 @@ def test_lori_s_runs_both_stages_and_keeps_masked_entries_zero(tmp_path, tokeniz
     nonzero = sum(int((v != 0).sum()) for v in b.values())
     total = sum(v.numel() for v in b.values())
     assert 0 < nonzero <= round(0.1 * total) + 1
+
+
+def test_stored_hot_map_is_used_unless_reselect(tmp_path, tokenizer, dataset):
+    """`hellora select` writes the hot map next to the counts; the trainer must train exactly that map."""
+    first = make_trainer(tmp_path / "a", tokenizer, dataset, max_steps=1)
+    first.train()
+    chosen = {name: [5, 6] for name in first.hellora_profile.layer_names}  # not what top-2 would pick
+    assert chosen != first.hot_experts
+    first.hellora_profile.save(tmp_path / "selected.json", extra={"hot_experts": chosen})
+
+    stored = make_trainer(tmp_path / "b", tokenizer, dataset, max_steps=1, hellora_profile_path=str(tmp_path / "selected.json"))
+    stored.train()
+    assert stored.hot_experts == chosen
+    again = make_trainer(
+        tmp_path / "c", tokenizer, dataset, max_steps=1, hellora_profile_path=str(tmp_path / "selected.json"),
+        hellora_reselect=True,
+    )
+    again.train()
+    assert again.hot_experts == first.hot_experts
+
+
+def test_save_model_publishes_through_a_staging_folder(tmp_path, tokenizer, dataset, monkeypatch):
+    from hellora_trl.trainer import STAGING_DIR
+
+    trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=1)
+    trainer.train()
+    out = tmp_path / "run"
+    trainer.save_model()
+    good = (out / "adapter_model.safetensors").read_bytes()
+    assert (out / PROFILE_FILE).is_file() and not (out / STAGING_DIR).exists()
+
+    # a save that dies half-way leaves the published adapter untouched
+    import peft
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        trainer.save_model()
+    assert (out / "adapter_model.safetensors").read_bytes() == good
+    monkeypatch.undo()
+    trainer.save_model()  # the next save clears the leftover staging folder
+    assert not (out / STAGING_DIR).exists()
