@@ -48,10 +48,15 @@ def test_gpu_presets_are_skipped_without_cuda(capsys):
 
 def test_profile_overhead_tiny(tmp_path):
     data = profile_overhead.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
-    assert [r["fraction"] for r in data["rows"]] == [0.01, 0.05, 0.10, 0.20, 0.50]
-    forward = [r["forward_share"] for r in data["rows"]]
-    assert forward == sorted(forward) and all(0 < s < 1 for s in forward)
-    assert all(r["warmup_share"] > r["forward_share"] for r in data["rows"])
+    fractions = [0.01, 0.05, 0.10, 0.20, 0.50]
+    assert [(r["epochs"], r["fraction"]) for r in data["rows"]] == [(e, f) for e in (3.0, 1.0) for f in fractions]
+    for epochs in (3.0, 1.0):
+        forward = [r["forward_share"] for r in data["rows"] if r["epochs"] == epochs]
+        assert forward == sorted(forward) and all(0 < s < 1 for s in forward)
+    # more training epochs dilute the same profiling time
+    e3, e1 = data["rows"][2], data["rows"][7]
+    assert e3["fraction"] == e1["fraction"] == 0.10 and e3["forward_share"] < e1["forward_share"]
+    assert [t["epochs"] for t in data["target_forward_10pct"]] == [3.0, 1.0]
     assert (tmp_path / "profile-overhead-tiny.md").read_text().count("|") > 20
 
 
