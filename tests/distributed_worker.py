@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--bf16", action="store_true", help="mixed precision (bf16 autocast; DeepSpeed: bf16 weights)")
+    parser.add_argument("--base_dtype", default="float32", help="dtype the base model is loaded in (GPU recipes: bfloat16)")
     opts = parser.parse_args()
 
     from peft import LoraConfig
@@ -79,7 +80,7 @@ def main() -> None:
 
     args = training_args(opts.out, opts.strategy, opts.profile_mode, opts.max_steps, opts.bf16)
     apply_cpu_switches(opts.strategy)
-    model = AutoModelForCausalLM.from_pretrained(opts.base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(opts.base, dtype=getattr(torch, opts.base_dtype))
     built_partitioned = has_zero3_params(model)  # ZeRO-3: built under zero.Init, weights already sharded
     tokenizer = AutoTokenizer.from_pretrained(opts.base)
     trainer = HELLoRATrainer(
