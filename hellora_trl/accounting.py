@@ -96,5 +96,5 @@ def _expert_adapter_flops(experts: nn.Module, num_experts: int) -> list[float]:
                 if isinstance(lora_a, nn.ModuleDict) and len(lora_a):
                     a = next(iter(lora_a.values())).weight
                     b = next(iter(module.lora_B.values())).weight
-                    flops[e] += 2.0 * (a.numel() + b.numel())
+                    flops[e] += 2.0 * (_numel(a) + _numel(b))  # ds_numel under ZeRO-3
     return flops

@@ -74,9 +74,11 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
 def zero3_forward_gathering(model: nn.Module) -> Iterator[None]:
     """Let a plain ``model(...)`` run on ZeRO-3 partitioned weights (profiling happens before any engine exists).
 
-    Each module's own parameters are gathered right before its forward and released right after, so at most one
-    module's full weights (e.g. one MoE layer's expert stack) are materialised at a time, as ZeRO-3 itself does.
-    Every rank must run the same number of forwards (ranks profile equal-length shards).
+    Each module's own parameters are gathered right before its forward and released right after, so only one
+    module's full weights are materialised at a time, as ZeRO-3 itself does. An MoE block is gathered whole
+    when it starts: its router picks different experts on different ranks, and per-expert gathers would then
+    pair up different experts' shards across ranks (same-sized all-gathers match by order, not by identity).
+    Every rank must run the same number of forwards (see ``profile_experts(pad_batches_to=...)``).
     """
     if not has_zero3_params(model):
         yield
@@ -85,22 +87,22 @@ def zero3_forward_gathering(model: nn.Module) -> Iterator[None]:
 
     handles, open_contexts = [], {}
 
-    def pre_hook(module: nn.Module, args) -> None:
-        params = [p for p in module.parameters(recurse=False) if is_zero3_param(p)]
-        if params:
+    def gather_on_entry(params: list[nn.Parameter]):
+        def pre_hook(module: nn.Module, args) -> None:
             ctx = deepspeed.zero.GatheredParameters(params)
             ctx.__enter__()
             open_contexts.setdefault(id(module), []).append(ctx)
 
-    def post_hook(module: nn.Module, args, output) -> None:
+        return pre_hook
+
+    def release_on_exit(module: nn.Module, args, output) -> None:
         stack = open_contexts.get(id(module))
         if stack:
             stack.pop().__exit__(None, None, None)
 
-    for module in model.modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(post_hook))
+    for module, params in _gather_units(model):
+        handles.append(module.register_forward_pre_hook(gather_on_entry(params)))
+        handles.append(module.register_forward_hook(release_on_exit))
     try:
         yield
     finally:
@@ -109,6 +111,27 @@ def zero3_forward_gathering(model: nn.Module) -> Iterator[None]:
         for stack in open_contexts.values():
             while stack:
                 stack.pop().__exit__(None, None, None)
+
+
+def _gather_units(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """(module, ZeRO-3 params to gather when it runs): each MoE block with all its parameters, every other
+    module with its own direct parameters (modules inside an MoE block get none of their own)."""
+    from .profiling import _unwrap
+    from .registry import find_moe_layers
+
+    blocks = {id(layer.block): layer.block for layer in find_moe_layers(_unwrap(model))}
+    inside = {id(m) for block in blocks.values() for m in block.modules()}
+    units = []
+    for module in model.modules():
+        if id(module) in blocks:
+            params = [p for p in module.parameters() if is_zero3_param(p)]
+        elif id(module) in inside:
+            continue
+        else:
+            params = [p for p in module.parameters(recurse=False) if is_zero3_param(p)]
+        if params:
+            units.append((module, params))
+    return units
 
 
 def register_moe_leaf_modules(model: nn.Module) -> list[str]:

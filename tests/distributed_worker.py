@@ -53,6 +53,29 @@ def training_args(out: str, strategy: str, profile_mode: str, max_steps: int, bf
     )
 
 
+def build_model(opts):
+    """The saved tiny model from ``--base`` (built partitioned under ZeRO-3's zero.Init)."""
+    from transformers import AutoModelForCausalLM
+
+    if opts.model == "olmoe":
+        return AutoModelForCausalLM.from_pretrained(opts.base, dtype=getattr(torch, opts.base_dtype))
+    from modulelist_model import LegacyMoEForCausalLM
+
+    return LegacyMoEForCausalLM.from_pretrained(opts.base, dtype=getattr(torch, opts.base_dtype))
+
+
+def save_modulelist_base(path) -> None:
+    """A tiny per-expert ModuleList MoE (experts run only when routed to) plus the offline tokenizer."""
+    from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
+
+    from hellora_trl.offline import build_tokenizer
+
+    torch.manual_seed(0)
+    config = LegacyMoEConfig(vocab_size=512, hidden_size=32, intermediate_size=16, num_local_experts=32, num_experts_per_tok=1)
+    LegacyMoEForCausalLM(config).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+
+
 def fixed_batch(tokenizer) -> dict[str, torch.Tensor]:
     texts = ["Tom has 3 apples and buys 4 more. How many apples?", "What is 12 times 7?"]
     return dict(tokenizer(texts, return_tensors="pt", padding=True))
@@ -67,11 +90,14 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--bf16", action="store_true", help="mixed precision (bf16 autocast; DeepSpeed: bf16 weights)")
+    parser.add_argument("--model", default="olmoe", choices=["olmoe", "modulelist"],
+                        help="modulelist: tests/modulelist_model.py (per-expert nn.Linear, experts run only when routed to)")
+    parser.add_argument("--profile_only", action="store_true", help="profile + select, record, no training")
     parser.add_argument("--base_dtype", default="float32", help="dtype the base model is loaded in (GPU recipes: bfloat16)")
     opts = parser.parse_args()
 
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from distributed_harness import apply_cpu_switches
     from hellora_trl.data import synthetic_gsm8k
@@ -80,7 +106,7 @@ def main() -> None:
 
     args = training_args(opts.out, opts.strategy, opts.profile_mode, opts.max_steps, opts.bf16)
     apply_cpu_switches(opts.strategy)
-    model = AutoModelForCausalLM.from_pretrained(opts.base, dtype=getattr(torch, opts.base_dtype))
+    model = build_model(opts)
     built_partitioned = has_zero3_params(model)  # ZeRO-3: built under zero.Init, weights already sharded
     tokenizer = AutoTokenizer.from_pretrained(opts.base)
     trainer = HELLoRATrainer(
@@ -90,6 +116,13 @@ def main() -> None:
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA),
     )
+    if opts.profile_only:  # e.g. the ModuleList model, which TRL's fused LM head cannot train
+        profile = trainer.run_profiling()
+        info = {"counts": profile.counts.tolist(), "tokens_seen": profile.tokens_seen, "hot_experts": trainer.select(profile)}
+        Path(opts.out).mkdir(parents=True, exist_ok=True)
+        (Path(opts.out) / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(info))
+        end_distributed()
+        return
     steps = StepCounter()
     trainer.add_callback(steps)
     trainer.train(resume_from_checkpoint=opts.resume)

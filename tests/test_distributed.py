@@ -308,6 +308,38 @@ def _profile_from(rank: dict, trainer):
     )
 
 
+@slow
+def test_zero3_profiles_a_modulelist_moe_whose_ranks_run_different_experts(tmp_path_factory, tmp_path):
+    """Per-expert nn.Linear experts run only when routed to, so ranks run different experts: ZeRO-3 profiling
+    must gather each MoE block whole (per-expert gathers mismatch across ranks: crash or silently wrong weights).
+    The summed counts must equal one process's counts on the whole slice."""
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.trainer import HELLoRATrainer
+    from modulelist_model import LegacyMoEForCausalLM
+
+    base = tmp_path_factory.mktemp("modulelist") / "base"
+    worker.save_modulelist_base(base)
+    out = base.parent / "zero3_profile"
+    args = ["--strategy", "zero3", "--base", str(base), "--out", str(out), "--model", "modulelist", "--profile_only"]
+    run(launch_command("deepspeed_zero3.yaml", ROOT / "tests" / "distributed_worker.py", args))
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0 == r1
+    trainer = HELLoRATrainer(
+        model=LegacyMoEForCausalLM.from_pretrained(base, dtype=torch.float32),
+        args=worker.training_args(str(tmp_path / "single"), "none", "forward", 3),
+        train_dataset=synthetic_gsm8k(worker.ROWS, seed=0),
+        processing_class=AutoTokenizer.from_pretrained(base),
+        peft_config=LoraConfig(**worker.LORA),
+    )
+    profile = trainer.run_profiling()
+    assert r0["counts"] == profile.counts.tolist() and r0["tokens_seen"] == profile.tokens_seen
+    assert 0 in profile.counts  # some experts idle: the case that needs whole-block gathering
+    assert r0["hot_experts"] == trainer.select(profile)
+
+
 # ---------------------------------------------------------------------------- the example script and templates
 @slow
 def test_example_script_runs_under_the_ddp_config(tmp_path):
