@@ -31,6 +31,7 @@ from torch import nn
 
 from .distributed import full_shape
 
+
 def _proj(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """x @ W.T for (out, in) weights, x @ W for transposed (in, out) storage (GPT-OSS)."""
     return x @ weight if transposed else F.linear(x, weight)
