@@ -162,20 +162,22 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def gathered_adapter_state(model: nn.Module, strip_wrappers: bool = True) -> dict[str, torch.Tensor]:
     """Every LoRA tensor of ``model`` (PEFT names, adapter name kept) as full CPU tensors, on every rank.
 
-    Works on a plain/DDP model, an FSDP2-sharded one (DTensor) and under ZeRO-3 (gathered). Collective under
-    FSDP2 and ZeRO-3: call it on every rank.
+    Trainable and frozen (LoRI's A) factors and the hot-expert buffers alike. Works on a plain/DDP model, an
+    FSDP2-sharded one (DTensor) and under ZeRO-3 (gathered). Collective under FSDP2 and ZeRO-3: call it on every
+    rank. ``strip_wrappers=False`` keeps the names exactly as ``model.state_dict()`` has them.
     """
+    rename = _clean_name if strip_wrappers else (lambda name: name)
     named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
     state: dict[str, torch.Tensor] = {}
     with gathered([p for _, p in named]):
         for name, param in named:
-            state[_clean_name(name)] = full_tensor(param)
+            state[rename(name)] = full_tensor(param)
     for name, buf in model.named_buffers():
         if "lora_" in name:
-            state[_clean_name(name)] = full_tensor(buf)
+            state[rename(name)] = full_tensor(buf)
     return state
 
 

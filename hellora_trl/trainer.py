@@ -26,7 +26,7 @@ from trl import SFTTrainer
 
 from .adapter import apply_hellora, default_lora_config, hot_map_from_model
 from .config import HELLoRAConfig
-from .distributed import register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
+from .distributed import gathered_adapter_state, register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
 from .profiling import ExpertProfile, RoutingCounter, profile_experts
 from .registry import find_moe_layers
 from .selection import HotMap, select_hot_experts, validate_hot_map
@@ -423,7 +423,11 @@ class HELLoRATrainer(SFTTrainer):
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)  # left over from an interrupted save
         self.accelerator.wait_for_everyone()
-        super().save_model(str(staging), _internal_call=_internal_call)
+        if self._zero3 and isinstance(self.model, PeftModel):
+            # Gather the adapter only (frozen LoRI A included), not the 16-bit base weights, on every rank.
+            self._save(str(staging), state_dict=gathered_adapter_state(self.model, strip_wrappers=False))
+        else:
+            super().save_model(str(staging), _internal_call=_internal_call)
         if self.args.should_save:
             if self.hellora_profile is not None:
                 self.hellora_profile.save(

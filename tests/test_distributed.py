@@ -56,14 +56,17 @@ def base_dir(tmp_path_factory) -> Path:
 _RUNS: dict[tuple, Run] = {}
 
 
-def launch(strategy: str, base: Path, name: str, *extra: str) -> Run:
-    """One 2-process run of the worker under ``strategy`` (cached: each test reads the same run)."""
-    key = (strategy, name, extra)
+def launch(strategy: str, base: Path, name: str, *extra: str, launcher: tuple[str, ...] = ()) -> Run:
+    """One 2-process run of the worker under ``strategy`` (cached: each test reads the same run).
+
+    ``extra`` goes to the worker, ``launcher`` to ``accelerate launch`` (config overrides)."""
+    key = (strategy, name, extra, launcher)
     if key not in _RUNS:
         out = base.parent / f"{strategy}_{name}"
         shutil.rmtree(out, ignore_errors=True)
         args = ["--strategy", strategy, "--base", str(base), "--out", str(out), *extra]
-        _, seconds = run(launch_command(STRATEGY_CONFIGS[strategy], ROOT / "tests" / "distributed_worker.py", args))
+        script = ROOT / "tests" / "distributed_worker.py"
+        _, seconds = run(launch_command(STRATEGY_CONFIGS[strategy], script, args, extra=list(launcher)))
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
         _RUNS[key] = Run(out, ranks, seconds)
     return _RUNS[key]
@@ -264,6 +267,29 @@ def test_bf16_base_with_mixed_precision_trains_like_float32(strategy, adapter_dt
         for step, loss in ref["losses"].items():
             assert rank["losses"][step] == pytest.approx(loss, abs=2e-2), step
     assert result.ranks[0]["losses"] == result.ranks[1]["losses"]
+
+
+@slow
+def test_zero3_saves_the_whole_adapter_without_consolidating_the_model(base_dir):
+    """LoRI-D (frozen A) under ZeRO-3 with zero3_save_16bit_model off: the Trainer alone would write empty
+    placeholders (no consolidated weights) or, consolidating, drop the frozen A; HELLoRA gathers the adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hellora_trl import load_hellora
+
+    result = launch("zero3", base_dir, "lori_d", "--variant", "lori_d", launcher=("--zero3_save_16bit_model", "false"))
+    a, b = result.tensors(0), result.tensors(1)
+    saved = load_file(result.out / "final" / "adapter_model.safetensors")
+    full = without_adapter_name(a)
+    assert saved.keys() == full.keys() and any(".experts.lora_down_A" in k for k in saved)
+    for key, value in saved.items():
+        assert torch.equal(value, full[key]), key
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    model = load_hellora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), result.out / "final")
+    with torch.no_grad():
+        logits = model(**worker.fixed_batch(AutoTokenizer.from_pretrained(base_dir))).logits
+    torch.testing.assert_close(logits, torch.tensor(result.ranks[0]["logits"]), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ LoRA warm-up mode
