@@ -26,7 +26,10 @@ WARMUP_FRACTION = 0.25
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
-def training_args(out: str, strategy: str, profile_mode: str, max_steps: int, bf16: bool = False, variant: str = "lora"):
+def training_args(
+    out: str, strategy: str, profile_mode: str, max_steps: int, bf16: bool = False, variant: str = "lora",
+    gradient_checkpointing: bool = False,
+):
     """The run's HELLoRAConfig: 2 rows/rank x 2 accumulation steps, a checkpoint at step 2."""
     from hellora_trl.config import HELLoRAConfig
 
@@ -44,7 +47,7 @@ def training_args(out: str, strategy: str, profile_mode: str, max_steps: int, bf
         max_length=64,
         seed=0,
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        gradient_checkpointing=gradient_checkpointing,
         hellora_k=2,
         hellora_profile_mode=profile_mode,
         hellora_warmup_fraction=WARMUP_FRACTION,
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="mixed precision (bf16 autocast; DeepSpeed: bf16 weights)")
     parser.add_argument("--model", default="olmoe", choices=["olmoe", "modulelist"],
                         help="modulelist: tests/modulelist_model.py (per-expert nn.Linear, experts run only when routed to)")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--variant", default="lora", help="hellora_variant (lori_d: frozen A factors)")
     parser.add_argument("--profile_only", action="store_true", help="profile + select, record, no training")
     parser.add_argument("--base_dtype", default="float32", help="dtype the base model is loaded in (GPU recipes: bfloat16)")
@@ -106,7 +110,9 @@ def main() -> None:
     from hellora_trl.distributed import end_distributed, has_zero3_params
     from hellora_trl.trainer import HELLoRATrainer
 
-    args = training_args(opts.out, opts.strategy, opts.profile_mode, opts.max_steps, opts.bf16, opts.variant)
+    args = training_args(
+        opts.out, opts.strategy, opts.profile_mode, opts.max_steps, opts.bf16, opts.variant, opts.gradient_checkpointing
+    )
     apply_cpu_switches(opts.strategy)
     model = build_model(opts)
     built_partitioned = has_zero3_params(model)  # ZeRO-3: built under zero.Init, weights already sharded

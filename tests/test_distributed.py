@@ -256,11 +256,11 @@ def test_sharded_strategies_match_ddp(strategy, base_dir):
     [("ddp", "torch.float32"), ("fsdp2", "torch.float32"), ("zero3", "torch.bfloat16")],
 )
 def test_bf16_base_with_mixed_precision_trains_like_float32(strategy, adapter_dtype, base_dir):
-    """A bf16 base (as the GPU recipes load it) with --bf16: DDP and FSDP2 keep float32 adapters (PEFT's autocast,
-    as under plain TRL; FSDP2 shards the mixed-dtype layer), ZeRO-3 needs one dtype so adapters are bf16.
-    Same hot map, losses within bf16 rounding of the float32 run."""
+    """As the GPU recipes run: a bf16 base, --bf16 and gradient checkpointing. DDP and FSDP2 keep float32 adapters
+    (PEFT's autocast, as under plain TRL; FSDP2 shards the mixed-dtype layer), ZeRO-3 needs one dtype so adapters
+    are bf16. Same hot map, losses within bf16 rounding of the float32 run."""
     ref = trained("ddp", base_dir).ranks[0]
-    result = launch(strategy, base_dir, "bf16", "--bf16", "--base_dtype", "bfloat16")
+    result = launch(strategy, base_dir, "bf16", "--bf16", "--base_dtype", "bfloat16", "--gradient_checkpointing")
     for rank in result.ranks:
         assert rank["adapter_dtypes"] == [adapter_dtype]
         assert rank["hot_experts"] == ref["hot_experts"]
