@@ -139,59 +139,68 @@ def _outer_kernel_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class _LoraRows(torch.autograd.Function):
     """``scaling * (x @ A_j.T) @ B_j.T`` (times an optional per-row weight) for rows grouped by hot slot j, for
-    one or more (A, B) pairs sharing the input rows ``x = source[rows]``.
+    one or more (A, B) pairs sharing the input rows ``x = source[rows]`` (gate and up).
 
     Why not plain autograd: it would keep the gathered input rows (n, in) and, through the ``index_add`` that
-    adds the delta back, every (n, out) delta alive until backward. Here only the (n, r) products are saved; the
+    adds the delta back, every (n, out) delta alive until backward. Here only the (n, P*r) product is saved; the
     input rows are gathered again from ``source``, a tensor the graph keeps anyway (the layer input, or the
-    activation that the routing-weight product saves).
+    activation that the routing-weight product saves). Pairs sharing the input run their A factors as one
+    grouped GEMM (N = P*r rather than P thin ones), forward and backward.
     """
 
     @staticmethod
     def forward(ctx, source, rows, offsets, scaling, row_weights, *factors):
-        a0 = factors[0]
-        x = (source if rows is None else source.index_select(0, rows)).to(a0.dtype)
-        scale = _row_scale(scaling, row_weights, a0.dtype)
-        outputs, products = [], []
-        for a, b in zip(factors[0::2], factors[1::2]):
-            xa = grouped_mm(x, a.transpose(1, 2), offsets)
-            products.append(xa)
-            outputs.append(grouped_mm(xa * scale, b.transpose(1, 2), offsets))
+        a = _stacked_a(factors)
+        r = factors[0].shape[1]
+        x = (source if rows is None else source.index_select(0, rows)).to(a.dtype)
+        xa = grouped_mm(x, a.transpose(1, 2), offsets)  # (n, P*r)
+        scaled = xa * _row_scale(scaling, row_weights, a.dtype)
+        outputs = tuple(
+            grouped_mm(_columns(scaled, i, r), b.transpose(1, 2), offsets) for i, b in enumerate(factors[1::2])
+        )
         ctx.scaling = scaling
-        ctx.save_for_backward(source, rows, offsets, row_weights, *factors, *products)
-        return tuple(outputs)
+        ctx.save_for_backward(source, rows, offsets, row_weights, xa, *factors)
+        return outputs
 
     @staticmethod
     def backward(ctx, *grads):
-        source, rows, offsets, row_weights, *rest = ctx.saved_tensors
-        factors, products = rest[: len(rest) * 2 // 3], rest[len(rest) * 2 // 3 :]
-        dtype = factors[0].dtype
-        x = (source if rows is None else source.index_select(0, rows)).to(dtype)
+        source, rows, offsets, row_weights, xa, *factors = ctx.saved_tensors
+        a = _stacked_a(factors)
+        dtype, r = a.dtype, factors[0].shape[1]
         scale = _row_scale(ctx.scaling, row_weights, dtype)
-        grad_x = grad_weights = None
-        factor_grads: list[Optional[torch.Tensor]] = []
-        for a, b, xa, grad in zip(factors[0::2], factors[1::2], products, grads):
+        scaled = xa * scale
+        grad_b, grad_scaled = [], []
+        for i, (b, grad) in enumerate(zip(factors[1::2], grads)):
             if grad is None:
-                factor_grads += [None, None]
+                grad_b.append(None)
+                grad_scaled.append(xa.new_zeros(xa.shape[0], r))
                 continue
             grad = grad.contiguous().to(dtype)
-            grad_b = grouped_outer(grad, xa * scale, offsets)  # (k, out, r)
-            grad_scaled = grouped_mm(grad, b, offsets)  # d loss / d (xa * scale), (n, r)
-            if row_weights is not None and ctx.needs_input_grad[4]:
-                term = (grad_scaled * xa).sum(-1) * ctx.scaling
-                grad_weights = term if grad_weights is None else grad_weights + term
-            grad_xa = grad_scaled * scale
-            factor_grads += [grouped_outer(grad_xa, x, offsets), grad_b]  # (k, r, in), (k, out, r)
-            if ctx.needs_input_grad[0]:
-                term = grouped_mm(grad_xa, a, offsets)
-                grad_x = term if grad_x is None else grad_x + term
+            grad_b.append(grouped_outer(grad, _columns(scaled, i, r), offsets))  # (k, out, r)
+            grad_scaled.append(grouped_mm(grad, b, offsets))  # (n, r)
+        grad_scaled = torch.cat(grad_scaled, dim=1) if len(grad_scaled) > 1 else grad_scaled[0]
+        grad_weights = None
+        if row_weights is not None and ctx.needs_input_grad[4]:
+            grad_weights = ((grad_scaled * xa).sum(-1) * ctx.scaling).to(row_weights.dtype)
+        grad_xa = grad_scaled * scale
+        x = (source if rows is None else source.index_select(0, rows)).to(dtype)
+        grad_a = grouped_outer(grad_xa, x, offsets).split(r, dim=1)  # (k, r, in) per pair
         grad_source = None
-        if grad_x is not None:
-            grad_x = grad_x.to(source.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_mm(grad_xa, a, offsets).to(source.dtype)
             grad_source = grad_x if rows is None else torch.zeros_like(source).index_add_(0, rows, grad_x)
-        if grad_weights is not None:
-            grad_weights = grad_weights.to(row_weights.dtype)
-        return grad_source, None, None, None, grad_weights, *factor_grads
+        return grad_source, None, None, None, grad_weights, *[g for pair in zip(grad_a, grad_b) for g in pair]
+
+
+def _stacked_a(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The A factors of (A, B, A, B, ...) stacked along the rank dimension: (k, P*r, in)."""
+    a = factors[0::2]
+    return torch.cat(a, dim=1) if len(a) > 1 else a[0]
+
+
+def _columns(t: torch.Tensor, i: int, width: int) -> torch.Tensor:
+    """Columns [i*width, (i+1)*width) as a contiguous block (the grouped kernel wants dense rows)."""
+    return t if t.shape[1] == width else t[:, i * width : (i + 1) * width].contiguous()
 
 
 def _row_scale(scaling: float, row_weights: Optional[torch.Tensor], dtype: torch.dtype):
