@@ -125,18 +125,23 @@ def main() -> None:
         peft_config=LoraConfig(**LORA),
     )
     if opts.profile_only:  # e.g. the ModuleList model, which TRL's fused LM head cannot train
-        profile = trainer.run_profiling()
-        info = {"counts": profile.counts.tolist(), "tokens_seen": profile.tokens_seen, "hot_experts": trainer.select(profile)}
-        Path(opts.out).mkdir(parents=True, exist_ok=True)
-        (Path(opts.out) / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(info))
-        end_distributed()
-        return
-    steps = StepCounter()
-    trainer.add_callback(steps)
-    trainer.train(resume_from_checkpoint=opts.resume)
-    trainer.save_model(os.path.join(opts.out, "final"))
-    record(trainer, tokenizer, Path(opts.out), {"built_partitioned": built_partitioned, "steps_run_here": steps.steps})
+        record_profile(trainer, Path(opts.out))
+    else:
+        steps = StepCounter()
+        trainer.add_callback(steps)
+        trainer.train(resume_from_checkpoint=opts.resume)
+        trainer.save_model(os.path.join(opts.out, "final"))
+        extra = {"built_partitioned": built_partitioned, "steps_run_here": steps.steps}
+        record(trainer, tokenizer, Path(opts.out), extra)
     end_distributed()
+
+
+def record_profile(trainer, out: Path) -> None:
+    """Profile and select only; write this rank's counts and hot map."""
+    profile = trainer.run_profiling()
+    info = {"counts": profile.counts.tolist(), "tokens_seen": profile.tokens_seen, "hot_experts": trainer.select(profile)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(info))
 
 
 class StepCounter(TrainerCallback):

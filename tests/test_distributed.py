@@ -312,14 +312,30 @@ def test_lora_warmup_counts_each_rank_shard_once_and_sums_them(strategy, base_di
     assert r0["hot_experts"] == trainer.select(_profile_from(r0, trainer))
 
 
-@slow
-def test_fsdp_refuses_lora_warmup_before_any_work(base_dir):
-    """FSDP shards the trained model in place, so a warm-up sub-run cannot come first: a clear error instead."""
-    out = base_dir.parent / "fsdp2_warmup_refused"
-    args = ["--strategy", "fsdp2", "--base", str(base_dir), "--out", str(out), "--profile_mode", "lora_warmup"]
-    with pytest.raises(AssertionError, match="Under FSDP use hellora_profile_mode='forward'"):
-        run(launch_command("fsdp2.yaml", ROOT / "tests" / "distributed_worker.py", args))
-    assert not (out / "hellora_profile.json").exists()
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(hellora_profile_mode="lora_warmup"), "Under FSDP use hellora_profile_mode='forward'"),
+        (dict(hellora_profile_mode="forward", hellora_variant="lori_s"), "Train LoRI-D separately"),
+    ],
+)
+def test_fsdp_refuses_sub_runs_it_cannot_shard_twice(overrides, message, tmp_path):
+    """FSDP shards the trained model in place, so a warm-up (or LoRI-D) sub-run cannot come first: a clear error
+    from the trainer's constructor check, before any work; forward profiling or a given profile pass."""
+    from types import SimpleNamespace
+
+    from hellora_trl.trainer import HELLoRATrainer
+
+    args = worker.training_args(str(tmp_path), "fsdp2", "forward", 3)
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    with pytest.raises(ValueError, match=message):
+        HELLoRATrainer._check_fsdp_sub_runs(SimpleNamespace(is_fsdp_enabled=True, args=args))
+    HELLoRATrainer._check_fsdp_sub_runs(SimpleNamespace(is_fsdp_enabled=False, args=args))
+    profile = tmp_path / "profile.json"
+    profile.write_text("{}")
+    args.hellora_profile_path, args.hellora_lori_d_adapter = str(profile), str(tmp_path)
+    HELLoRATrainer._check_fsdp_sub_runs(SimpleNamespace(is_fsdp_enabled=True, args=args))
 
 
 def _profile_from(rank: dict, trainer):
