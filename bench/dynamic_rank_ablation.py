@@ -120,7 +120,7 @@ def run_row(row: dict[str, Any], args: argparse.Namespace, seed: int, work: Path
     flat = [v for layer in (ranks or {}).values() for v in layer]
     return {
         "trainable_percent": trainable_parameter_report(trainer.model)["trainable_percent"],
-        "final_loss": losses[-1],
+        "final_loss": losses[-1] if losses else output.metrics["train_loss"],
         "eval_loss": trainer.evaluate()["eval_loss"],
         "sec_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
         "wall": seconds,
@@ -204,7 +204,21 @@ against "{baseline}" (same trainable count). Machine: {platform.machine()} CPU, 
 thread{load}.
 
 {markdown(results, baseline)}
-{_overhead_line(overhead, args)}"""
+{_per_seed(results)}{_overhead_line(overhead, args)}"""
+
+
+def _per_seed(results: list[dict[str, Any]]) -> str:
+    """Per-seed held-out losses (so any paired comparison can be recomputed) and saliency vs the uniform control."""
+    lines = ["", "Held-out loss per seed:", ""]
+    for res in results:
+        lines.append(f"- {res['name']}: " + ", ".join(f"{p['eval_loss']:.3f}" for p in res["per_seed"]))
+    by_name = {res["name"]: res["per_seed"] for res in results}
+    ours = next((v for k, v in by_name.items() if k.endswith("routing x grad")), None)
+    control = next((v for k, v in by_name.items() if "uniform" in k), None)
+    if ours and control:
+        diffs = [a["eval_loss"] - b["eval_loss"] for a, b in zip(ours, control)]
+        lines += ["", f"Saliency (routing x grad) minus uniform growth, paired per seed: {_mean_sd(diffs, '+.3f')}."]
+    return "\n".join(lines) + "\n"
 
 
 def _overhead_line(overhead: dict[str, float] | None, args: argparse.Namespace) -> str:
@@ -242,6 +256,7 @@ def write(
         body = RESULTS.read_text().split("\n## ")[1:]
         sections = ["## " + part.rstrip("\n") + "\n" for part in body]
     sections = [part for part in sections if part.splitlines()[0] != key] + [new]
+    sections.sort(key=lambda part: int(part.split()[1]))  # "## <steps> steps, seeds ...": shortest run first
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
     tmp.write_text(HEADER + "\n" + "\n".join(sections))

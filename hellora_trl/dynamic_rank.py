@@ -4,7 +4,8 @@ Every hot expert is allocated the full LoRA rank ``r`` (the tensors of :class:`H
 shapes), but only a prefix of ``active`` rank components per expert can train. For an inactive component ``i``
 the column ``B[j, :, i]`` is held at exactly 0: a gradient hook zeroes its gradient, so AdamW (moments and
 decoupled weight decay alike) never moves it. Its row ``A[j, i, :]`` then gets an exactly-zero gradient too
-(``dL/dA_i = scaling * B_i^T ...`` with ``B_i = 0``), so it keeps its random init until the component is switched on.
+(``dL/dA_i = scaling * B_i^T ...`` with ``B_i = 0``), so it keeps its random init (weight decay aside) until the
+component is switched on.
 The scaling ``lora_alpha / r`` never changes, so growing a rank never rescales what was already learned.
 
 Growth: each layer may use ``k * r_budget`` active components in total. Every ``interval`` optimizer steps (until
@@ -238,8 +239,10 @@ def _side_key(adapter: str) -> str:
 def _sync_side_table(model: nn.Module, state: DynamicRankState) -> None:
     """Register the active entries of every expert factor in variants' side table of masked factors.
 
-    Accounting (``trainable_parameter_report``) counts a masked factor by its mask's True entries; the entry is
-    only a record (no hooks: ours do the masking), rebuilt on every rank change so it never goes stale.
+    Accounting (``trainable_parameter_report``) counts the factors of a table entry of kind ``"lori_s"`` by their
+    masks' True entries, which is exactly "active entries" here. The entry sits under its own key
+    (``<adapter>#dynamic_rank``, never a PEFT adapter name, so nothing saves or restores it as a variant), is only a
+    record (no hooks: ours do the masking) and is rebuilt on every rank change so it never goes stale.
     """
     params: dict[str, nn.Parameter] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -379,8 +382,9 @@ def _warm_second_moment(
     optimizer: torch.optim.Optimizer, layer: LayerRanks, adapter: str, old: torch.Tensor, new: torch.Tensor
 ) -> None:
     """Adam's step count is per tensor, so a component switched on at step t gets bias corrections for step t
-    while its moments start at 0: its first updates are ~3-6x the learning rate. Starting ``exp_avg_sq`` at the
-    mean of the expert's active entries (same factor) gives it ordinary-sized steps instead."""
+    while its moments start at 0: its first updates are ~3-6x the learning rate. This starts ``exp_avg_sq`` at the
+    mean of the expert's active entries (same factor) to damp that. Opt-in: on the tiny offline model the damped
+    components learned too slowly and the held-out loss was worse (bench/results/dynamic_rank.md)."""
     for _, a, b in _factor_pairs(layer, adapter):
         for param, rank_dim in ((a, 0), (b, 1)):  # rank axis of one slot's (r, in) / (out, r) slice
             moments = optimizer.state.get(param, {}).get("exp_avg_sq")
@@ -516,6 +520,8 @@ class DynamicRankCallback(TrainerCallback):
         if routing not in ROUTING_SOURCES:
             raise ValueError(f"routing must be one of {ROUTING_SOURCES}, got {routing!r}.")
         growth_events(interval, 1, grow_until)  # validates interval and grow_until
+        if grow_step < 1 or not 1 <= r_init <= r_budget:
+            raise ValueError(f"Need grow_step >= 1 and 1 <= r_init <= r_budget, got {grow_step}, {r_init}, {r_budget}.")
         self.r_init, self.r_budget, self.interval = r_init, r_budget, interval
         self.grow_step, self.grow_until, self.routing = grow_step, grow_until, routing
         self.profile = profile

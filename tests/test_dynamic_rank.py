@@ -317,3 +317,22 @@ def test_warm_second_moment_starts_new_components_at_the_experts_mean():
     assert not bool(v[[0, 2, 3], :, 2:].any()) and not bool(v[1, :, 3].any())
     a_v = optimizer.state[layer.lora_down_A["default"]]["exp_avg_sq"]
     assert torch.allclose(a_v[1, 2], torch.full_like(a_v[1, 2], a_v[1, :2].mean().item()))
+
+
+def test_callback_with_live_routing_counts_while_training():
+    from types import SimpleNamespace
+
+    model = adapted()
+    callback = DynamicRankCallback(r_init=1, r_budget=2, interval=2, grow_until=1.0, routing="live")
+    callback.on_train_begin(None, None, None, model=model)
+    optimizer = train(model, random_batch(model), steps=2)
+    assert callback._routing().tokens_seen == 2 * 2 * 12  # two steps of a 2 x 12 batch
+    callback.on_step_end(None, SimpleNamespace(global_step=1, max_steps=4), None, model=model, optimizer=optimizer)
+    assert callback.events == []  # not a growth step
+    callback.on_step_end(None, SimpleNamespace(global_step=2, max_steps=4), None, model=model, optimizer=optimizer)
+    assert [e["added"] for e in callback.events] == [2 * 2]  # 4 missing per layer over 2 events: 2 each, 2 layers
+    assert all(sum(r) == 6 for r in active_ranks(model).values())
+    callback.on_train_end(None, None, None)
+    assert callback._counter is None
+    with pytest.raises(ValueError):
+        DynamicRankCallback(r_init=3, r_budget=2)
