@@ -244,6 +244,10 @@ class HELLoRATrainer(SFTTrainer):
             pad_to = math.ceil(len(range(*shard_bounds(len(warmup), state.num_processes, 0))) / batch_size)
             warmup = warmup.select(list(range(start, end)))  # a list: datasets rejects an empty range at the end
         loader = DataLoader(warmup, batch_size=batch_size, collate_fn=self.data_collator)
+        if self.is_deepspeed_enabled and not self._zero3:
+            # The Trainer leaves a DeepSpeed model where it was loaded (CPU) for the engine to place; ZeRO-0/1/2 keep
+            # full weights on every device anyway, so profile there instead of on the CPU.
+            self.model.to(self.args.device)
         with zero3_forward_gathering(self.model):  # ZeRO-3: no engine yet, gather each module's weights in turn
             return profile_experts(
                 self.model,
