@@ -301,6 +301,9 @@ def load_hellora(
             f"{list(result.unexpected_keys)[:3]}."
         )
     restore_variant(peft_model, path, adapter_name=adapter_name)
+    from .dynamic_rank import restore_dynamic_rank  # late: dynamic_rank builds on this module
+
+    restore_dynamic_rank(peft_model, path, adapter_name=adapter_name)
     if not is_trainable:
         peft_model.eval()
         for param in peft_model.parameters():

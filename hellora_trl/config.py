@@ -104,6 +104,29 @@ class HELLoRAConfig(SFTConfig):
             "the LoRI-D stage itself first (same data and budget, saved to output_dir/lori_d)."
         },
     )
+    hellora_dynamic_rank: bool = field(
+        default=False,
+        metadata={
+            "help": "Dynamic rank for hot experts (DR-LoRA-style, beyond the paper): start at hellora_dr_r_init "
+            "active rank components per expert and grow the most salient experts (routing share x gradient) "
+            "within a per-layer budget of k x hellora_dr_r_budget. See docs/dynamic_rank.md."
+        },
+    )
+    hellora_dr_r_init: int | None = field(
+        default=None, metadata={"help": "Dynamic rank: initial active rank per hot expert (default max(1, r // 4))."}
+    )
+    hellora_dr_r_budget: int | None = field(
+        default=None, metadata={"help": "Dynamic rank: average active rank per hot expert (default max(1, r // 2))."}
+    )
+    hellora_dr_interval: int = field(default=10, metadata={"help": "Dynamic rank: optimizer steps between growths."})
+    hellora_dr_grow_step: int = field(default=1, metadata={"help": "Dynamic rank: components added per grant."})
+    hellora_dr_grow_until: float = field(
+        default=0.5, metadata={"help": "Dynamic rank: share of training after which ranks stop growing."}
+    )
+    hellora_dr_routing: str = field(
+        default="profile",
+        metadata={"help": "Dynamic rank saliency routing term: 'profile' (the profiling counts), 'live' or 'none'."},
+    )
     hellora_plots: bool = field(
         default=True, metadata={"help": "Write the expert-activation heatmap and profile figures (needs matplotlib)."}
     )
@@ -132,6 +155,13 @@ class HELLoRAConfig(SFTConfig):
             (self.hellora_variant in VARIANTS, f"hellora_variant must be one of {VARIANTS}"),
             (self.hellora_lori_scope in SCOPES, f"hellora_lori_scope must be one of {SCOPES}"),
             (0.0 < self.hellora_lori_density <= 1.0, "hellora_lori_density must be in (0, 1]"),
+            (
+                not (self.hellora_dynamic_rank and self.hellora_variant == "lori_s"),
+                "hellora_dynamic_rank cannot be combined with hellora_variant='lori_s' (both mask B)",
+            ),
+            (self.hellora_dr_routing in ("profile", "live", "none"), "hellora_dr_routing must be profile, live or none"),
+            (self.hellora_dr_interval >= 1 and self.hellora_dr_grow_step >= 1, "hellora_dr_interval/grow_step >= 1"),
+            (0.0 < self.hellora_dr_grow_until <= 1.0, "hellora_dr_grow_until must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

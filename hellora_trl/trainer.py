@@ -26,6 +26,7 @@ from trl import SFTTrainer
 
 from .adapter import apply_hellora, default_lora_config, hot_map_from_model
 from .config import HELLoRAConfig
+from .dynamic_rank import DynamicRankCallback, restore_dynamic_rank
 from .distributed import gathered_adapter_state, register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
 from .profiling import ExpertProfile, RoutingCounter, profile_experts
 from .registry import find_moe_layers
@@ -102,9 +103,27 @@ class HELLoRATrainer(SFTTrainer):
         self.hellora_hot_experts: HotMap | None = None
         self.hellora_timings: dict[str, float] = {}
         super().__init__(model, args, *pos, peft_config=None, **kwargs)
+        if args.hellora_dynamic_rank:
+            self.add_callback(self._dynamic_rank_callback(peft_config.r))
         # Fail before any work when the model is not a MoE model the registry knows.
         self._moe_layers = find_moe_layers(self.model)
         self._check_fsdp_sub_runs()
+
+    def _dynamic_rank_callback(self, r: int) -> DynamicRankCallback:
+        args: HELLoRAConfig = self.args
+        r_init = args.hellora_dr_r_init or max(1, r // 4)
+        r_budget = args.hellora_dr_r_budget or max(r_init, r // 2)
+        if not 1 <= r_init <= r_budget <= r:
+            raise ValueError(f"Dynamic rank needs 1 <= hellora_dr_r_init <= hellora_dr_r_budget <= r={r}.")
+        return DynamicRankCallback(
+            r_init,
+            r_budget,
+            interval=args.hellora_dr_interval,
+            grow_step=args.hellora_dr_grow_step,
+            grow_until=args.hellora_dr_grow_until,
+            routing=args.hellora_dr_routing,
+            profile=lambda: self.hellora_profile,
+        )
 
     def _check_fsdp_sub_runs(self) -> None:
         """FSDP shards the modules of the model it trains in place, so the base model cannot go through a LoRA
@@ -340,7 +359,10 @@ class HELLoRATrainer(SFTTrainer):
         if args.gradient_checkpointing:
             peft_model.enable_input_require_grads()
         register_moe_leaf_modules(peft_model)  # ZeRO-3 only: gather each MoE block whole, the same on every rank
+        if checkpoint and args.hellora_dynamic_rank:
+            restore_dynamic_rank(peft_model, checkpoint)  # the callback keeps restored ranks and grows from there
         self.model = self.model_wrapped = peft_model
+        self.callback_handler.model = peft_model  # callbacks (dynamic rank) must see the adapted model
         self.optimizer, self.lr_scheduler = None, None  # built on the new adapter's parameters
         if self.is_local_process_zero():
             peft_model.print_trainable_parameters()

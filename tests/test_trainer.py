@@ -332,3 +332,20 @@ def test_save_model_publishes_through_a_staging_folder(tmp_path, tokenizer, data
     monkeypatch.undo()
     trainer.save_model()  # the next save clears the leftover staging folder
     assert not (out / STAGING_DIR).exists()
+
+
+def test_dynamic_rank_grows_within_budget_and_survives_save_load(tmp_path, tokenizer, dataset):
+    from hellora_trl import load_hellora
+    from hellora_trl.dynamic_rank import active_ranks
+
+    trainer = make_trainer(
+        tmp_path, tokenizer, dataset, max_steps=4, hellora_dynamic_rank=True, hellora_dr_r_init=1,
+        hellora_dr_r_budget=2, hellora_dr_interval=1, hellora_dr_grow_until=1.0,
+    )
+    trainer.train()
+    ranks = active_ranks(trainer.model)
+    assert ranks and all(sum(r) == 2 * 2 for r in ranks.values())  # k=2 experts x budget 2, all used
+    assert any(max(r) > 1 for r in ranks.values())  # something grew from r_init=1
+    trainer.save_model()
+    loaded = load_hellora(tiny_model("olmoe"), tmp_path / "run")
+    assert active_ranks(loaded) == ranks
