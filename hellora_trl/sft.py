@@ -224,7 +224,10 @@ def build_trainer(script_args: HELLoRAScriptArguments, training_args: HELLoRACon
 def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args) -> dict[str, Any]:
     """Profile -> select -> attach -> train -> save -> evaluate; returns the metrics it wrote."""
     trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
-    output = trainer.train()
+    resume = training_args.resume_from_checkpoint
+    if resume in ("true", "True", "last"):  # `--resume_from_checkpoint true`: the newest checkpoint in output_dir
+        resume = True
+    output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     summary: dict[str, Any] = {"train": output.metrics}
     if trainer.is_world_process_zero():
@@ -260,4 +263,9 @@ def _write_summary(summary: dict, out: Path) -> None:
 def main(argv: Sequence[str] | None = None, task: str | None = None) -> dict[str, Any]:
     script_args, training_args, model_args = parse_args(argv, task=task)
     os.makedirs(training_args.output_dir, exist_ok=True)
-    return run(script_args, training_args, model_args)
+    try:
+        return run(script_args, training_args, model_args)
+    finally:
+        from .distributed import end_distributed
+
+        end_distributed()  # multi-process runs exit cleanly (barrier + destroy_process_group)

@@ -83,3 +83,16 @@ def test_saferpaca_example_on_shared_data(tmp_path):
     )
     summary = json.loads((tmp_path / "hellora_summary.json").read_text())
     assert 0 <= summary["safety/refusal_rate"] <= 1 and 0 <= summary["safety/over_refusal_rate"] <= 1
+
+
+def test_gsm8k_example_resumes_from_the_command_line(tmp_path):
+    out = tmp_path / "resume"
+    common = ["--output_dir", str(out), "--train_limit", "48", "--eval_limit", "0", "--disable_tqdm", "true",
+              "--hellora_profile_mode", "forward", "--save_strategy", "steps", "--save_steps", "2"]
+    run_example("sft_gsm8k.py", *common, "--max_steps", "2")
+    profile = json.loads((out / "checkpoint-2" / "hellora_profile.json").read_text())
+    result = run_example("sft_gsm8k.py", *common, "--max_steps", "3", "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert json.loads((out / "hellora_profile.json").read_text())["hot_experts"] == profile["hot_experts"]
+    assert "profile_seconds" in result.stdout
