@@ -295,15 +295,7 @@ class HELLoRATrainer(SFTTrainer):
         args: HELLoRAConfig = self.args
         base = self.model
         all_hot = {layer.name: list(range(layer.num_experts)) for layer in self._moe_layers}
-        warm_model = apply_hellora(
-            base,
-            all_hot,
-            self.hellora_peft_config,
-            components=args.hellora_components,
-            fuse_gate_up=args.hellora_fuse_gate_up,
-            include_shared_experts=args.hellora_include_shared_experts,
-            autocast_adapter_dtype=not self._zero3,
-        )
+        warm_model = self._build_adapter(all_hot, "lora")  # plain LoRA on every expert, whatever the variant
         register_moe_leaf_modules(warm_model)
         warm_args = self._phase_args("hellora_warmup")
         warm_args.report_to = []
