@@ -198,6 +198,11 @@ class ExpertProfile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExpertProfile":
+        return cls.load_with_extra(path)[0]
+
+    @classmethod
+    def load_with_extra(cls, path: str | os.PathLike) -> tuple["ExpertProfile", dict[str, Any]]:
+        """The profile and the whole JSON record, so fields saved with it (``hot_experts``...) need no second read."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Expert profile not found: {path}")
@@ -206,7 +211,7 @@ class ExpertProfile:
         except json.JSONDecodeError as err:
             raise ValueError(f"Expert profile {path} is not valid JSON ({err}). Re-run profiling.") from err
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data), data
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import math
 import os
 import shutil
@@ -173,17 +172,19 @@ class HELLoRATrainer(SFTTrainer):
                 raise FileNotFoundError(
                     f"{path} missing: the checkpoint was not written by HELLoRATrainer, so its hot experts are unknown."
                 )
-            self.hellora_profile = ExpertProfile.load(path)
-            hot = json.loads(path.read_text())["hot_experts"]
+            self.hellora_profile, record = ExpertProfile.load_with_extra(path)
+            hot = record.get("hot_experts")
+            if hot is None:
+                raise ValueError(f"{path} holds no hot_experts map, so the checkpoint's adapter cannot be rebuilt.")
             self.hellora_profile.check_matches(self.model)
             validate_hot_map(hot, self.hellora_profile.layer_names, self.hellora_profile.num_experts)
             self.hellora_hot_experts = hot
             return hot
         if args.hellora_profile_path and Path(args.hellora_profile_path).is_file():
-            self.hellora_profile = ExpertProfile.load(args.hellora_profile_path)
+            self.hellora_profile, record = ExpertProfile.load_with_extra(args.hellora_profile_path)
             self.hellora_profile.check_matches(self.model)
             logger.info("HELLoRA: loaded routing profile %s, profiling skipped.", args.hellora_profile_path)
-            stored = self._stored_hot_map(args.hellora_profile_path)
+            stored = self._stored_hot_map(args.hellora_profile_path, record.get("hot_experts"))
             if stored is not None:
                 self.hellora_hot_experts = stored
                 self._write_profile_outputs()
@@ -197,10 +198,9 @@ class HELLoRATrainer(SFTTrainer):
         self._write_profile_outputs()
         return hot
 
-    def _stored_hot_map(self, path: str) -> HotMap | None:
+    def _stored_hot_map(self, path: str, hot: HotMap | None) -> HotMap | None:
         """The hot map saved with a profile (``hellora select``, an earlier run), unless re-selection is asked for."""
         args: HELLoRAConfig = self.args
-        hot = json.loads(Path(path).read_text()).get("hot_experts")
         if hot is None or args.hellora_reselect:
             return None
         validate_hot_map(hot, self.hellora_profile.layer_names, self.hellora_profile.num_experts)

@@ -84,6 +84,19 @@ def test_disable_adapter_and_merge_unmerge():
     assert not torch.equal(adapted_logits, base(**batch).logits)
 
 
+def assert_exact_roundtrip(peft_model, fresh_model, batch, hot, tmp_path):
+    """Random factors survive save_pretrained + load_hellora bit for bit, hot map included (seed-0 base)."""
+    randomize_factors(peft_model, std=0.1)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = load_hellora(fresh_model(), tmp_path)
+    assert hot_map_from_model(loaded) == hot
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
 def test_modulelist_layout_uses_plain_peft_targets(tmp_path):
     torch.manual_seed(0)
     model = LegacyMoEForCausalLM(LegacyMoEConfig())
@@ -98,15 +111,7 @@ def test_modulelist_layout_uses_plain_peft_targets(tmp_path):
             present = any(t.startswith(f"{name}.{e}.") for t in wrapped)
             assert present == (e in ids), (name, e)
     assert any(t.endswith("block_sparse_moe.gate") for t in wrapped)
-    randomize_factors(peft_model, std=0.1)
-    with torch.no_grad():
-        expected = peft_model(**batch).logits
-    peft_model.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    loaded = load_hellora(LegacyMoEForCausalLM(LegacyMoEConfig()), tmp_path)
-    assert hot_map_from_model(loaded) == hot
-    with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, expected)
+    assert_exact_roundtrip(peft_model, lambda: LegacyMoEForCausalLM(LegacyMoEConfig()), batch, hot, tmp_path)
 
 
 def test_components_select_targets():
@@ -167,12 +172,4 @@ def test_deepseek_moe_remote_code_layout(tmp_path):
         for e in range(8):
             adapted = any(n.startswith(f"base_model.model.{name}.{e}.") for n in trainable)
             assert adapted == (e in ids), (name, e)
-    randomize_factors(peft_model, std=0.1)
-    with torch.no_grad():
-        expected = peft_model(**batch).logits
-    peft_model.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    loaded = load_hellora(DeepseekStyleForCausalLM(DeepseekStyleConfig()), tmp_path)
-    assert hot_map_from_model(loaded) == hot
-    with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, expected)
+    assert_exact_roundtrip(peft_model, lambda: DeepseekStyleForCausalLM(DeepseekStyleConfig()), batch, hot, tmp_path)

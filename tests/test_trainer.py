@@ -349,3 +349,14 @@ def test_dynamic_rank_grows_within_budget_and_survives_save_load(tmp_path, token
     trainer.save_model()
     loaded = load_hellora(tiny_model("olmoe"), tmp_path / "run")
     assert active_ranks(loaded) == ranks
+
+
+def test_resume_from_a_checkpoint_without_hot_map_fails_clearly(tmp_path, tokenizer, dataset, olmoe):
+    from hellora_trl import profile_experts
+    from conftest import random_batch
+
+    checkpoint = tmp_path / "checkpoint-1"
+    profile_experts(olmoe, [random_batch(olmoe)], progress=False).save(checkpoint / PROFILE_FILE)  # counts only
+    trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=1)
+    with pytest.raises(ValueError, match="holds no hot_experts map"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
