@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
-    "ExpertProfile": "profiling",
+    "ExpertProfile": "profile",
     "FAMILIES": "registry",
     "HELLoRAConfig": "config",
     "HELLoRATrainer": "trainer",
@@ -18,16 +18,18 @@ _EXPORTS: dict[str, str] = {
     "MoEFamily": "registry",
     "RouterLoraLayer": "expert_lora",
     "RoutingCounter": "profiling",
-    "VARIANTS": "variants",
+    "SelectionSettings": "selection",
+    "VARIANTS": "constants",
     "adapter_flops_per_token": "accounting",
-    "all_experts_hot": "variants",
+    "all_experts_hot": "baselines",
     "apply_hellora": "adapter",
     "apply_masks": "variants",
-    "apply_peft_all_experts": "variants",
-    "apply_peft_dora": "variants",
+    "apply_peft_all_experts": "baselines",
+    "apply_peft_dora": "baselines",
     "copy_lora_A": "variants",
     "default_lora_config": "adapter",
     "enforce_masks": "variants",
+    "export_peft_target_parameters": "export",
     "find_moe_layers": "registry",
     "freeze_lora_A": "variants",
     "hot_map_from_model": "adapter",
@@ -35,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "load_masks": "variants",
     "lori_s_from_lori_d": "variants",
     "lori_s_masks": "variants",
+    "merge_adapter": "export",
+    "plan_hot_experts": "selection",
     "profile_experts": "profiling",
     "register_family": "registry",
     "save_masks": "variants",
@@ -58,20 +62,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
-    from .config import HELLoRAConfig
     from .accounting import adapter_flops_per_token, trainable_parameter_report
     from .adapter import apply_hellora, default_lora_config, hot_map_from_model, load_hellora
+    from .baselines import all_experts_hot, apply_peft_all_experts, apply_peft_dora
+    from .config import HELLoRAConfig
+    from .constants import VARIANTS
     from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
-    from .profiling import ExpertProfile, RoutingCounter, profile_experts
+    from .export import export_peft_target_parameters, merge_adapter
+    from .profile import ExpertProfile
+    from .profiling import RoutingCounter, profile_experts
     from .registry import FAMILIES, MoEFamily, find_moe_layers, register_family
-    from .selection import select_hot_experts
+    from .selection import SelectionSettings, plan_hot_experts, select_hot_experts
     from .trainer import HELLoRATrainer
     from .variants import (
-        VARIANTS,
-        all_experts_hot,
         apply_masks,
-        apply_peft_all_experts,
-        apply_peft_dora,
         copy_lora_A,
         enforce_masks,
         freeze_lora_A,
@@ -84,36 +88,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ExpertProfile",
-    "FAMILIES",
-    "HELLoRAConfig",
-    "HELLoRATrainer",
-    "HotExpertLoraLayer",
-    "MoEFamily",
-    "RouterLoraLayer",
-    "RoutingCounter",
-    "VARIANTS",
-    "all_experts_hot",
-    "apply_masks",
-    "apply_peft_all_experts",
-    "apply_peft_dora",
-    "copy_lora_A",
-    "enforce_masks",
-    "freeze_lora_A",
-    "load_masks",
-    "lori_s_from_lori_d",
-    "lori_s_masks",
-    "save_masks",
-    "variant_of",
-    "adapter_flops_per_token",
-    "apply_hellora",
-    "default_lora_config",
-    "find_moe_layers",
-    "hot_map_from_model",
-    "load_hellora",
-    "profile_experts",
-    "register_family",
-    "select_hot_experts",
-    "trainable_parameter_report",
-]
+__all__ = sorted(_EXPORTS)

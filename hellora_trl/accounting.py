@@ -6,10 +6,11 @@ from typing import Any
 
 from torch import nn
 
+from .adapter_state import changeable_entries
 from .expert_lora import HotExpertLoraLayer, expert_factor_shapes
-from .profiling import ExpertProfile, _unwrap
-from .registry import family_for, find_moe_layers
-from .variants import sparse_specs
+from .profile import ExpertProfile
+from .registry import find_moe_layers
+from .utils import unwrap_model
 
 
 def _numel(param) -> int:
@@ -37,18 +38,18 @@ def trainable_parameter_report(model: nn.Module, profile: ExpertProfile | None =
     Matched by parameter identity, so any wrapper (PeftModel, DDP) and adapter name works.
     """
     total = trainable = 0
-    base = _unwrap(model)
+    base = unwrap_model(model)
     layers = find_moe_layers(base)
     routers = [layer.router_name for layer in layers]
     experts = [layer.name for layer in layers]
     by_component = {"attention": 0, "router": 0, "experts": 0}
-    sparse = sparse_specs(base)
+    changeable = changeable_entries(base)  # LoRI-S masks, inactive dynamic-rank components
     for name, param in model.named_parameters():
         n = _numel(param)
         total += n
         if param.requires_grad:
-            spec = sparse.get(id(param))
-            n = spec.changeable(n) if spec is not None else n
+            count = changeable.get(id(param))
+            n = count(n) if count is not None else n
             trainable += n
             by_component[_component(name, routers, experts)] += n
     report: dict[str, Any] = {
@@ -65,7 +66,7 @@ def trainable_parameter_report(model: nn.Module, profile: ExpertProfile | None =
 def adapter_flops_per_token(model: nn.Module, profile: ExpertProfile) -> dict[str, float]:
     """Expected forward multiply-add FLOPs (2 per MAC) per token spent in expert adapters under ``profile``'s
     routing: this placement (only assignments to hot experts pay) vs LoRA on every expert (all pay)."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     profile.check_matches(base)
     tokens = max(profile.tokens_seen, 1)
     ours = everyone = 0.0

@@ -21,14 +21,31 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
+from .adapter_state import restore_extras
+from .constants import COMPONENTS, DEFAULT_DENSITY, HOT_KEY, PEFT_PREFIX
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
+from .profile import HotMap
 from .registry import MoEFamily, MoELayer, family_for, find_moe_layers
-from .selection import HotMap, validate_hot_map
-from .variants import DEFAULT_DENSITY, check_variant_args, prepare_variant, restore_variant
+from .selection import validate_hot_map
+from .variants import check_variant_args, prepare_variant
 
-COMPONENTS = ("all", "router", "experts")
-HOT_KEY = "lora_hot_experts"
-PEFT_PREFIX = "base_model.model."
+
+def check_layer_options(config: LoraConfig) -> None:
+    """Refuse ``LoraConfig`` options our expert and router layers cannot honour (as PEFT's ``ParamWrapper`` does),
+    instead of silently training something else."""
+    problems = []
+    if config.use_dora:
+        problems.append("use_dora=True (DoRA)")
+    if getattr(config, "lora_bias", False):
+        problems.append("lora_bias=True")
+    if not isinstance(config.init_lora_weights, bool):
+        problems.append(f"init_lora_weights={config.init_lora_weights!r} (only True or False)")
+    if problems:
+        raise ValueError(
+            "HELLoRA's expert and router LoRA layers do not support " + ", ".join(problems) + ". Use a plain LoRA "
+            "config (r, lora_alpha, lora_dropout, use_rslora, init_lora_weights=True/False), or "
+            "hellora_trl.apply_peft_dora for a DoRA baseline on nn.Linear targets."
+        )
 
 
 class _HotExpertFactory:
@@ -40,6 +57,7 @@ class _HotExpertFactory:
         self.eager_accepts_sentinel = eager_accepts_sentinel
 
     def __call__(self, target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module:
+        check_layer_options(config)
         name = kwargs.get("target_name")
         if name not in self.hot_experts:
             raise ValueError(f"No hot-expert list for experts module {name!r}.")
@@ -58,6 +76,7 @@ class _HotExpertFactory:
 
 
 def _router_factory(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module:
+    check_layer_options(config)
     return RouterLoraLayer(
         target,
         adapter_name,
@@ -178,6 +197,8 @@ def apply_hellora(
         )
     family = family_for(model)
     layers = find_moe_layers(model, family)
+    if family.layout == "fused" or not isinstance(layers[0].router, nn.Linear):
+        check_layer_options(lora_config)  # before any PEFT work: our layers will wrap experts/routers
     validate_hot_map(hot_experts, [layer.name for layer in layers], layers[0].num_experts)
     config = copy.deepcopy(lora_config)
     config.target_modules = resolve_targets(model, hot_experts, lora_config, components, include_shared_experts, family)
@@ -204,12 +225,12 @@ def _inject(
         mapping[router_type] = _router_factory
     if mapping:
         config._register_custom_module(mapping)
-    with _explicit_v5_targets():
+    with explicit_v5_targets():
         return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 @contextlib.contextmanager
-def _explicit_v5_targets():
+def explicit_v5_targets():
     """Keep PEFT from renaming our explicit transformers-5 module names as if they were v4 names.
 
     PEFT 0.21 rewrites ``target_modules`` entries ending in ``.gate``, ``.gate_proj``, ``.up_proj``, ``.down_proj``
@@ -300,10 +321,7 @@ def load_hellora(
             f"Adapter at {path} does not fit this model: missing {missing[:3]}, unexpected "
             f"{list(result.unexpected_keys)[:3]}."
         )
-    restore_variant(peft_model, path, adapter_name=adapter_name)
-    from .dynamic_rank import restore_dynamic_rank  # late: dynamic_rank builds on this module
-
-    restore_dynamic_rank(peft_model, path, adapter_name=adapter_name)
+    restore_extras(peft_model, path, adapter_name=adapter_name)  # LoRI masks, dynamic ranks (their side files)
     if not is_trainable:
         peft_model.eval()
         for param in peft_model.parameters():

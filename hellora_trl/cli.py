@@ -420,7 +420,7 @@ def hot_table(profile, hot: dict[str, list[int]]) -> str:
 
 
 def _short(name: str) -> str:
-    from .reporting import _short as short
+    from .reporting import short_layer_name as short
 
     return short(name)
 
@@ -475,9 +475,9 @@ def _eval_model(args: EvalArguments, model_args: ModelArguments):
         if args.adapter or model_args.tiny:
             raise CLIError("--backend vllm serves a checkpoint directory: run `hellora merge` first and pass the merged "
                            "directory as --model_name_or_path.")
-        from .eval import _check_backend
+        from .eval import check_backend
 
-        _check_backend("vllm")
+        check_backend("vllm")
         return model_args.model_name_or_path, load_tokenizer(model_args)
     model = load_model(model_args)
     if args.adapter:
@@ -493,9 +493,9 @@ def _gsm8k_rows(args: EvalArguments) -> list[dict]:
         from .offline import generate_math_problems
 
         return generate_math_problems(limit or 32, seed=args.seed + 10_000)
-    from .data import _load_source
+    from .data import load_source
 
-    raw = _load_source(args.dataset_name, args.dataset_split, hub_config="main")
+    raw = load_source(args.dataset_name, args.dataset_split, hub_config="main")
     return [dict(r) for r in raw.select(range(min(limit or len(raw), len(raw))))]
 
 
@@ -520,7 +520,7 @@ def _run_eval(args: EvalArguments, model, tokenizer) -> dict[str, Any]:
         problems = ev.load_humaneval(path)[: args.limit]
         completions = ev.generate_batched(model, tokenizer, [p["prompt"] for p in problems], **common)
         stops = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
-        samples = {p["task_id"]: [ev._cut_at_stops(c, stops)] for p, c in zip(problems, completions)}
+        samples = {p["task_id"]: [ev.cut_at_stops(c, stops)] for p, c in zip(problems, completions)}
         return ev.evaluate_humaneval(problems, samples, ks=(1,), timeout=args.timeout, progress=not args.disable_tqdm)
     harmful = ev.load_instruction_set(path)[: args.limit]
     benign = ev.load_instruction_set(args.benign_path)[: args.limit] if args.benign_path else []

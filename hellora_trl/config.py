@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-PROFILE_MODES = ("lora_warmup", "forward")
+from .constants import COMPONENTS, DR_ROUTING, PROFILE_MODES, SCOPES, STRATEGIES, VARIANTS
 
 
 @dataclass
@@ -23,6 +24,7 @@ class HELLoRAConfig(SFTConfig):
     hellora_selection: str = field(
         default="layer",
         metadata={
+            "choices": list(STRATEGIES),
             "help": "How hot experts are chosen: 'layer' (per-layer top-k, the paper), 'model' (global top-k), "
             "'cold' (bottom-k ablation), 'random' (seeded ablation), 'mass' (adaptive k per layer)."
         },
@@ -30,6 +32,7 @@ class HELLoRAConfig(SFTConfig):
     hellora_profile_mode: str = field(
         default="lora_warmup",
         metadata={
+            "choices": list(PROFILE_MODES),
             "help": "'lora_warmup': short LoRA warm-up on all experts over the warm-up slice while counting routes "
             "(the paper); 'forward': forward passes only, no training (cheaper)."
         },
@@ -43,6 +46,7 @@ class HELLoRAConfig(SFTConfig):
     hellora_components: str = field(
         default="all",
         metadata={
+            "choices": list(COMPONENTS),
             "help": "Where adapters go: 'all' (attention + router + hot experts), 'router' (router + hot experts), "
             "'experts' (hot experts only)."
         },
@@ -86,6 +90,7 @@ class HELLoRAConfig(SFTConfig):
     hellora_variant: str = field(
         default="lora",
         metadata={
+            "choices": list(VARIANTS),
             "help": "'lora' (HELLoRA), 'lori_d' (HELLoRI-D: A frozen at random init, B dense) or 'lori_s' "
             "(HELLoRI-S: B trained only on the top hellora_lori_density entries of a LoRI-D run's B)."
         },
@@ -95,7 +100,10 @@ class HELLoRAConfig(SFTConfig):
     )
     hellora_lori_scope: str = field(
         default="global",
-        metadata={"help": "'lori_s': one magnitude threshold over the whole model ('global'), per 'layer' or per 'module'."},
+        metadata={
+            "choices": list(SCOPES),
+            "help": "'lori_s': one magnitude threshold over the whole model ('global'), per 'layer' or per 'module'.",
+        },
     )
     hellora_lori_d_adapter: str | None = field(
         default=None,
@@ -125,7 +133,10 @@ class HELLoRAConfig(SFTConfig):
     )
     hellora_dr_routing: str = field(
         default="profile",
-        metadata={"help": "Dynamic rank saliency routing term: 'profile' (the profiling counts), 'live' or 'none'."},
+        metadata={
+            "choices": list(DR_ROUTING),
+            "help": "Dynamic rank saliency routing term: 'profile' (the profiling counts), 'live' or 'none'.",
+        },
     )
     hellora_plots: bool = field(
         default=True, metadata={"help": "Write the expert-activation heatmap and profile figures (needs matplotlib)."}
@@ -139,30 +150,41 @@ class HELLoRAConfig(SFTConfig):
 
             self.bf16 = is_torch_bf16_gpu_available()
         super().__post_init__()
-        from .selection import STRATEGIES
+        validate_hellora_fields(self)
 
-        from .adapter import COMPONENTS
-        from .variants import SCOPES, VARIANTS
 
-        checks = [
-            (self.hellora_selection in STRATEGIES, f"hellora_selection must be one of {STRATEGIES}"),
-            (self.hellora_profile_mode in PROFILE_MODES, f"hellora_profile_mode must be one of {PROFILE_MODES}"),
-            (self.hellora_components in COMPONENTS, f"hellora_components must be one of {COMPONENTS}"),
-            (0.0 < self.hellora_warmup_fraction <= 1.0, "hellora_warmup_fraction must be in (0, 1]"),
-            (self.hellora_warmup_epochs > 0, "hellora_warmup_epochs must be > 0"),
-            (self.hellora_k is None or self.hellora_k >= 1, "hellora_k must be >= 1 (or None for the default)"),
-            (0.0 < self.hellora_mass <= 1.0, "hellora_mass must be in (0, 1]"),
-            (self.hellora_variant in VARIANTS, f"hellora_variant must be one of {VARIANTS}"),
-            (self.hellora_lori_scope in SCOPES, f"hellora_lori_scope must be one of {SCOPES}"),
-            (0.0 < self.hellora_lori_density <= 1.0, "hellora_lori_density must be in (0, 1]"),
-            (
-                not (self.hellora_dynamic_rank and self.hellora_variant == "lori_s"),
-                "hellora_dynamic_rank cannot be combined with hellora_variant='lori_s' (both mask B)",
-            ),
-            (self.hellora_dr_routing in ("profile", "live", "none"), "hellora_dr_routing must be profile, live or none"),
-            (self.hellora_dr_interval >= 1 and self.hellora_dr_grow_step >= 1, "hellora_dr_interval/grow_step >= 1"),
-            (0.0 < self.hellora_dr_grow_until <= 1.0, "hellora_dr_grow_until must be in (0, 1]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"{message}.")
+def hellora_defaults() -> dict[str, object]:
+    """Every ``hellora_*`` field of :class:`HELLoRAConfig` with its default (the one option schema)."""
+    return {f.name: f.default for f in dataclasses.fields(HELLoRAConfig) if f.name.startswith("hellora_")}
+
+
+def validate_hellora_fields(args) -> None:
+    """The checks of the ``hellora_*`` knobs, for any object that has them (``HELLoRAConfig``, the Axolotl args)."""
+    checks = [
+        (args.hellora_selection in STRATEGIES, f"hellora_selection must be one of {STRATEGIES}"),
+        (args.hellora_profile_mode in PROFILE_MODES, f"hellora_profile_mode must be one of {PROFILE_MODES}"),
+        (args.hellora_components in COMPONENTS, f"hellora_components must be one of {COMPONENTS}"),
+        (0.0 < args.hellora_warmup_fraction <= 1.0, "hellora_warmup_fraction must be in (0, 1]"),
+        (args.hellora_warmup_epochs > 0, "hellora_warmup_epochs must be > 0"),
+        (args.hellora_k is None or args.hellora_k >= 1, "hellora_k must be >= 1 (or None for the default)"),
+        (0.0 < args.hellora_mass <= 1.0, "hellora_mass must be in (0, 1]"),
+        (args.hellora_variant in VARIANTS, f"hellora_variant must be one of {VARIANTS}"),
+        (args.hellora_lori_scope in SCOPES, f"hellora_lori_scope must be one of {SCOPES}"),
+        (0.0 < args.hellora_lori_density <= 1.0, "hellora_lori_density must be in (0, 1]"),
+        (
+            not (args.hellora_dynamic_rank and args.hellora_variant == "lori_s"),
+            "hellora_dynamic_rank cannot be combined with hellora_variant='lori_s' (both mask B)",
+        ),
+        (args.hellora_dr_routing in DR_ROUTING, f"hellora_dr_routing must be one of {DR_ROUTING}"),
+        (args.hellora_dr_interval >= 1 and args.hellora_dr_grow_step >= 1, "hellora_dr_interval/grow_step >= 1"),
+        (0.0 < args.hellora_dr_grow_until <= 1.0, "hellora_dr_grow_until must be in (0, 1]"),
+        (args.hellora_min_k >= 1, "hellora_min_k must be >= 1"),
+        (args.hellora_max_k is None or args.hellora_max_k >= args.hellora_min_k, "hellora_max_k must be >= hellora_min_k"),
+        (
+            args.hellora_profile_batch_size is None or args.hellora_profile_batch_size >= 1,
+            "hellora_profile_batch_size must be >= 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}.")

@@ -17,6 +17,31 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .registry import find_moe_layers
+from .utils import clean_param_name, has_zero3_params, is_zero3_param, unwrap_model
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over all ranks, on CPU (itself outside a distributed run).
+
+    Built on ``accelerate.utils.reduce``; the tensor travels on the rank's device (NCCL needs CUDA tensors).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    return reduce(tensor.to(PartialState().device), reduction="sum").cpu()
+
+
+def is_main_process() -> bool:
+    """Whether this process writes shared outputs (accelerate's main process; True outside a distributed run)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
     """[start, end) of ``rank``'s contiguous share of ``n`` rows; the first ``n % world`` ranks get one extra row.
@@ -27,22 +52,6 @@ def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    """The real shape of a (possibly ZeRO-3 partitioned) parameter: ``ds_shape`` when DeepSpeed set one."""
-    shape = getattr(tensor, "ds_shape", None)
-    return tuple(shape) if shape is not None else tuple(tensor.shape)
-
-
-def is_zero3_param(tensor: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 manages (partitions) this parameter."""
-    return hasattr(tensor, "ds_id")
-
-
-def has_zero3_params(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` is ZeRO-3 partitioned (the model was built under ``zero.Init``)."""
-    return any(is_zero3_param(p) for p in module.parameters())
 
 
 def zero3_enabled() -> bool:
@@ -116,10 +125,7 @@ def zero3_forward_gathering(model: nn.Module) -> Iterator[None]:
 def _gather_units(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
     """(module, ZeRO-3 params to gather when it runs): each MoE block with all its parameters, every other
     module with its own direct parameters (modules inside an MoE block get none of their own)."""
-    from .profiling import _unwrap
-    from .registry import find_moe_layers
-
-    blocks = {id(layer.block): layer.block for layer in find_moe_layers(_unwrap(model))}
+    blocks = {id(layer.block): layer.block for layer in find_moe_layers(unwrap_model(model))}
     inside = {id(m) for block in blocks.values() for m in block.modules()}
     units = []
     for module in model.modules():
@@ -146,10 +152,7 @@ def register_moe_leaf_modules(model: nn.Module) -> list[str]:
         return []
     from deepspeed.utils import set_z3_leaf_modules_by_name
 
-    from .profiling import _unwrap
-    from .registry import find_moe_layers
-
-    base = _unwrap(model)
+    base = unwrap_model(model)
     names = [layer.block_name for layer in find_moe_layers(base)]
     set_z3_leaf_modules_by_name(base, names)
     return names
@@ -169,7 +172,7 @@ def gathered_adapter_state(model: nn.Module, strip_wrappers: bool = True) -> dic
     FSDP2-sharded one (DTensor) and under ZeRO-3 (gathered). Collective under FSDP2 and ZeRO-3: call it on every
     rank. ``strip_wrappers=False`` keeps the names exactly as ``model.state_dict()`` has them.
     """
-    rename = _clean_name if strip_wrappers else (lambda name: name)
+    rename = clean_param_name if strip_wrappers else (lambda name: name)
     named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
     state: dict[str, torch.Tensor] = {}
     with gathered([p for _, p in named]):
@@ -179,13 +182,6 @@ def gathered_adapter_state(model: nn.Module, strip_wrappers: bool = True) -> dic
         if "lora_" in name:
             state[rename(name)] = full_tensor(buf)
     return state
-
-
-def _clean_name(name: str) -> str:
-    """Drop wrapper prefixes (DDP ``module.``, FSDP/compile wrappers) so names compare across strategies."""
-    for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
-        name = name.replace(prefix, "")
-    return name
 
 
 def end_distributed() -> None:

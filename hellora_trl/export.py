@@ -16,17 +16,14 @@ Both accept the base model as an instance or a path / hub id, plus the directory
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -36,9 +33,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from .adapter import PEFT_PREFIX, hot_map_from_model, load_hellora
+from .adapter import hot_map_from_model, load_hellora
+from .constants import PEFT_PREFIX
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer, expert_factor_shapes
-from .registry import find_moe_layers
+from .registry import family_for, find_moe_layers
+from .utils import atomic_dir
 
 __all__ = [
     "ExportError",
@@ -87,32 +86,6 @@ def _adapted_model(base_model: ModelOrPath, adapter_dir: str | os.PathLike | Non
     return load_hellora(_load_base(base_model), adapter_dir, adapter_name=adapter_name)
 
 
-# --------------------------------------------------------------------------------------------- atomic output
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Write into a hidden sibling directory, then rename it into place: readers never see half an export."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------- merged export
 def merge_adapter(
     base_model: ModelOrPath,
@@ -136,7 +109,7 @@ def merge_adapter(
     leftovers = [n for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
     if leftovers:
         raise ExportError(f"merge_and_unload left adapter layers behind: {leftovers[:3]}.")
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         _copy_tokenizer(base_model, tmp)
     return Path(out_dir)
@@ -442,7 +415,7 @@ def export_peft_target_parameters(
     metadata = {"format": "pt", "hellora_hot_experts": json.dumps(hot_map_from_model(peft_model, adapter_name))}
     from safetensors.torch import save_file
 
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
     return Path(out_dir)
@@ -465,8 +438,6 @@ def adapter_size_report(
     experts are not counted (families without them are exact).
     """
     from transformers import AutoModelForCausalLM
-
-    from .registry import family_for
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
@@ -503,25 +474,3 @@ def _peft_expert_params(shapes: Mapping[str, tuple[int, int]], r: int) -> int:
         gate_up = 2 * r * (fan_in + 2 * half)
         return gate_up + r * sum(shapes["down"])
     return sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes.values())
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
-def _format_counts(counts: Mapping[str, int], bytes_per_param: int = 2) -> str:
-    """One line per format: parameters and size at ``bytes_per_param`` (2 = bf16)."""
-    return "\n".join(f"{k}: {v:,} params, {_human_bytes(v * bytes_per_param)}" for k, v in counts.items())
-
-
-if __name__ == "__main__":  # pragma: no cover - a quick size table for docs/serving.md
-    from transformers import OlmoeConfig
-
-    olmoe = OlmoeConfig(intermediate_size=1024)  # OLMoE-1B-7B: 16 layers, 64 experts of 1024, hidden 2048
-    for fuse in (False, True):
-        print(f"OLMoE-1B-7B k=8 r=32 fuse_gate_up={fuse}")
-        print(_format_counts(adapter_size_report(olmoe, 8, 32, fuse_gate_up=fuse)))

@@ -1,241 +1,52 @@
-"""Routing profiles: how many tokens the router sends to each expert of each MoE layer.
+"""Measuring routing: how many tokens the router sends to each expert of each MoE layer.
 
 Counts are read where the experts module receives ``top_k_index`` (fused layout) or from the router's logits
-(per-expert ModuleList layout), so one mechanism serves every registered family.
+(per-expert ModuleList layout), so one mechanism serves every registered family. The record they produce is
+:class:`~hellora_trl.profile.ExpertProfile`; which rows a warm-up sees is decided here too
+(:func:`warmup_indices`), so the trainer, the CLI, reports and the Axolotl plugin profile the same rows.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
+import random
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum
+from .profile import ExpertProfile
 from .registry import MoEFamily, MoELayer, experts_per_token, family_for, find_moe_layers
+from .utils import unwrap_model
 
-PROFILE_FORMAT_VERSION = 1
-
-
-def _default_file_mode() -> int:
-    """0666 minus the process umask: what ``open(path, "w")`` would have given."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+IGNORE_INDEX = -100  # label of tokens that are never a target (padding, masked prompts)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write via a temp file in the same folder + rename, so an interrupted save never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; a profile or report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+def warmup_indices(num_rows: int, fraction: float, seed: int) -> list[int]:
+    """The seeded random ``fraction`` of ``num_rows`` rows (at least one), in order, that the warm-up sees.
+
+    The same (length, fraction, seed) always gives the same rows, whoever asks (trainer, CLI, report, plugin).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}; e.g. 0.1 profiles a 10% warm-up slice.")
+    if num_rows == 0:
+        raise ValueError("The dataset is empty; there is nothing to sample a warm-up slice from.")
+    count = min(num_rows, max(1, round(fraction * num_rows)))
+    if count == num_rows:
+        return list(range(num_rows))
+    return sorted(random.Random(seed).sample(range(num_rows), count))
 
 
-@dataclass
-class ExpertProfile:
-    """Token->expert assignment counts, (num_layers x num_experts) int64, plus where they came from."""
-
-    counts: torch.Tensor
-    layer_names: list[str]
-    num_experts: int
-    experts_per_token: int
-    family: str = "unknown"
-    tokens_seen: int = 0
-    source: dict[str, Any] = field(default_factory=dict)
-    has_shared_experts: bool = False
-
-    def __post_init__(self) -> None:
-        self.counts = torch.as_tensor(self.counts, dtype=torch.int64).cpu()
-        if self.counts.dim() != 2:
-            raise ValueError(f"Profile counts must be 2-D (layers x experts), got shape {tuple(self.counts.shape)}.")
-        if self.counts.shape != (len(self.layer_names), self.num_experts):
-            raise ValueError(
-                f"Profile counts have shape {tuple(self.counts.shape)} but there are {len(self.layer_names)} layer "
-                f"names and num_experts={self.num_experts}."
-            )
-        if (self.counts < 0).any():
-            raise ValueError("Profile counts must be non-negative.")
-
-    # ------------------------------------------------------------------------------------------ views
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_names)
-
-    def shares(self) -> torch.Tensor:
-        """Per-layer share of assignments per expert (rows sum to 1 where the layer saw tokens)."""
-        totals = self.counts.sum(dim=1, keepdim=True).clamp_min(1)
-        return self.counts.double() / totals
-
-    def top_k(self, k: int) -> dict[str, list[int]]:
-        """Per-layer top-k experts by count, ties to the lower index."""
-        from .selection import select_hot_experts
-
-        return select_hot_experts(self, k=k, strategy="layer")
-
-    def concentration(self, k: int | None = None) -> list[float]:
-        """Share of each layer's assignments taken by its top-k experts (uniform routing gives k/E)."""
-        k = k or self.experts_per_token
-        _check_k(k, self.num_experts)
-        top = torch.sort(self.counts, dim=1, descending=True, stable=True).values[:, :k]
-        totals = self.counts.sum(dim=1).clamp_min(1)
-        return (top.sum(dim=1).double() / totals).tolist()
-
-    def jaccard(self, other: "ExpertProfile", k: int | None = None) -> list[float]:
-        """Per-layer Jaccard similarity of the two profiles' top-k hot sets."""
-        mine, theirs = self._paired_hot_sets(other, k)
-        return [len(a & b) / max(len(a | b), 1) for a, b in zip(mine, theirs)]
-
-    def coverage(self, other: "ExpertProfile", k: int | None = None) -> list[float]:
-        """Per-layer share of ``other``'s routing mass that lands on this profile's hot set."""
-        mine, _ = self._paired_hot_sets(other, k)
-        shares = other.shares()
-        return [float(shares[i, sorted(hot)].sum()) for i, hot in enumerate(mine)]
-
-    def _paired_hot_sets(self, other: "ExpertProfile", k: int | None) -> tuple[list[set], list[set]]:
-        self._check_compatible(other)
-        k = k or self.experts_per_token
-        return (
-            [set(v) for v in self.top_k(k).values()],
-            [set(v) for v in other.top_k(k).values()],
+def warmup_slice(dataset, fraction: float, seed: int):
+    """The warm-up rows of a map-style ``datasets.Dataset`` (``fraction == 1`` returns ``dataset`` itself)."""
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "select"):
+        raise ValueError(
+            f"The warm-up slice needs a map-style datasets.Dataset (with len), got {type(dataset).__name__}."
         )
-
-    def _check_compatible(self, other: "ExpertProfile") -> None:
-        if self.layer_names != other.layer_names or self.num_experts != other.num_experts:
-            raise ValueError(
-                "Profiles describe different models: "
-                f"{self.num_layers} layers x {self.num_experts} experts vs "
-                f"{other.num_layers} layers x {other.num_experts} experts (or different layer names)."
-            )
-
-    def merge(self, other: "ExpertProfile") -> "ExpertProfile":
-        """Sum of two profiles of the same model (e.g. two data shards)."""
-        self._check_compatible(other)
-        return ExpertProfile(
-            counts=self.counts + other.counts,
-            layer_names=list(self.layer_names),
-            num_experts=self.num_experts,
-            experts_per_token=self.experts_per_token,
-            family=self.family,
-            tokens_seen=self.tokens_seen + other.tokens_seen,
-            source={"merged": [self.source, other.source]},
-            has_shared_experts=self.has_shared_experts,
-        )
-
-    def check_matches(self, model: nn.Module) -> None:
-        """Raise a clear error when this profile was not taken on (a model shaped like) ``model``."""
-        layers = find_moe_layers(_unwrap(model))
-        names = [layer.name for layer in layers]
-        if names != self.layer_names:
-            raise ValueError(
-                f"Profile does not match the model: the profile has {self.num_layers} MoE layers "
-                f"({self.layer_names[:2]}...), the model has {len(names)} ({names[:2]}...). Profile the model "
-                "again, or pass the profile taken on this architecture."
-            )
-        bad = [layer.name for layer in layers if layer.num_experts != self.num_experts]
-        if bad:
-            raise ValueError(
-                f"Profile has {self.num_experts} experts per layer but the model's layers {bad[:3]} have "
-                f"{layers[0].num_experts}."
-            )
-
-    # ------------------------------------------------------------------------------------------- I/O
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": "hellora_trl.ExpertProfile",
-            "version": PROFILE_FORMAT_VERSION,
-            "family": self.family,
-            "num_experts": self.num_experts,
-            "experts_per_token": self.experts_per_token,
-            "has_shared_experts": self.has_shared_experts,
-            "tokens_seen": self.tokens_seen,
-            "layer_names": self.layer_names,
-            "counts": self.counts.tolist(),
-            "source": self.source,
-        }
-
-    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-        """Atomic JSON. ``extra`` (e.g. the selected hot map) is stored alongside and ignored by ``load``."""
-        data = self.to_dict()
-        if extra:
-            data.update(extra)
-        return atomic_write_text(path, json.dumps(data, indent=1))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ExpertProfile":
-        if not isinstance(data, Mapping) or data.get("format") != "hellora_trl.ExpertProfile":
-            raise ValueError("Not a hellora_trl expert profile (missing format marker).")
-        try:
-            return cls(
-                counts=torch.tensor(data["counts"], dtype=torch.int64),
-                layer_names=list(data["layer_names"]),
-                num_experts=int(data["num_experts"]),
-                experts_per_token=int(data["experts_per_token"]),
-                family=data.get("family", "unknown"),
-                tokens_seen=int(data.get("tokens_seen", 0)),
-                source=dict(data.get("source", {})),
-                has_shared_experts=bool(data.get("has_shared_experts", False)),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"Invalid expert profile: {err}") from err
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ExpertProfile":
-        return cls.load_with_extra(path)[0]
-
-    @classmethod
-    def load_with_extra(cls, path: str | os.PathLike) -> tuple["ExpertProfile", dict[str, Any]]:
-        """The profile and the whole JSON record, so fields saved with it (``hot_experts``...) need no second read."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Expert profile not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"Expert profile {path} is not valid JSON ({err}). Re-run profiling.") from err
-        try:
-            return cls.from_dict(data), data
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
-
-    def __repr__(self) -> str:
-        return (
-            f"ExpertProfile(family={self.family!r}, layers={self.num_layers}, experts={self.num_experts}, "
-            f"top_k={self.experts_per_token}, tokens_seen={self.tokens_seen})"
-        )
-
-
-def _check_k(k: int, num_experts: int) -> None:
-    if not isinstance(k, int) or k < 1 or k > num_experts:
-        raise ValueError(f"k must be an integer in [1, {num_experts}] (the number of experts), got {k!r}.")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT/accelerate wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engines
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
+    indices = warmup_indices(len(dataset), fraction, seed)
+    return dataset if len(indices) == len(dataset) else dataset.select(indices)
 
 
 class RoutingCounter:
@@ -245,8 +56,8 @@ class RoutingCounter:
     inside backward (gradient-checkpoint recomputation) are not counted twice.
     """
 
-    def __init__(self, model: nn.Module, family: MoEFamily | None = None) -> None:
-        base = _unwrap(model)
+    def __init__(self, model: nn.Module, family: MoEFamily | None = None, *, per_row: bool = False) -> None:
+        base = unwrap_model(model)
         self.model = base
         self.family = family or family_for(base)
         self.layers: list[MoELayer] = find_moe_layers(base, self.family)
@@ -255,6 +66,11 @@ class RoutingCounter:
         self.counts = torch.zeros(len(self.layers), self.num_experts, dtype=torch.int64)
         self.tokens_seen = 0
         self.token_mask: torch.Tensor | None = None
+        # per_row: also keep (batch, layers, experts) counts per forward, so one pass over a dataset gives the
+        # profile of any subset of its rows (every warm-up fraction and seed) as a sum.
+        self.per_row = per_row
+        self.row_batches: list[torch.Tensor] = []
+        self._seq_len = 0
         self._handles: list[Any] = []
         self.enabled = True
 
@@ -264,26 +80,51 @@ class RoutingCounter:
             return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
+        shaped = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             self.token_mask = mask.reshape(-1).bool()
             self.tokens_seen += int(self.token_mask.sum())
         else:
             self.token_mask = None
-            embeds = kwargs.get("inputs_embeds")
-            shaped = ids if isinstance(ids, torch.Tensor) else embeds
             if isinstance(shaped, torch.Tensor):
                 self.tokens_seen += int(shaped.shape[0] * shaped.shape[1]) if shaped.dim() >= 2 else shaped.numel()
+        if self.per_row and isinstance(shaped, torch.Tensor) and shaped.dim() >= 2:
+            batch, self._seq_len = int(shaped.shape[0]), int(shaped.shape[1])
+            self.row_batches.append(torch.zeros(batch, len(self.layers), self.num_experts, dtype=torch.int32))
 
     def _record(self, layer_idx: int, index: torch.Tensor) -> None:
         if not self.enabled or _in_backward():
             return
         index = index.detach().reshape(-1, index.shape[-1])
         mask = self.token_mask
-        if mask is not None and mask.numel() == index.shape[0]:
+        masked = mask is not None and mask.numel() == index.shape[0]
+        if self.per_row and self.row_batches:
+            self._record_rows(layer_idx, index.cpu(), mask.cpu() if masked else None)
+        if masked:
             index = index[mask.to(index.device)]
         flat = index.reshape(-1)
         flat = flat[(flat >= 0) & (flat < self.num_experts)]
         self.counts[layer_idx] += torch.bincount(flat.cpu(), minlength=self.num_experts)
+
+    def _record_rows(self, layer_idx: int, index: torch.Tensor, mask: torch.Tensor | None) -> None:
+        rows = torch.arange(index.shape[0]) // max(self._seq_len, 1)
+        if mask is not None:
+            index, rows = index[mask], rows[mask]
+        rows = rows.repeat_interleave(index.shape[-1])
+        flat = index.reshape(-1)
+        keep = (flat >= 0) & (flat < self.num_experts)
+        current = self.row_batches[-1]
+        size = current.shape[0] * self.num_experts
+        counts = torch.bincount(rows[keep] * self.num_experts + flat[keep], minlength=size)
+        current[:, layer_idx] += counts[:size].reshape(-1, self.num_experts).int()
+
+    def row_counts(self) -> torch.Tensor:
+        """Per-row counts (rows x layers x experts, int32) of every counted forward, in order (``per_row=True``)."""
+        if not self.per_row:
+            raise ValueError("row_counts() needs RoutingCounter(..., per_row=True).")
+        if not self.row_batches:
+            return torch.zeros(0, len(self.layers), self.num_experts, dtype=torch.int32)
+        return torch.cat(self.row_batches)
 
     def attach(self) -> "RoutingCounter":
         self._handles.append(self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True))
@@ -326,8 +167,9 @@ class RoutingCounter:
 
     def to_profile(self, source: dict[str, Any] | None = None, reduce: bool = True) -> ExpertProfile:
         counts, tokens = self.counts.clone(), self.tokens_seen
-        if reduce:
-            counts, tokens = all_reduce_counts(counts, tokens)
+        if reduce:  # every rank must select the same hot experts
+            packed = all_reduce_sum(torch.cat([counts.reshape(-1), torch.tensor([tokens], dtype=torch.int64)]))
+            counts, tokens = packed[:-1].reshape(counts.shape), int(packed[-1])
         if tokens == 0:
             # No attention mask seen: each token makes top_k assignments in every layer.
             tokens = int(counts[0].sum()) // max(self.top_k, 1)
@@ -351,18 +193,6 @@ def _model_has_shared(layers: list[MoELayer], family: MoEFamily) -> bool:
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
-
-
-def all_reduce_counts(counts: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
-    """Sum counts across ranks so every rank selects the same hot experts."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return counts, tokens
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    packed = torch.cat([counts.reshape(-1), torch.tensor([tokens], dtype=torch.int64)]).to(device)
-    torch.distributed.all_reduce(packed)
-    packed = packed.cpu()
-    return packed[:-1].reshape(counts.shape), int(packed[-1])
 
 
 def _iter_batches(data: Any, batch_size: int, collate, allow_empty: bool = False) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -392,18 +222,29 @@ def _iter_batches(data: Any, batch_size: int, collate, allow_empty: bool = False
         raise ValueError("Cannot profile on an empty dataset (the iterable yielded no batch).")
 
 
-def pad_collate(pad_token_id: int = 0):
-    """Right-pad a list of {input_ids[, attention_mask]} rows into tensors."""
+def pad_collate(pad_token_id: int = 0, labels: bool = False):
+    """Right-pad a list of {input_ids[, attention_mask][, labels]} rows into tensors (the package's one collate).
+
+    ``labels=True`` adds ``labels``: a row's own ``labels`` (prompt tokens already masked by the framework) or its
+    ``input_ids``, with padding set to -100 so it is never a target.
+    """
 
     def collate(rows: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         length = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
+        targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[i, :n] = torch.as_tensor(r["input_ids"])
-            mask[i, :n] = torch.as_tensor(r.get("attention_mask", [1] * n))
-        return {"input_ids": ids, "attention_mask": mask}
+            row_mask = r.get("attention_mask")
+            mask[i, :n] = torch.as_tensor(row_mask if row_mask is not None else [1] * n)
+            row_labels = r.get("labels")
+            targets[i, :n] = torch.as_tensor(row_labels if row_labels is not None else r["input_ids"])
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if labels:
+            batch["labels"] = targets.masked_fill(mask == 0, IGNORE_INDEX)
+        return batch
 
     return collate
 
@@ -438,18 +279,59 @@ def profile_experts(
     forwards until this many batches ran, so every rank makes the same number of forward passes (ZeRO-3 gathers
     weights collectively in each one); ``data`` may then be empty on this rank.
     """
+    counter = RoutingCounter(model)
+    _run_counted(model, counter, data, batch_size, max_batches, progress, "HELLoRA profiling", pad_batches_to)
+    meta = {"mode": "forward", "batch_size": batch_size, "max_batches": max_batches}
+    meta.update(source or {})
+    return counter.to_profile(meta)
+
+
+def profile_rows(
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    source: dict[str, Any] | None = None,
+) -> tuple[ExpertProfile, torch.Tensor]:
+    """Forward-only profile of a tokenized dataset plus its per-row counts (rows x layers x experts, int32).
+
+    Row ``i`` of the counts is dataset row ``i``; summing any subset gives that subset's profile exactly (warm-up
+    stability for every fraction and seed from one pass).
+    """
+    if not hasattr(data, "column_names") or len(data) == 0 or "input_ids" not in data.column_names:
+        raise ValueError("profile_rows needs a non-empty tokenized dataset with an `input_ids` column.")
+    counter = RoutingCounter(model, per_row=True)
+    _run_counted(model, counter, data, batch_size, None, progress, "HELLoRA profiling rows")
+    per_row = counter.row_counts()
+    profile = counter.to_profile({"mode": "forward", "batch_size": batch_size, **(source or {})})
+    if per_row.shape[0] != len(data) or not torch.equal(per_row.sum(0).long(), profile.counts):
+        raise RuntimeError(
+            "Per-row routing counts do not add up to the layer totals for this model family (its routing indices "
+            "are not laid out batch x sequence); use labelled profiles (one `hellora profile` per fraction) instead."
+        )
+    return profile, per_row
+
+
+def _run_counted(
+    model: nn.Module,
+    counter: RoutingCounter,
+    data: Any,
+    batch_size: int,
+    max_batches: int | None,
+    progress: bool,
+    desc: str,
+    pad_batches_to: int | None = None,
+) -> None:
+    """Forward passes over ``data`` in eval mode without gradients, counted by ``counter``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    counter = RoutingCounter(model)
-    pad_id = getattr(getattr(_unwrap(model), "config", None), "pad_token_id", None) or 0
+    from tqdm.auto import tqdm
+
+    pad_id = getattr(getattr(unwrap_model(model), "config", None), "pad_token_id", None) or 0
     device = next(model.parameters()).device
     batches = _iter_batches(data, batch_size, pad_collate(pad_id), allow_empty=pad_batches_to is not None)
-    total = _maybe_len(data, batch_size, max_batches)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    bar = tqdm(total=total, desc="HELLoRA profiling", disable=not progress or tqdm is None, unit="batch") if tqdm else None
+    bar = tqdm(total=_maybe_len(data, batch_size, max_batches), desc=desc, disable=not progress, unit="batch")
     ran = 0
     with counter, _eval_mode(model), torch.no_grad():
         for i, batch in enumerate(batches):
@@ -458,18 +340,13 @@ def profile_experts(
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
             model(**inputs, use_cache=False)
             ran += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         counter.enabled = False  # filler forwards are not counted
         filler = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
         for _ in range(max(0, (pad_batches_to or 0) - ran)):
             model(input_ids=filler, attention_mask=torch.ones_like(filler), use_cache=False)
         counter.enabled = True
-    if bar is not None:
-        bar.close()
-    meta = {"mode": "forward", "batch_size": batch_size, "max_batches": max_batches}
-    meta.update(source or {})
-    return counter.to_profile(meta)
+    bar.close()
 
 
 def _maybe_len(data: Any, batch_size: int, max_batches: int | None) -> int | None:

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .distributed import full_shape
+from .utils import full_shape, unwrap_layer
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,6 @@ def _iter_candidate_blocks(model: nn.Module, family: MoEFamily) -> Iterator[tupl
                 yield name, module
             elif family.layout == "modulelist" and isinstance(experts, nn.ModuleList):
                 yield name, module
-
-
-def unwrap_layer(module: nn.Module) -> nn.Module:
-    """The original module inside a PEFT tuner layer (or the module itself)."""
-    get_base = getattr(module, "get_base_layer", None)
-    return get_base() if callable(get_base) else module
 
 
 def is_fused_experts(module: nn.Module) -> bool:

@@ -13,53 +13,85 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
 from transformers.utils import logging
 from trl import SFTTrainer
 
 from .adapter import apply_hellora, default_lora_config, hot_map_from_model
+from .baselines import all_experts_hot
 from .config import HELLoRAConfig
-from .dynamic_rank import DynamicRankCallback, restore_dynamic_rank
+from .constants import CONCENTRATION_FILE, HEATMAP_FILE, MASKS_FILE, OVERHEAD_FILE, PROFILE_FILE, STAGING_DIR
 from .distributed import gathered_adapter_state, register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
-from .profiling import ExpertProfile, RoutingCounter, profile_experts
+from .profile import ExpertProfile, HotMap
+from .profiling import RoutingCounter, profile_experts, warmup_slice
 from .registry import find_moe_layers
-from .selection import HotMap, select_hot_experts, validate_hot_map
-from .variants import MASKS_FILE, copy_lora_A, freeze_lora_A, load_masks, lori_s_from_lori_d
+from .selection import SelectionSettings, load_plan, plan_hot_experts, save_plan, validate_hot_map
+from .utils import publish_staged
+from .variants import copy_lora_A, load_masks, lori_s_from_lori_d
 
 logger = logging.get_logger(__name__)
 
-PROFILE_FILE = "hellora_profile.json"
-STAGING_DIR = ".hellora-staging"
-HEATMAP_FILE = "hellora_expert_heatmap.png"
-CONCENTRATION_FILE = "hellora_concentration.png"
-OVERHEAD_FILE = "hellora_overhead.png"
+__all__ = ["HELLoRAFiguresCallback", "HELLoRATrainer", "PROFILE_FILE", "STAGING_DIR", "HEATMAP_FILE"]
 
 
-def sample_warmup_slice(dataset, fraction: float, seed: int):
-    """The seeded random slice of the (processed) training set that profiling sees."""
-    from .data import sample_fraction
+class HELLoRAFiguresCallback(TrainerCallback):
+    """Uploads HELLoRA's figures (heatmap, concentration, overhead) to the trackers in ``report_to`` that take images
+    (TensorBoard, W&B); the PNG files themselves stay in ``output_dir``.
 
-    return sample_fraction(dataset, fraction, seed)
+    Figures queued with :meth:`add` are sent at the next ``on_train_begin`` or ``on_log``, i.e. once the trackers
+    exist."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Path] = {}
+        self.sent: list[str] = []
+
+    def add(self, figures: dict[str, Path]) -> None:
+        self.pending.update(figures)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._flush(args, state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._flush(args, state)
+
+    def _flush(self, args, state) -> None:
+        if not self.pending or not state.is_world_process_zero:
+            return
+        figures, self.pending = self.pending, {}
+        report_to = args.report_to or []
+        if "wandb" in report_to:
+            _send_wandb(figures)
+        if "tensorboard" in report_to:
+            _send_tensorboard(figures, getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs"))
+        self.sent += list(figures)
 
 
-def publish_staged(staging: Path, target: Path) -> None:
-    """Move every entry of ``staging`` into ``target`` with atomic renames (same filesystem), then drop it."""
-    target.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(staging.iterdir()):
-        destination = target / entry.name
-        if entry.is_dir():
-            if destination.exists():
-                shutil.rmtree(destination)
-            os.replace(entry, destination)
-        else:
-            os.replace(entry, destination)
-    staging.rmdir()
+def _send_wandb(figures: dict[str, Path]) -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.log({name: wandb.Image(str(path)) for name, path in figures.items()})
+
+
+def _send_tensorboard(figures: dict[str, Path], log_dir: str) -> None:
+    try:
+        import numpy as np
+        from PIL import Image
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    with SummaryWriter(log_dir=log_dir) as writer:
+        for name, path in figures.items():
+            writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
 
 
 class HELLoRATrainer(SFTTrainer):
@@ -100,15 +132,20 @@ class HELLoRATrainer(SFTTrainer):
         self.hellora_peft_config = peft_config
         self.hellora_profile: ExpertProfile | None = None
         self.hellora_hot_experts: HotMap | None = None
+        self.hellora_selection_record: dict[str, Any] = {}
         self.hellora_timings: dict[str, float] = {}
         super().__init__(model, args, *pos, peft_config=None, **kwargs)
+        self.hellora_figures = HELLoRAFiguresCallback()
+        self.add_callback(self.hellora_figures)
         if args.hellora_dynamic_rank:
             self.add_callback(self._dynamic_rank_callback(peft_config.r))
         # Fail before any work when the model is not a MoE model the registry knows.
         self._moe_layers = find_moe_layers(self.model)
         self._check_fsdp_sub_runs()
 
-    def _dynamic_rank_callback(self, r: int) -> DynamicRankCallback:
+    def _dynamic_rank_callback(self, r: int):
+        from .experimental.dynamic_rank import DynamicRankCallback  # experimental: loaded only when asked for
+
         args: HELLoRAConfig = self.args
         r_init = args.hellora_dr_r_init or max(1, r // 4)
         r_budget = args.hellora_dr_r_budget or max(r_init, r // 2)
@@ -172,58 +209,34 @@ class HELLoRATrainer(SFTTrainer):
                 raise FileNotFoundError(
                     f"{path} missing: the checkpoint was not written by HELLoRATrainer, so its hot experts are unknown."
                 )
-            self.hellora_profile, record = ExpertProfile.load_with_extra(path)
-            hot = record.get("hot_experts")
+            self.hellora_profile, hot, self.hellora_selection_record = load_plan(path)
             if hot is None:
                 raise ValueError(f"{path} holds no hot_experts map, so the checkpoint's adapter cannot be rebuilt.")
             self.hellora_profile.check_matches(self.model)
             validate_hot_map(hot, self.hellora_profile.layer_names, self.hellora_profile.num_experts)
             self.hellora_hot_experts = hot
             return hot
+        stored = None
         if args.hellora_profile_path and Path(args.hellora_profile_path).is_file():
-            self.hellora_profile, record = ExpertProfile.load_with_extra(args.hellora_profile_path)
+            self.hellora_profile, stored, _ = load_plan(args.hellora_profile_path)
             self.hellora_profile.check_matches(self.model)
             logger.info("HELLoRA: loaded routing profile %s, profiling skipped.", args.hellora_profile_path)
-            stored = self._stored_hot_map(args.hellora_profile_path, record.get("hot_experts"))
-            if stored is not None:
-                self.hellora_hot_experts = stored
-                self._write_profile_outputs()
-                return stored
         else:
             started = time.perf_counter()
             self.hellora_profile = self.run_profiling()
             self.hellora_timings["profiling"] = time.perf_counter() - started
-        hot = self.select(self.hellora_profile)
+        settings = SelectionSettings.from_args(args, seed=self._seed)
+        hot, self.hellora_selection_record = plan_hot_experts(
+            self.hellora_profile, settings, stored, origin=str(args.hellora_profile_path)
+        )
         self.hellora_hot_experts = hot
         self._write_profile_outputs()
         return hot
 
-    def _stored_hot_map(self, path: str, hot: HotMap | None) -> HotMap | None:
-        """The hot map saved with a profile (``hellora select``, an earlier run), unless re-selection is asked for."""
-        args: HELLoRAConfig = self.args
-        if hot is None or args.hellora_reselect:
-            return None
-        validate_hot_map(hot, self.hellora_profile.layer_names, self.hellora_profile.num_experts)
-        if args.hellora_k is not None and any(len(ids) != args.hellora_k for ids in hot.values()):
-            logger.warning(
-                "HELLoRA: %s holds a hot map with %s experts per layer, not hellora_k=%d; using the stored map. "
-                "Set hellora_reselect=True to select again from its counts.",
-                path, sorted({len(ids) for ids in hot.values()}), args.hellora_k,
-            )
-        logger.info("HELLoRA: using the hot map stored in %s.", path)
-        return hot
-
     def select(self, profile: ExpertProfile) -> HotMap:
-        args: HELLoRAConfig = self.args
-        return select_hot_experts(
-            profile,
-            k=args.hellora_k,
-            strategy=args.hellora_selection,
-            seed=self._seed,
-            mass=args.hellora_mass,
-            min_k=args.hellora_min_k,
-            max_k=args.hellora_max_k,
-        )
+        """A fresh selection from ``profile`` with this run's settings (``hellora_k``, ``hellora_selection``...)."""
+        settings = SelectionSettings.from_args(self.args, seed=self._seed)
+        return plan_hot_experts(profile, settings)[0]
 
     @property
     def _zero3(self) -> bool:
@@ -242,7 +255,7 @@ class HELLoRATrainer(SFTTrainer):
                 "HELLoRA samples its warm-up slice from a map-style Dataset; for an IterableDataset pass "
                 "hellora_profile_path with a profile taken beforehand (hellora profile ...)."
             )
-        warmup = sample_warmup_slice(self.train_dataset, args.hellora_warmup_fraction, self._seed)
+        warmup = warmup_slice(self.train_dataset, args.hellora_warmup_fraction, self._seed)
         source = {
             "mode": args.hellora_profile_mode,
             "warmup_fraction": args.hellora_warmup_fraction,
@@ -277,51 +290,59 @@ class HELLoRATrainer(SFTTrainer):
             )
 
     def _phase_args(self, subdir: str) -> HELLoRAConfig:
-        """Arguments of a phase run inside ``train()`` (LoRA warm-up, LoRI-D stage): no saving, eval or hub."""
+        """Arguments of a phase run inside ``train()`` (LoRA warm-up, LoRI-D stage): no saving, eval, hub or
+        trackers, and none of the main run's evaluation-time or data-preparation switches."""
         phase = copy.deepcopy(self.args)
         phase.output_dir = os.path.join(self.args.output_dir, subdir)
         phase.save_strategy = SaveStrategy.NO
         phase.eval_strategy = IntervalStrategy.NO
+        phase.eval_on_start = False
         phase.load_best_model_at_end = False
         phase.push_to_hub = False
+        phase.report_to = []
         phase.dataset_kwargs = {**(self.args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         phase.packing = False  # the data is already processed (and packed, if packing was on)
         # DeepSpeed: accelerate allows one plugin per process; the phase's Accelerator reuses the main one.
         phase.deepspeed_plugin = None
         return phase
 
-    def _profile_lora_warmup(self, warmup, source: dict[str, Any]) -> ExpertProfile:
-        """The paper's warm-up: LoRA on attention, routers and every expert, trained on the slice while counting."""
-        args: HELLoRAConfig = self.args
-        base = self.model
-        all_hot = {layer.name: list(range(layer.num_experts)) for layer in self._moe_layers}
-        warm_model = self._build_adapter(all_hot, "lora")  # plain LoRA on every expert, whatever the variant
-        register_moe_leaf_modules(warm_model)
-        warm_args = self._phase_args("hellora_warmup")
-        warm_args.report_to = []
-        warm_args.num_train_epochs = args.hellora_warmup_epochs
-        warm_args.max_steps = -1
-        counter = RoutingCounter(warm_model)
-        warm_trainer = SFTTrainer(
-            model=warm_model,
-            args=warm_args,
-            train_dataset=warmup,
+    @contextmanager
+    def _run_phase(self, hot: HotMap, variant: str, subdir: str, train_dataset) -> Iterator[tuple[Any, SFTTrainer]]:
+        """A sub-run on its own adapter (warm-up, LoRI-D stage): build the adapter, yield (model, trainer), then
+        destroy the trainer's engine, unload the adapter and keep the trainer's base-model reference valid."""
+        phase_model = self._build_adapter(hot, variant)
+        register_moe_leaf_modules(phase_model)
+        phase_args = self._phase_args(subdir)
+        phase = SFTTrainer(
+            model=phase_model,
+            args=phase_args,
+            train_dataset=train_dataset,
             processing_class=self.processing_class,
             data_collator=self.data_collator,
         )
         try:
-            with counter:
-                warm_trainer.train()
-            warm_loss = [log["loss"] for log in warm_trainer.state.log_history if "loss" in log]
+            yield phase_model, phase
         finally:
-            warm_trainer.accelerator.free_memory()  # DeepSpeed: destroy the warm-up engine (and its ZeRO-3 hooks)
-            del warm_trainer
-            restored = warm_model.unload()  # drop the warm-up adapters, keep the base weights untouched
+            phase.accelerator.free_memory()  # DeepSpeed: destroy the phase's engine (and its ZeRO-3 hooks)
+            del phase
+            restored = phase_model.unload()  # drop the phase adapter, keep the base weights untouched
             gc.collect()
-            if os.path.isdir(warm_args.output_dir) and not os.listdir(warm_args.output_dir):
-                os.rmdir(warm_args.output_dir)
-        if restored is not base:  # unload works in place; keep the trainer's reference valid regardless
-            self.model = self.model_wrapped = restored
+            if os.path.isdir(phase_args.output_dir) and not os.listdir(phase_args.output_dir):
+                os.rmdir(phase_args.output_dir)
+            if restored is not self.model:  # unload works in place; keep the trainer's reference valid regardless
+                self.model = self.model_wrapped = restored
+
+    def _profile_lora_warmup(self, warmup, source: dict[str, Any]) -> ExpertProfile:
+        """The paper's warm-up: LoRA on attention, routers and every expert, trained on the slice while counting."""
+        args: HELLoRAConfig = self.args
+        # plain LoRA on every expert, whatever the variant
+        with self._run_phase(all_experts_hot(self.model), "lora", "hellora_warmup", warmup) as (warm_model, warm):
+            warm.args.num_train_epochs = args.hellora_warmup_epochs
+            warm.args.max_steps = -1
+            counter = RoutingCounter(warm_model)
+            with counter:
+                warm.train()
+            warm_loss = [log["loss"] for log in warm.state.log_history if "loss" in log]
         source.update({"warmup_epochs": args.hellora_warmup_epochs, "warmup_loss": warm_loss[-1] if warm_loss else None})
         return counter.to_profile(source)
 
@@ -352,6 +373,8 @@ class HELLoRATrainer(SFTTrainer):
             peft_model.enable_input_require_grads()
         register_moe_leaf_modules(peft_model)  # ZeRO-3 only: gather each MoE block whole, the same on every rank
         if checkpoint and args.hellora_dynamic_rank:
+            from .experimental.dynamic_rank import restore_dynamic_rank
+
             restore_dynamic_rank(peft_model, checkpoint)  # the callback keeps restored ranks and grows from there
         self.model = self.model_wrapped = peft_model
         self.callback_handler.model = peft_model  # callbacks (dynamic rank) must see the adapted model
@@ -370,65 +393,29 @@ class HELLoRATrainer(SFTTrainer):
 
     def _train_lori_d_stage(self, hot: HotMap) -> str:
         """LoRI-S stage one: LoRI-D on the same hot experts, data and budget; its adapter is kept in output_dir."""
-        args: HELLoRAConfig = self.args
-        stage_model = self._build_adapter(hot, "lori_d")
-        register_moe_leaf_modules(stage_model)
-        stage_args = self._phase_args("lori_d")
-        stage = SFTTrainer(
-            model=stage_model,
-            args=stage_args,
-            train_dataset=self.train_dataset,
-            processing_class=self.processing_class,
-            data_collator=self.data_collator,
-        )
-        try:
-            freeze_lora_A(stage_model)
+        with self._run_phase(hot, "lori_d", "lori_d", self.train_dataset) as (stage_model, stage):
             stage.train()
             if self.args.should_save:
-                stage_model.save_pretrained(stage_args.output_dir)
+                stage_model.save_pretrained(stage.args.output_dir)
             self.accelerator.wait_for_everyone()
-        finally:
-            stage.accelerator.free_memory()  # DeepSpeed: destroy the stage's engine (and its ZeRO-3 hooks)
-            del stage
-            restored = stage_model.unload()
-            gc.collect()
-        if restored is not self.model:
-            self.model = self.model_wrapped = restored
-        return stage_args.output_dir
-
-    def create_optimizer(self, model=None):
-        """LoRI keeps A frozen: PEFT's set_adapter can turn requires_grad back on, so freeze right before."""
-        if self.args.hellora_variant != "lora" and isinstance(self.model, PeftModel):
-            freeze_lora_A(self.model)
-        return super().create_optimizer(model)
+            return stage.args.output_dir
 
     # ------------------------------------------------------------------------------------------ outputs
     def _write_profile_outputs(self) -> None:
         if not self.args.should_save:
             return
-        extra = {"hot_experts": self.hellora_hot_experts, "selection": self._selection_record()}
-        self.hellora_profile.save(Path(self.args.output_dir) / PROFILE_FILE, extra=extra)
+        targets = [Path(self.args.output_dir) / PROFILE_FILE]
         if self.args.hellora_profile_path and not Path(self.args.hellora_profile_path).is_file():
-            self.hellora_profile.save(self.args.hellora_profile_path, extra=extra)
+            targets.append(Path(self.args.hellora_profile_path))
+        save_plan(self.hellora_profile, self.hellora_hot_experts, self.hellora_selection_record, *targets)
         if self.args.hellora_plots:
-            from .reporting import plot_concentration, plot_heatmap
+            from .recipes.reporting import plot_concentration, plot_heatmap  # matplotlib: only when plotting
 
             k = self.args.hellora_k or self.hellora_profile.experts_per_token
             k = min(k, self.hellora_profile.num_experts)
             heatmap = plot_heatmap(self.hellora_profile, self.hellora_hot_experts, Path(self.args.output_dir) / HEATMAP_FILE)
             conc = plot_concentration({"profile": self.hellora_profile}, k, Path(self.args.output_dir) / CONCENTRATION_FILE)
-            self._send_figures({"hellora/expert_heatmap": heatmap, "hellora/concentration": conc})
-
-    def _selection_record(self) -> dict[str, Any]:
-        args: HELLoRAConfig = self.args
-        return {
-            "strategy": args.hellora_selection,
-            "k": args.hellora_k,
-            "per_layer_k": {name: len(ids) for name, ids in self.hellora_hot_experts.items()},
-            "components": args.hellora_components,
-            "mass": args.hellora_mass if args.hellora_selection == "mass" else None,
-            "variant": args.hellora_variant,
-        }
+            self.hellora_figures.add({"hellora/expert_heatmap": heatmap, "hellora/concentration": conc})
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """PEFT adapter as usual, plus the profile and hot map, so every checkpoint can be resumed or reloaded.
@@ -448,10 +435,7 @@ class HELLoRATrainer(SFTTrainer):
             super().save_model(str(staging), _internal_call=_internal_call)
         if self.args.should_save:
             if self.hellora_profile is not None:
-                self.hellora_profile.save(
-                    staging / PROFILE_FILE,
-                    extra={"hot_experts": self.hellora_hot_experts, "selection": self._selection_record()},
-                )
+                save_plan(self.hellora_profile, self.hellora_hot_experts, self.hellora_selection_record, staging / PROFILE_FILE)
             publish_staged(staging, target)
         self.accelerator.wait_for_everyone()
 
@@ -464,35 +448,12 @@ class HELLoRATrainer(SFTTrainer):
             conc = self.hellora_profile.concentration(min(self.hellora_profile.experts_per_token, self.hellora_profile.num_experts))
             metrics["hellora/concentration_mean"] = sum(conc) / len(conc)
         output.metrics.update(metrics)
-        self.log(metrics)
         if self.args.hellora_plots and self.args.should_save and profiling > 0:
-            from .reporting import plot_overhead
+            from .recipes.reporting import plot_overhead  # matplotlib: only when plotting
 
             path = plot_overhead({"profiling": profiling, "training": training}, Path(self.args.output_dir) / OVERHEAD_FILE)
-            self._send_figures({"hellora/overhead": path})
-
-    def _send_figures(self, figures: dict[str, Path]) -> None:
-        """Images go to the trackers in ``report_to`` that take them (TensorBoard, W&B); files stay in output_dir."""
-        report_to = self.args.report_to or []
-        if "wandb" in report_to:
-            try:
-                import wandb
-
-                if wandb.run is not None:
-                    wandb.log({name: wandb.Image(str(path)) for name, path in figures.items()})
-            except ImportError:
-                pass
-        if "tensorboard" in report_to:
-            try:
-                import numpy as np
-                from PIL import Image
-                from torch.utils.tensorboard import SummaryWriter
-
-                with SummaryWriter(log_dir=self.args.logging_dir or os.path.join(self.args.output_dir, "runs")) as writer:
-                    for name, path in figures.items():
-                        writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
-            except ImportError:
-                pass
+            self.hellora_figures.add({"hellora/overhead": path})
+        self.log(metrics)  # also sends the queued figure (HELLoRAFiguresCallback.on_log)
 
     @property
     def hot_experts(self) -> HotMap | None:

@@ -1,11 +1,11 @@
-"""Method variants on HELLoRA's placement: LoRA, LoRI-D and LoRI-S (HELLoRI), and the all-experts baselines.
+"""Method variants on HELLoRA's placement: LoRA, LoRI-D and LoRI-S (HELLoRI).
 
 LoRI (Zhang et al., 2025) keeps every LoRA ``A`` at its random init as a fixed projection (frozen: no gradient, no
 optimizer state) and trains only ``B``: densely (LoRI-D), or, in a second run from a fresh start (B = 0), only the
 top ``density`` of the B entries of a finished LoRI-D adapter, ranked by magnitude (LoRI-S).
 
-Masks live beside the model, not inside the adapter modules (their code is shared with PEFT): a side table on the
-transformers model plus a gradient hook on each B factor. A masked entry starts at 0 and never receives a gradient,
+Masks live beside the model, not inside the adapter modules (their code is shared with PEFT): a
+:class:`VariantState` in :mod:`hellora_trl.adapter_state`'s table plus a gradient hook on each B factor. A masked entry starts at 0 and never receives a gradient,
 so AdamW (decoupled weight decay included) leaves it at exactly 0. The variant travels with the adapter directory as
 ``hellora_variant.json`` and, for LoRI-S, ``hellora_masks.safetensors``; ``load_hellora`` restores both.
 
@@ -21,28 +21,21 @@ import json
 import math
 import os
 import re
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights
 from torch import nn
 
-from .profiling import _unwrap
-from .registry import family_for, find_moe_layers
-from .selection import HotMap
+from .adapter_state import get_extra, set_extra
+from .constants import DEFAULT_DENSITY, MASKS_FILE, PEFT_PREFIX, SCOPES, VARIANT_FILE, VARIANTS
+from .utils import atomic_write, atomic_write_text, unwrap_model
 
-VARIANTS = ("lora", "lori_d", "lori_s")
-SCOPES = ("global", "layer", "module")
-DEFAULT_DENSITY = 0.1
-MASKS_FILE = "hellora_masks.safetensors"
-VARIANT_FILE = "hellora_variant.json"
-PEFT_PREFIX = "base_model.model."
-_STATE_ATTR = "_hellora_variants"
+_KIND = "variant"  # this module's entry kind in the adapter-state table
 _FORMAT_VERSION = 1
 
 
@@ -64,16 +57,35 @@ class VariantState:
             _hook_all(state)
         return state
 
+    def changeable_entries(self) -> dict[int, Callable[[int], int]]:
+        """LoRI-S: each B factor changes on its mask's True entries (``density`` of them before masks exist)."""
+        if self.variant != "lori_s":
+            return {}
+        entries: dict[int, Callable[[int], int]] = {}
+        for key, param in self.params.items():
+            mask = self.masks.get(key)
+            kept = int(mask.sum()) if mask is not None else None
+            entries[id(param)] = (lambda n, kept=kept: kept) if kept is not None else (
+                lambda n: kept_count(n, self.density)
+            )
+        return entries
 
-@dataclass(frozen=True)
-class SparseSpec:
-    """How many entries of one B factor can change: the mask's count, or ``density`` of it before a mask exists."""
-
-    kept: int | None
-    density: float
-
-    def changeable(self, numel: int) -> int:
-        return self.kept if self.kept is not None else kept_count(numel, self.density)
+    def save(self, directory: Path) -> None:
+        """``hellora_variant.json`` (and, for LoRI-S, the masks) next to a saved adapter."""
+        record: dict[str, Any] = {"format_version": _FORMAT_VERSION, "variant": self.variant}
+        if self.variant == "lori_s":
+            if len(self.masks) != len(self.params):
+                raise ValueError("Cannot save a LoRI-S adapter before its masks exist (apply_masks first).")
+            save_masks(self.masks, directory / MASKS_FILE)
+            record.update(
+                density=self.density,
+                kept=sum(int(m.sum()) for m in self.masks.values()),
+                entries=sum(m.numel() for m in self.masks.values()),
+                masks=MASKS_FILE,
+            )
+        elif (directory / MASKS_FILE).exists():
+            (directory / MASKS_FILE).unlink()  # a stale LoRI-S mask must not describe this adapter
+        atomic_write_text(directory / VARIANT_FILE, json.dumps(record, indent=2))
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -122,7 +134,7 @@ def lora_factors(model: nn.Module, letter: str, adapter_name: str = "default") -
     pattern = _factor_pattern(letter, adapter_name)
     return {
         mask_key(name, adapter_name): param
-        for name, param in _unwrap(model).named_parameters()
+        for name, param in unwrap_model(model).named_parameters()
         if pattern.search(name)
     }
 
@@ -138,36 +150,14 @@ def _b_entries(source: Mapping[str, torch.Tensor], adapter_name: str) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------- state on the model
-def _states(model: nn.Module, create: bool = False) -> dict[str, VariantState]:
-    base = _unwrap(model)
-    states = base.__dict__.get(_STATE_ATTR)
-    if states is None and create:
-        states = {}
-        base.__dict__[_STATE_ATTR] = states
-    return states if states is not None else {}
-
-
 def variant_state(model: nn.Module, adapter_name: str = "default") -> VariantState | None:
     """The variant state of ``adapter_name``, None for plain LoRA."""
-    return _states(model).get(adapter_name)
+    return get_extra(model, adapter_name, _KIND)
 
 
 def variant_of(model: nn.Module, adapter_name: str = "default") -> str:
     state = variant_state(model, adapter_name)
     return state.variant if state is not None else "lora"
-
-
-def sparse_specs(model: nn.Module) -> dict[int, SparseSpec]:
-    """``id(param)`` -> changeable entries, for every LoRI-S B factor of every adapter (the accounting hook)."""
-    specs: dict[int, SparseSpec] = {}
-    for state in _states(model).values():
-        if state.variant != "lori_s":
-            continue
-        for key, param in state.params.items():
-            mask = state.masks.get(key)
-            kept = int(mask.sum()) if mask is not None else None
-            specs[id(param)] = SparseSpec(kept, state.density)
-    return specs
 
 
 # ------------------------------------------------------------------------------------------- LoRI mechanics
@@ -179,7 +169,22 @@ def freeze_lora_A(model: nn.Module, adapter_name: str = "default") -> int:
         raise ValueError(f"No LoRA A factors for adapter {adapter_name!r}: is this an adapted (PEFT) model?")
     for param in factors.values():
         param.requires_grad_(False)
+    _declare_frozen_a(model, adapter_name)
     return len(factors)
+
+
+def _declare_frozen_a(model: nn.Module, adapter_name: str) -> None:
+    """Declare the A factors frozen through PEFT's ``frozen_peft_weight_names`` (peft >= 0.20), so PEFT itself keeps
+    them frozen when it re-marks adapters trainable (``set_adapter``...)."""
+    for module in unwrap_model(model).modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        names = tuple(n for n in module.adapter_layer_names if _factor_pattern("A", None).search(n))
+        names = tuple(n for n in names if adapter_name in getattr(module, n, {}))
+        if names:
+            declared = dict(module.frozen_peft_weight_names)
+            declared[adapter_name] = tuple(dict.fromkeys(declared.get(adapter_name, ()) + names))
+            module.frozen_peft_weight_names = declared
 
 
 def prepare_variant(
@@ -202,8 +207,7 @@ def prepare_variant(
     state = VariantState(variant, float(density), lora_factors(model, "B", adapter_name))
     if not state.params:
         raise ValueError(f"No LoRA B factors for adapter {adapter_name!r}.")
-    _states(model, create=True)[adapter_name] = state
-    _install_saver(model)
+    set_extra(model, adapter_name, _KIND, state)
     if variant == "lori_s":
         _hook_all(state)
         if masks is not None:
@@ -385,24 +389,11 @@ def _load_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- save / load
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same directory, then rename: readers never see half a file.
-    (A plain per-process name rather than mkstemp, so the file gets the umask's permissions like PEFT's own.)"""
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: torch.as_tensor(v).detach().bool().cpu().contiguous() for k, v in masks.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "hellora_masks"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "hellora_masks"}))
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -418,27 +409,11 @@ def read_variant_file(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_variant(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Write ``hellora_variant.json`` (and the LoRI-S masks) next to a saved adapter."""
+    """Write ``hellora_variant.json`` (and the LoRI-S masks) next to a saved adapter (nothing for plain LoRA)."""
     state = variant_state(model, adapter_name)
-    if state is None:
-        return
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"format_version": _FORMAT_VERSION, "variant": state.variant}
-    if state.variant == "lori_s":
-        if len(state.masks) != len(state.params):
-            raise ValueError("Cannot save a LoRI-S adapter before its masks exist (apply_masks first).")
-        save_masks(state.masks, directory / MASKS_FILE)
-        record.update(
-            density=state.density,
-            kept=sum(int(m.sum()) for m in state.masks.values()),
-            entries=sum(m.numel() for m in state.masks.values()),
-            masks=MASKS_FILE,
-        )
-    elif (directory / MASKS_FILE).exists():
-        (directory / MASKS_FILE).unlink()  # a stale LoRI-S mask must not describe this adapter
-    text = json.dumps(record, indent=2)
-    _atomic_write(directory / VARIANT_FILE, lambda tmp: Path(tmp).write_text(text))
+    if state is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        state.save(Path(directory))
 
 
 def restore_variant(
@@ -462,98 +437,3 @@ def restore_variant(
         if bool(state.params[key].detach().cpu().masked_select(~mask).any()):
             raise ValueError(f"Saved factor {key!r} is nonzero outside its LoRI-S mask: adapter and masks disagree.")
     return apply_masks(model, checked, adapter_name)
-
-
-def _save_pretrained_with_variant(self: PeftModel, save_directory, *args, **kwargs):
-    """PEFT's ``save_pretrained``, then the variant files of each saved adapter in PEFT's directory layout."""
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
-        for adapter in kwargs.get("selected_adapters") or list(self.peft_config):
-            out = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
-            save_variant(self, out, adapter)
-    return result
-
-
-def _install_saver(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (also what Trainer checkpoints call) write the variant files too.
-
-    A bound method on the instance: ``copy.deepcopy`` re-binds it to the copy."""
-    if isinstance(model, PeftModel) and "save_pretrained" not in model.__dict__:
-        model.save_pretrained = types.MethodType(_save_pretrained_with_variant, model)
-
-
-# ------------------------------------------------------------------------------------------- baselines
-def all_experts_hot(model: nn.Module) -> HotMap:
-    """Every expert of every MoE layer: "LoRA on all experts" with our expert layer (and LoRI with ``variant``)."""
-    return {layer.name: list(range(layer.num_experts)) for layer in find_moe_layers(_unwrap(model))}
-
-
-def _peft_baseline_targets(
-    model: nn.Module, config: LoraConfig, include_router: bool, include_shared_experts: bool
-) -> tuple[list[str], list[str]]:
-    """(target_modules, target_parameters) of PEFT's own LoRA on every expert, plus attention and router."""
-    from .adapter import resolve_targets
-
-    family = family_for(model)
-    layers = find_moe_layers(model, family)
-    routers = {layer.router_name for layer in layers}
-    names = resolve_targets(model, all_experts_hot(model), config, "all", include_shared_experts, family)
-    modules = [
-        n for n in names if isinstance(model.get_submodule(n), nn.Linear) and (include_router or n not in routers)
-    ]
-    params: list[str] = []
-    if family.layout == "fused":
-        for layer in layers:
-            for attr in ("gate_up_proj", "up_proj", "down_proj"):
-                if isinstance(getattr(layer.experts, attr, None), nn.Parameter):
-                    params.append(f"{layer.name}.{attr}")
-            if include_router and not isinstance(layer.router, nn.Linear):
-                params.append(f"{layer.router_name}.weight")
-    return modules, params
-
-
-def apply_peft_all_experts(
-    model: nn.Module,
-    lora_config: LoraConfig | None = None,
-    *,
-    include_router: bool = True,
-    include_shared_experts: bool = True,
-    adapter_name: str = "default",
-) -> PeftModel:
-    """Baseline: PEFT's own LoRA on every expert (``target_parameters`` on the fused 3-D expert weights, one pair
-    per weight, so gate and up share one), plus the attention targets and the router, as PEFT builds it."""
-    from .adapter import _explicit_v5_targets, default_lora_config
-
-    config = copy.deepcopy(lora_config if lora_config is not None else default_lora_config())
-    modules, params = _peft_baseline_targets(model, config, include_router, include_shared_experts)
-    if config.use_dora and params:
-        raise ValueError(
-            "PEFT 0.21 does not support DoRA on target_parameters (ParamWrapper rejects use_dora=True), so fused "
-            "experts cannot get DoRA. Use apply_peft_dora for DoRA on the nn.Linear targets only."
-        )
-    config.target_modules = modules
-    config.target_parameters = params or None
-    with _explicit_v5_targets():
-        return get_peft_model(model, config, adapter_name=adapter_name)
-
-
-def apply_peft_dora(
-    model: nn.Module,
-    lora_config: LoraConfig | None = None,
-    *,
-    include_router: bool = True,
-    include_shared_experts: bool = True,
-    adapter_name: str = "default",
-) -> PeftModel:
-    """Baseline: DoRA where PEFT supports it, i.e. every ``nn.Linear`` target (attention, Linear routers, shared
-    experts, and all experts of ModuleList-layout models). Fused 3-D expert weights and custom router modules get
-    no adapter: PEFT's ParamWrapper has no DoRA."""
-    from .adapter import _explicit_v5_targets, default_lora_config
-
-    config = copy.deepcopy(lora_config if lora_config is not None else default_lora_config())
-    config.use_dora = True
-    modules, _ = _peft_baseline_targets(model, config, include_router, include_shared_experts)
-    config.target_modules = modules
-    config.target_parameters = None
-    with _explicit_v5_targets():
-        return get_peft_model(model, config, adapter_name=adapter_name)

@@ -107,7 +107,8 @@ def main() -> None:
 
     from distributed_harness import apply_cpu_switches
     from hellora_trl.data import synthetic_gsm8k
-    from hellora_trl.distributed import end_distributed, has_zero3_params
+    from hellora_trl.distributed import end_distributed
+    from hellora_trl.utils import has_zero3_params
     from hellora_trl.trainer import HELLoRATrainer
 
     args = training_args(

@@ -23,10 +23,10 @@ from peft import PeftModel  # noqa: E402
 
 import hellora_trl.integrations.axolotl as axo  # noqa: E402
 from hellora_trl import hot_map_from_model, load_hellora, profile_experts, select_hot_experts  # noqa: E402
-from hellora_trl.adapter import COMPONENTS  # noqa: E402
-from hellora_trl.config import PROFILE_MODES  # noqa: E402
+from hellora_trl.constants import COMPONENTS  # noqa: E402
+from hellora_trl.constants import PROFILE_MODES  # noqa: E402
 from hellora_trl.data import sample_fraction  # noqa: E402
-from hellora_trl.selection import STRATEGIES  # noqa: E402
+from hellora_trl.constants import STRATEGIES  # noqa: E402
 
 from conftest import random_batch, tiny_model  # noqa: E402
 

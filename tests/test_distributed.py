@@ -302,7 +302,7 @@ def test_lora_warmup_counts_each_rank_shard_once_and_sums_them(strategy, base_di
     assert r0["hot_experts"] == r1["hot_experts"] and r0["counts"] == r1["counts"]
     assert r0["profile_source"]["mode"] == "lora_warmup"
     trainer, _ = single_process_profile(base_dir, tmp_path)
-    from hellora_trl.trainer import sample_warmup_slice
+    from hellora_trl.profiling import warmup_slice as sample_warmup_slice
 
     warm = sample_warmup_slice(trainer.train_dataset, worker.WARMUP_FRACTION, 0)
     tokens = sum(len(ids) for ids in warm["input_ids"])
@@ -339,7 +339,7 @@ def test_fsdp_refuses_sub_runs_it_cannot_shard_twice(overrides, message, tmp_pat
 
 
 def _profile_from(rank: dict, trainer):
-    from hellora_trl.profiling import ExpertProfile
+    from hellora_trl.profile import ExpertProfile
 
     layers = list(rank["hot_experts"])
     return ExpertProfile(

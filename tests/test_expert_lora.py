@@ -279,7 +279,7 @@ def test_fast_paths_with_grouped_kernel_float32(path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_mm_matches_loop_with_empty_groups_and_expanded_grads(dtype):
-    from hellora_trl.expert_lora import _grouped_mm_loop, grouped_mm, grouped_mm_available
+    from hellora_trl.expert_lora import grouped_mm, grouped_mm_available, grouped_mm_loop
 
     generator = torch.Generator().manual_seed(0)
     offsets = torch.tensor([3, 0, 5, 0, 0, 4]).cumsum(0, dtype=torch.int32)
@@ -291,7 +291,7 @@ def test_grouped_mm_matches_loop_with_empty_groups_and_expanded_grads(dtype):
     out.sum().backward()  # an expanded (stride-0) gradient: the kernel's backward needs a contiguous one
     gx, gw = x.grad.clone(), stack.grad.clone()
     x.grad = stack.grad = None
-    ref = _grouped_mm_loop(x, w, offsets)
+    ref = grouped_mm_loop(x, w, offsets)
     ref.sum().backward()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(out, ref, **tol)
@@ -299,7 +299,7 @@ def test_grouped_mm_matches_loop_with_empty_groups_and_expanded_grads(dtype):
     torch.testing.assert_close(gw, stack.grad, **tol)
     assert not gw[1].any() and not gw[3].any()  # empty groups get a zero gradient
     with pytest.raises(ValueError, match="offsets cover"):
-        _grouped_mm_loop(x, w, torch.tensor([3, 3], dtype=torch.int32))
+        grouped_mm_loop(x, w, torch.tensor([3, 3], dtype=torch.int32))
 
 
 def test_grouped_mm_falls_back_where_the_kernel_refuses():

@@ -6,7 +6,8 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from hellora_trl import ExpertProfile, profile_experts
-from hellora_trl.profiling import atomic_write_text, pad_collate
+from hellora_trl.profiling import pad_collate
+from hellora_trl.utils import atomic_write_text
 
 from conftest import random_batch, tiny_model
 
@@ -155,7 +156,7 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from hellora_trl.profiling import atomic_write_text
+    from hellora_trl.utils import atomic_write_text
 
     umask = os.umask(0o022)
     try:

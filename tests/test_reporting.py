@@ -123,7 +123,7 @@ def test_per_row_counts_add_up_and_match_single_row_profiles(build):
 
 
 def test_warmup_slices_are_the_trainers():
-    from hellora_trl.trainer import sample_warmup_slice
+    from hellora_trl.profiling import warmup_slice as sample_warmup_slice
 
     ds = Dataset.from_dict({"row": list(range(200))})
     for fraction, seed in [(0.01, 42), (0.1, 3), (0.5, 42)]:

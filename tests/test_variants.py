@@ -7,13 +7,10 @@ import pytest
 import torch
 
 from hellora_trl import apply_hellora, default_lora_config, find_moe_layers, load_hellora, trainable_parameter_report
+from hellora_trl.baselines import all_experts_hot, apply_peft_all_experts, apply_peft_dora
+from hellora_trl.constants import MASKS_FILE, VARIANT_FILE
 from hellora_trl.variants import (
-    MASKS_FILE,
-    VARIANT_FILE,
-    all_experts_hot,
     apply_masks,
-    apply_peft_all_experts,
-    apply_peft_dora,
     copy_lora_A,
     enforce_masks,
     freeze_lora_A,

@@ -21,50 +21,82 @@ imported without it.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, Mapping
 
-from peft import LoraConfig, PeftModel
-from pydantic import BaseModel, Field
+from peft import LoraConfig
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..adapter import apply_hellora, load_hellora
-from ..profiling import ExpertProfile, profile_experts
-from ..selection import HotMap, select_hot_experts
-from .profiling import lora_warmup_profile
+from ..config import HELLoRAConfig, hellora_defaults, validate_hellora_fields
+from ..constants import PROFILE_FILE
+from ..distributed import is_main_process
+from ..profile import ExpertProfile
+from ..profiling import profile_experts, warmup_slice
+from ..selection import SelectionSettings, load_plan, plan_hot_experts, save_plan
+from .warmup import lora_warmup_profile
 
 ADAPTER = "hellora"
 PLUGIN_PATH = f"{__name__}.HELLoRAPlugin"
 ARGS_PATH = f"{__name__}.HELLoRAArgs"
-PROFILE_FILE = "hellora_profile.json"  # same name and format as HELLoRATrainer's
 INSTALL_HINT = (
     "HELLoRAPlugin needs Axolotl: `pip install axolotl` (in an environment whose torch/transformers/peft satisfy "
     "hellora-trl), then list hellora_trl.integrations.axolotl.HELLoRAPlugin under `plugins:`."
 )
 
 
-class HELLoRAArgs(BaseModel):
-    """The plugin's flat YAML keys (merged into Axolotl's config schema, so typos and bad values fail early)."""
+# The HELLoRAConfig knobs the plugin honours (Axolotl owns the training loop, so LoRI variants, dynamic rank and
+# plots stay with HELLoRATrainer). Types, defaults, choices and help come from HELLoRAConfig: one option schema.
+PLUGIN_FIELDS = (
+    "hellora_k",
+    "hellora_selection",
+    "hellora_profile_mode",
+    "hellora_warmup_fraction",
+    "hellora_warmup_epochs",
+    "hellora_components",
+    "hellora_profile_path",
+    "hellora_reselect",
+    "hellora_seed",
+    "hellora_mass",
+    "hellora_min_k",
+    "hellora_max_k",
+    "hellora_profile_batch_size",
+    "hellora_fuse_gate_up",
+    "hellora_include_shared_experts",
+)
 
-    hellora_k: int | None = Field(default=None, ge=1, description="Hot experts per MoE layer (None: family default).")
-    hellora_selection: Literal["layer", "model", "cold", "random", "mass"] = Field(
-        default="layer", description="Hot-expert selection: per-layer top-k (the paper) or an ablation."
+
+def _plugin_field(field: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
+    choices = field.metadata.get("choices")
+    if choices:
+        annotation = Literal[tuple(choices)]
+    return annotation, Field(default=field.default, description=field.metadata.get("help"))
+
+
+class _HELLoRAArgsBase(BaseModel):
+    @model_validator(mode="after")
+    def _check(self):
+        validate_hellora_fields(SimpleNamespace(**{**hellora_defaults(), **self.model_dump()}))
+        return self
+
+
+def _derive_args() -> type[BaseModel]:
+    hints = typing.get_type_hints(HELLoRAConfig)
+    fields = {f.name: f for f in dataclasses.fields(HELLoRAConfig)}
+    return create_model(
+        "HELLoRAArgs",
+        __base__=_HELLoRAArgsBase,
+        __module__=__name__,
+        __doc__="The plugin's flat YAML keys (merged into Axolotl's config schema, so typos and bad values fail "
+        "early); derived from HELLoRAConfig's hellora_* fields.",
+        **{name: _plugin_field(fields[name], hints[name]) for name in PLUGIN_FIELDS},
     )
-    hellora_profile_mode: Literal["lora_warmup", "forward"] = Field(
-        default="lora_warmup", description="Short LoRA warm-up on all experts while counting (paper), or forward only."
-    )
-    hellora_warmup_fraction: float = Field(default=0.1, gt=0.0, le=1.0, description="Share of the training set profiled.")
-    hellora_warmup_epochs: float = Field(default=1.0, gt=0.0, description="Warm-up epochs over the slice (lora_warmup).")
-    hellora_components: Literal["all", "router", "experts"] = Field(
-        default="all", description="all = attention + router + hot experts; router = router + hot experts; experts."
-    )
-    hellora_profile_path: str | None = Field(
-        default=None, description="Existing profile JSON: loaded, profiling skipped. Missing: the new profile is written."
-    )
-    hellora_profile_batch_size: int | None = Field(default=None, ge=1, description="Default: micro_batch_size.")
-    hellora_mass: float = Field(default=0.5, gt=0.0, le=1.0, description="'mass' selection: routing share per layer.")
-    hellora_fuse_gate_up: bool = False
-    hellora_include_shared_experts: bool = True
-    hellora_seed: int | None = Field(default=None, description="Seed of the slice and random selection (default: seed).")
+
+
+HELLoRAArgs = _derive_args()
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -99,12 +131,6 @@ def lora_config_from_cfg(cfg: Any) -> LoraConfig:
         alpha_pattern=dict(_get(cfg, "lora_alpha_pattern", {})),
         task_type="CAUSAL_LM",
     )
-
-
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class HELLoRAPluginMixin:
@@ -142,11 +168,10 @@ class HELLoRAPluginMixin:
         if _get(cfg, "gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
             # Before profiling, so the LoRA warm-up runs with the memory profile of the real run.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_get(cfg, "gradient_checkpointing_kwargs"))
-        profile = self.routing_profile(model, cfg, args, lora_config)
-        hot = select_hot_experts(
-            profile, k=args.hellora_k, strategy=args.hellora_selection, seed=self._seed(cfg, args), mass=args.hellora_mass
-        )
-        self._save_profile(cfg, args, profile, hot)
+        profile, stored = self.routing_profile(model, cfg, args, lora_config)
+        settings = SelectionSettings.from_args(args, seed=self._seed(cfg, args))
+        hot, record = plan_hot_experts(profile, settings, stored, origin=str(args.hellora_profile_path))
+        self._save_profile(cfg, args, profile, hot, record)
         peft_model = apply_hellora(
             model,
             hot,
@@ -163,17 +188,18 @@ class HELLoRAPluginMixin:
     def _seed(cfg: Any, args: HELLoRAArgs) -> int:
         return args.hellora_seed if args.hellora_seed is not None else int(_get(cfg, "seed", 42))
 
-    def routing_profile(self, model, cfg: Any, args: HELLoRAArgs, lora_config: LoraConfig) -> ExpertProfile:
-        """A saved profile when ``hellora_profile_path`` exists, else one taken now on the warm-up slice."""
+    def routing_profile(
+        self, model, cfg: Any, args: HELLoRAArgs, lora_config: LoraConfig
+    ) -> tuple[ExpertProfile, dict[str, list[int]] | None]:
+        """(profile, stored hot map): a saved profile (and the hot map stored with it) when ``hellora_profile_path``
+        exists, else one taken now on the warm-up slice (and no stored map)."""
         if args.hellora_profile_path and Path(args.hellora_profile_path).is_file():
-            profile = ExpertProfile.load(args.hellora_profile_path)
+            profile, stored, _ = load_plan(args.hellora_profile_path)
             profile.check_matches(model)
-            return profile
-        from ..data import sample_fraction
-
+            return profile, stored
         dataset = self.training_dataset(cfg)
         seed = self._seed(cfg, args)
-        rows = sample_fraction(dataset, args.hellora_warmup_fraction, seed)
+        rows = warmup_slice(dataset, args.hellora_warmup_fraction, seed)
         batch_size = args.hellora_profile_batch_size or int(_get(cfg, "micro_batch_size", 1))
         source = {
             "mode": args.hellora_profile_mode,
@@ -184,8 +210,8 @@ class HELLoRAPluginMixin:
             "framework": "axolotl",
         }
         if args.hellora_profile_mode == "forward":
-            return profile_experts(model, rows, batch_size=batch_size, progress=_is_main_process(), source=source)
-        return lora_warmup_profile(
+            return profile_experts(model, rows, batch_size=batch_size, progress=is_main_process(), source=source), None
+        profile = lora_warmup_profile(
             model,
             rows,
             lora_config,
@@ -198,6 +224,7 @@ class HELLoRAPluginMixin:
             include_shared_experts=args.hellora_include_shared_experts,
             source=source,
         )
+        return profile, None
 
     def training_dataset(self, cfg: Any):
         """The tokenized training set exactly as Axolotl prepared it (read back from its prepared-dataset cache)."""
@@ -213,24 +240,13 @@ class HELLoRAPluginMixin:
             )
         return dataset
 
-    def _save_profile(self, cfg: Any, args: HELLoRAArgs, profile: ExpertProfile, hot: HotMap) -> None:
-        if not _is_main_process():
+    def _save_profile(self, cfg: Any, args: HELLoRAArgs, profile: ExpertProfile, hot, record: dict) -> None:
+        if not is_main_process():
             return
-        extra = {
-            "hot_experts": hot,
-            "selection": {
-                "strategy": args.hellora_selection,
-                "k": args.hellora_k,
-                "per_layer_k": {name: len(ids) for name, ids in hot.items()},
-                "components": args.hellora_components,
-            },
-        }
         targets = [Path(_get(cfg, "output_dir", ".")) / PROFILE_FILE]
         if args.hellora_profile_path and not Path(args.hellora_profile_path).is_file():
             targets.append(Path(args.hellora_profile_path))
-        for path in targets:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            profile.save(path, extra=extra)
+        save_plan(profile, hot, {**record, "framework": "axolotl"}, *targets)
 
 
 def _plugin_class() -> type:

@@ -20,235 +20,24 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .distributed import full_shape
+from ..constants import EXPERT_PATHS
+from ..utils import full_shape
+from .ops import AddRows, LoraRows, RowGroups, add_rows, grouped_mm, project, row_scale, take_rows
 
-
-def _proj(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """x @ W.T for (out, in) weights, x @ W for transposed (in, out) storage (GPT-OSS)."""
-    return x @ weight if transposed else F.linear(x, weight)
-
-
-EXPERT_PATHS = ("auto", "fused", "split", "loop")
 # transformers' vectorised experts implementations whose math the fused path computes itself.
 FUSABLE_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
-def _implementation(base: nn.Module) -> str:
+def experts_implementation(base: nn.Module) -> str:
     """The experts implementation the wrapped module would run (``eager`` when it has no config)."""
     return getattr(getattr(base, "config", None), "_experts_implementation", "eager") or "eager"
-
-
-def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM kernel accepts these operands; otherwise :func:`grouped_mm` loops over groups.
-
-    The kernel has no float64 support ("Expected mat_a to be Float32, BFloat16 or Float16"), no CPU kernel before
-    torch 2.9, needs compute capability 8.0+ on CUDA, and rejects strides that are not multiples of 16 bytes
-    (e.g. a bf16 LoRA of rank 4), in the forward or in the backward (whose operands are (rows, out) gradients).
-    """
-    if _GROUPED_MM is None or x.dtype not in _GROUPED_MM_DTYPES or x.dtype != weight.dtype or x.shape[0] == 0:
-        return False
-    if x.dim() != 2 or weight.dim() != 3 or not (_aligned_16(x) and _aligned_16(weight)):
-        return False
-    if (weight.shape[-1] * weight.element_size()) % 16:
-        return False
-    if weight.device.type == "cuda":
-        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
-    return weight.device.type == "cpu" and _TORCH_VERSION >= (2, 9)
-
-
-def _aligned_16(t: torch.Tensor) -> bool:
-    """16-byte aligned start and 16-byte multiple strides (unit strides and size-1 dims aside)."""
-    size = t.element_size()
-    strides_ok = all((stride * size) % 16 == 0 for stride, dim in zip(t.stride(), t.shape) if stride != 1 and dim > 1)
-    return strides_ok and t.data_ptr() % 16 == 0 and (t.shape[-1] * size) % 16 == 0
-
-
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``x[rows of group g] @ weight[g]`` for rows sorted by group; ``offsets`` (G,) int32 are the cumulative row
-    counts (empty groups allowed). ``weight`` is (G, in, out), typically a transposed view of an (G, out, in) stack.
-
-    One kernel call when torch has one for these operands, a loop over the non-empty groups otherwise. Every row
-    must belong to a group (``offsets[-1] == len(x)``): the kernel leaves rows past the last offset uninitialised.
-    """
-    if grouped_mm_available(x, weight):
-        out = _GROUPED_MM(x, weight, offs=offsets)
-        if out.requires_grad:
-            # The kernel's backward rejects expanded (stride-0) gradients, e.g. from a bare .sum().
-            out.register_hook(_contiguous)
-        return out
-    return _grouped_mm_loop(x, weight, offsets)
-
-
-def _contiguous(grad: torch.Tensor) -> torch.Tensor:
-    return grad.contiguous()
-
-
-def _grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Reference/fallback for :func:`grouped_mm`: one matmul per non-empty group (float64, old torch, other devices)."""
-    ends = offsets.tolist()
-    if (ends[-1] if ends else 0) != x.shape[0]:
-        raise ValueError(f"grouped_mm: offsets cover {ends[-1] if ends else 0} rows, input has {x.shape[0]}.")
-    pieces, start = [], 0
-    for g, end in enumerate(ends):
-        if end > start:
-            pieces.append(x[start:end] @ weight[g])
-        start = end
-    if not pieces:
-        return x.new_zeros(0, weight.shape[-1])
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
-def grouped_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(G, a.shape[1], b.shape[1]): ``a[rows of g].T @ b[rows of g]`` per group, zeros for empty groups. The
-    weight gradient of :func:`grouped_mm`."""
-    if _outer_kernel_ok(a, b):
-        return _GROUPED_MM(a.t(), b, offs=offsets)
-    out = a.new_zeros(offsets.shape[0], a.shape[1], b.shape[1])
-    start = 0
-    for g, end in enumerate(offsets.tolist()):
-        if end > start:
-            out[g] = a[start:end].T @ b[start:end]
-        start = end
-    return out
-
-
-def _outer_kernel_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The 2-D x 2-D grouped kernel: same rules as :func:`grouped_mm_available` on the row widths."""
-    if _GROUPED_MM is None or a.dtype not in _GROUPED_MM_DTYPES or a.dtype != b.dtype or a.shape[0] == 0:
-        return False
-    if not (a.is_contiguous() and b.is_contiguous()) or a.data_ptr() % 16 or b.data_ptr() % 16:
-        return False
-    if (a.shape[1] * a.element_size()) % 16 or (b.shape[1] * b.element_size()) % 16:
-        return False
-    if a.device.type == "cuda":
-        return torch.cuda.get_device_capability(a.device) >= (8, 0)
-    return a.device.type == "cpu" and _TORCH_VERSION >= (2, 9)
-
-
-class _LoraRows(torch.autograd.Function):
-    """``scaling * (x @ A_j.T) @ B_j.T`` (times an optional per-row weight) for rows grouped by hot slot j, for
-    one or more (A, B) pairs sharing the input rows ``x = source[rows]`` (gate and up).
-
-    Why not plain autograd: it would keep the gathered input rows (n, in) and, through the ``index_add`` that
-    adds the delta back, every (n, out) delta alive until backward. Here only the (n, P*r) product is saved; the
-    input rows are gathered again from ``source``, a tensor the graph keeps anyway (the layer input, or the
-    activation that the routing-weight product saves). Pairs sharing the input run their A factors as one
-    grouped GEMM (N = P*r rather than P thin ones), forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, source, rows, offsets, scaling, row_weights, *factors):
-        a = _stacked_a(factors)
-        r = factors[0].shape[1]
-        x = (source if rows is None else source.index_select(0, rows)).to(a.dtype)
-        xa = grouped_mm(x, a.transpose(1, 2), offsets)  # (n, P*r)
-        scaled = xa * _row_scale(scaling, row_weights, a.dtype)
-        outputs = tuple(
-            grouped_mm(_columns(scaled, i, r), b.transpose(1, 2), offsets) for i, b in enumerate(factors[1::2])
-        )
-        ctx.scaling = scaling
-        ctx.save_for_backward(source, rows, offsets, row_weights, xa, *factors)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        source, rows, offsets, row_weights, xa, *factors = ctx.saved_tensors
-        a = _stacked_a(factors)
-        dtype, r = a.dtype, factors[0].shape[1]
-        scale = _row_scale(ctx.scaling, row_weights, dtype)
-        scaled = xa * scale
-        grad_b, grad_scaled = [], []
-        for i, (b, grad) in enumerate(zip(factors[1::2], grads)):
-            if grad is None:
-                grad_b.append(None)
-                grad_scaled.append(xa.new_zeros(xa.shape[0], r))
-                continue
-            grad = grad.contiguous().to(dtype)
-            grad_b.append(grouped_outer(grad, _columns(scaled, i, r), offsets))  # (k, out, r)
-            grad_scaled.append(grouped_mm(grad, b, offsets))  # (n, r)
-        grad_scaled = torch.cat(grad_scaled, dim=1) if len(grad_scaled) > 1 else grad_scaled[0]
-        grad_weights = None
-        if row_weights is not None and ctx.needs_input_grad[4]:
-            grad_weights = ((grad_scaled * xa).sum(-1) * ctx.scaling).to(row_weights.dtype)
-        grad_xa = grad_scaled * scale
-        x = (source if rows is None else source.index_select(0, rows)).to(dtype)
-        grad_a = grouped_outer(grad_xa, x, offsets).split(r, dim=1)  # (k, r, in) per pair
-        grad_source = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grouped_mm(grad_xa, a, offsets).to(source.dtype)
-            grad_source = grad_x if rows is None else torch.zeros_like(source).index_add_(0, rows, grad_x)
-        return grad_source, None, None, None, grad_weights, *[g for pair in zip(grad_a, grad_b) for g in pair]
-
-
-def _stacked_a(factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The A factors of (A, B, A, B, ...) stacked along the rank dimension: (k, P*r, in)."""
-    a = factors[0::2]
-    return torch.cat(a, dim=1) if len(a) > 1 else a[0]
-
-
-def _columns(t: torch.Tensor, i: int, width: int) -> torch.Tensor:
-    """Columns [i*width, (i+1)*width) as a contiguous block (the grouped kernel wants dense rows)."""
-    return t if t.shape[1] == width else t[:, i * width : (i + 1) * width].contiguous()
-
-
-def _row_scale(scaling: float, row_weights: Optional[torch.Tensor], dtype: torch.dtype):
-    return scaling if row_weights is None else row_weights.to(dtype).unsqueeze(-1) * scaling
-
-
-class _AddRows(torch.autograd.Function):
-    """``y[rows] += delta`` in place, saving only ``rows`` (``index_add`` would keep ``delta`` for backward)."""
-
-    @staticmethod
-    def forward(ctx, y, rows, delta):
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(rows)
-        ctx.delta_dtype = delta.dtype
-        return y.index_add_(0, rows, delta.to(y.dtype))
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        return grad, None, grad.index_select(0, rows).to(ctx.delta_dtype)
-
-
-@dataclass
-class RowGroups:
-    """Assignment rows sorted by expert, grouped once per layer call and shared by gate/up, down and LoRA.
-
-    ``expert`` (n,) is each row's expert id (ascending); ``offsets`` (E,) int32 are the cumulative row counts over
-    the whole expert stack (zero for experts without rows), the boundaries of the base grouped GEMMs;
-    ``hot_rows`` are the positions of the rows of hot experts (``None``: every row is hot) and ``hot_offsets``
-    (k,) int32 their cumulative counts per hot slot, the boundaries of the low-rank grouped GEMMs.
-    """
-
-    expert: torch.Tensor
-    offsets: torch.Tensor
-    hot_offsets: torch.Tensor
-    hot_rows: Optional[torch.Tensor]
-    num_hot_rows: int
-
-
-def _take_rows(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
-    return x if rows is None else x.index_select(0, rows)
-
-
-def _add_rows(y: torch.Tensor, delta: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """``y[rows] += delta`` in place: ``y`` is a fresh GEMM output that no backward formula saved."""
-    if rows is None:
-        return y.add_(delta.to(y.dtype))
-    return _AddRows.apply(y, rows, delta)
 
 
 def expert_factor_shapes(experts: nn.Module, fuse_gate_up: bool = False) -> dict[str, tuple[int, int]]:
@@ -438,7 +227,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
     def _resolve_path(self, base: nn.Module) -> str:
         if self._expert_path != "auto":
             return self._expert_path
-        return "fused" if _implementation(base) in FUSABLE_IMPLEMENTATIONS else "split"
+        return "fused" if experts_implementation(base) in FUSABLE_IMPLEMENTATIONS else "split"
 
     def _graph_anchor(self, adapter: str, dtype: torch.dtype) -> torch.Tensor:
         """0 * sum(factors): keeps every factor in the graph so DDP/ZeRO see a (zero) gradient on every rank even
@@ -495,7 +284,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
     def _sum_per_token(rows: torch.Tensor, token: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Rows added into their tokens' outputs; the backward is one row gather (nothing (S, H) is saved)."""
         out = torch.zeros(hidden.shape[0], rows.shape[-1], dtype=rows.dtype, device=rows.device)
-        return _AddRows.apply(out, token, rows).to(hidden.dtype)
+        return AddRows.apply(out, token, rows).to(hidden.dtype)
 
     def _group_rows(self, expert: torch.Tensor, hot: torch.Tensor, slot_of: Optional[torch.Tensor]) -> "RowGroups":
         """Group boundaries for rows already sorted by expert; ``slot_of=None`` means every row is hot."""
@@ -521,21 +310,21 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         hot_rows, offsets = groups.hot_rows, groups.hot_offsets
         y = self._base_rows(base, hidden[token], "gate_up_proj" if gated else "up_proj", groups)
         if groups.num_hot_rows:
-            hot_tokens = _take_rows(token, hot_rows)
+            hot_tokens = take_rows(token, hot_rows)
             if gated and not self.fuse_gate_up:
                 gate, up = self._lora_deltas(adapter, ("gate", "up"), hidden, hot_tokens, offsets, None)
                 delta = self._interleave_gate_up(gate, up)
             else:
                 (delta,) = self._lora_deltas(adapter, ("gate_up" if gated else "up",), hidden, hot_tokens, offsets, None)
-            y = _add_rows(y, delta, hot_rows)
+            y = add_rows(y, delta, hot_rows)
         h = base._apply_gate(y) if gated else base.act_fn(y)
         post_norm = getattr(base, "has_post_expert_norm", False)
         linear_down = not (self.has_bias or post_norm)
         out = self._base_rows(base, h * row_weights.unsqueeze(-1).to(h.dtype) if linear_down else h, "down_proj", groups)
         if groups.num_hot_rows:
-            hot_weights = _take_rows(row_weights, hot_rows) if linear_down else None
+            hot_weights = take_rows(row_weights, hot_rows) if linear_down else None
             (delta,) = self._lora_deltas(adapter, ("down",), h, hot_rows, offsets, hot_weights)
-            out = _add_rows(out, delta, hot_rows)
+            out = add_rows(out, delta, hot_rows)
         if post_norm:
             out = base.post_expert_norm(out)
         if not linear_down:
@@ -556,10 +345,10 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         scaling = self.scaling[adapter]
         dropout = self.lora_dropout[adapter]
         if isinstance(dropout, nn.Identity) or not self.training:
-            return _LoraRows.apply(source, rows, offsets, scaling, row_weights, *factors)
+            return LoraRows.apply(source, rows, offsets, scaling, row_weights, *factors)
         # Dropout draws a mask per projection: plain autograd (it keeps the dropped inputs for backward).
-        x = _take_rows(source, rows)
-        scale = _row_scale(scaling, row_weights, factors[0].dtype)
+        x = take_rows(source, rows)
+        scale = row_scale(scaling, row_weights, factors[0].dtype)
         deltas = []
         for a, b in zip(factors[0::2], factors[1::2]):
             xa = grouped_mm(dropout(x.to(a.dtype)), a.transpose(1, 2), offsets) * scale
@@ -570,7 +359,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
     def _cold_forward(self, base, hidden, index, weights, hot_mask, *args, **kwargs) -> torch.Tensor:
         """The wrapped module on cold assignments only; hot slots carry the skip sentinel and weight 0."""
         weights = weights.masked_fill(hot_mask, 0.0)
-        if _implementation(base) == "eager" and not self.eager_accepts_sentinel:
+        if experts_implementation(base) == "eager" and not self.eager_accepts_sentinel:
             return base(hidden, index, weights, *args, **kwargs)
         index = index.masked_fill(hot_mask, self.num_experts)
         with _expert_parallel_sentinels(base):
@@ -611,17 +400,17 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         """One hot expert: base projections plus the low-rank path, the family's own gating in between."""
         t = self.is_transposed
         if self.has_gate:
-            gate_up = _proj(x, base.gate_up_proj[expert], t)
+            gate_up = project(x, base.gate_up_proj[expert], t)
             if self.has_bias:
                 gate_up = gate_up + base.gate_up_proj_bias[expert]
             gate_up = gate_up + self._gate_up_delta(adapter, j, x, lora_dtype).to(gate_up.dtype)
             h = base._apply_gate(gate_up)
         else:
-            up = _proj(x, base.up_proj[expert], t)
+            up = project(x, base.up_proj[expert], t)
             if self.has_bias:
                 up = up + base.up_proj_bias[expert]
             h = base.act_fn(up + self._lora(adapter, "up", j, x, lora_dtype).to(up.dtype))
-        out = _proj(h, base.down_proj[expert], t)
+        out = project(h, base.down_proj[expert], t)
         if self.has_bias:
             out = out + base.down_proj_bias[expert]
         out = out + self._lora(adapter, "down", j, h, lora_dtype).to(out.dtype)

@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
 from peft import LoraConfig
 from torch import nn
 
 from ..adapter import apply_hellora
-from ..profiling import ExpertProfile, RoutingCounter
-from ..registry import find_moe_layers
-
-IGNORE_INDEX = -100
-
-
-def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    length = max(len(r) for r in rows)
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-    return out
+from ..baselines import all_experts_hot
+from ..profile import ExpertProfile
+from ..profiling import RoutingCounter, pad_collate
 
 
 def padded_batches(
@@ -40,14 +31,9 @@ def padded_batches(
     order = list(range(len(rows)))
     if shuffle:
         random.Random(seed).shuffle(order)
+    collate = pad_collate(pad_token_id, labels=True)
     for start in range(0, len(order), batch_size):
-        chunk = [rows[i] for i in order[start : start + batch_size]]
-        ids = [r["input_ids"] for r in chunk]
-        mask = [r.get("attention_mask") or [1] * len(r["input_ids"]) for r in chunk]
-        labels = [r["labels"] if "labels" in columns else r["input_ids"] for r in chunk]
-        batch = {"input_ids": _pad(ids, pad_token_id), "attention_mask": _pad(mask, 0), "labels": _pad(labels, IGNORE_INDEX)}
-        batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-        yield batch
+        yield collate([rows[i] for i in order[start : start + batch_size]])
 
 
 def lora_warmup_profile(
@@ -77,10 +63,9 @@ def lora_warmup_profile(
             "The model's weights are not materialised on this rank (meta device, e.g. FSDP cpu_ram_efficient_loading). "
             "Profile beforehand and pass hellora_profile_path."
         )
-    all_experts = {layer.name: list(range(layer.num_experts)) for layer in find_moe_layers(model)}
     warm = apply_hellora(
         model,
-        all_experts,
+        all_experts_hot(model),
         lora_config,
         components=components,
         fuse_gate_up=fuse_gate_up,

@@ -1,0 +1,154 @@
+"""Leaf helpers the whole package shares: atomic file output, wrapper unwrapping, real parameter shapes, tables.
+
+Nothing here imports another hellora_trl module, so every module may import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+# ------------------------------------------------------------------------------------------------ atomic output
+def default_mode(directory: bool = False) -> int:
+    """What ``open(path, "w")`` (0666) or ``mkdir`` (0777) would give under the process umask.
+
+    The one permission policy for everything HELLoRA writes: temp files from ``mkstemp``/``mkdtemp`` start private
+    (0600/0700), but a profile, adapter or report is an ordinary output that other users may need to read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Let ``write(tmp_path)`` fill a temp file in the same folder, then rename it over ``path``.
+
+    An interrupted save never leaves a torn file, and readers see the old file or the new one. The temp file keeps
+    ``path``'s suffix (matplotlib and safetensors pick the format from it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` for a text file (UTF-8)."""
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text needs a str, got {type(text).__name__}.")
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Write into a hidden sibling directory, then rename it into place: readers never see half a folder."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(default_mode(directory=True))
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_staged(staging: Path, target: Path) -> None:
+    """Move every entry of ``staging`` into ``target`` with atomic renames (same filesystem), then drop it."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(staging.iterdir()):
+        destination = target / entry.name
+        if entry.is_dir() and destination.exists():
+            shutil.rmtree(destination)
+        os.replace(entry, destination)
+    staging.rmdir()
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT/accelerate wrappers (DDP, DeepSpeed engines, PeftModel)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def unwrap_layer(module: nn.Module) -> nn.Module:
+    """The original module inside a PEFT tuner layer (or the module itself)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
+
+
+def clean_param_name(name: str) -> str:
+    """Drop wrapper prefixes (DDP ``module.``, FSDP/compile wrappers) so names compare across strategies."""
+    for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The real shape of a (possibly ZeRO-3 partitioned) parameter: ``ds_shape`` when DeepSpeed set one."""
+    shape = getattr(tensor, "ds_shape", None)
+    return tuple(shape) if shape is not None else tuple(tensor.shape)
+
+
+def is_zero3_param(tensor: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages (partitions) this parameter."""
+    return hasattr(tensor, "ds_id")
+
+
+def has_zero3_params(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is ZeRO-3 partitioned (the model was built under ``zero.Init``)."""
+    return any(is_zero3_param(p) for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def markdown_table(
+    header: Sequence[str], rows: Iterable[Sequence[Any]], *, empty: str = "-", float_format: str = "{:.4g}"
+) -> list[str]:
+    """A GitHub markdown table as lines: ``None`` becomes ``empty``, floats use ``float_format``, pipes and
+    newlines inside cells are escaped so a value never breaks the table."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return empty
+        if isinstance(value, float):
+            return float_format.format(value)
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines
