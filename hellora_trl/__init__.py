@@ -86,6 +86,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         variant_of,
     )
 
-__version__ = "0.1.0"
+from .constants import VERSION as __version__  # noqa: E402  (torch-free)
 
 __all__ = sorted(_EXPORTS)

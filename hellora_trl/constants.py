@@ -6,6 +6,8 @@ tuples, so a new strategy or file name is added once. Importing this module cost
 
 from __future__ import annotations
 
+VERSION = "0.1.0"  # hellora_trl.__version__
+
 # Hot-expert selection strategies (hellora_trl.selection): per-layer top-k (the paper), global top-k, bottom-k and
 # seeded random (ablations), adaptive k by routing mass.
 STRATEGIES = ("layer", "model", "cold", "random", "mass")

@@ -1,12 +1,13 @@
-"""Shared fixtures: tiny random MoE models built from configs (no downloads)."""
+"""Test environment and fixtures only; shared builders live in ``testing_utils``."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+
+from testing_utils import tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,30 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-FUSED_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
-
-
-def tiny_model(family: str = "olmoe", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    from hellora_trl.offline import tiny_moe_model
-
-    model = tiny_moe_model(family, seed=seed, **overrides)
-    return model.to(dtype)
-
-
-def random_batch(model, batch: int = 2, seq: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
 
 @pytest.fixture
 def olmoe():
     return tiny_model("olmoe")
-
-
-def shared_dataset(*parts: str) -> Path:
-    path = SHARED_DATASETS.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not present (../shared/datasets is only available beside the checkout)")
-    return path

@@ -5,7 +5,6 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
 
 from hellora_trl import (
-    ExpertProfile,
     apply_hellora,
     default_lora_config,
     find_moe_layers,
@@ -14,7 +13,7 @@ from hellora_trl import (
     trainable_parameter_report,
 )
 
-from conftest import random_batch
+from testing_utils import random_batch
 
 OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
                    num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8)

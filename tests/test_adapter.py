@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from hellora_trl import (
@@ -15,9 +15,9 @@ from hellora_trl import (
     select_hot_experts,
 )
 
-from conftest import random_batch, tiny_model
+from testing_utils import random_batch, tiny_model
 from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
-from test_expert_lora import randomize_factors
+from testing_utils import randomize_factors
 
 
 def adapted(family="olmoe", hot=(0, 3), **kwargs):

@@ -22,13 +22,13 @@ from datasets import Dataset  # noqa: E402
 from peft import PeftModel  # noqa: E402
 
 import hellora_trl.integrations.axolotl as axo  # noqa: E402
-from hellora_trl import hot_map_from_model, load_hellora, profile_experts, select_hot_experts  # noqa: E402
+from hellora_trl import hot_map_from_model, profile_experts, select_hot_experts  # noqa: E402
 from hellora_trl.constants import COMPONENTS  # noqa: E402
 from hellora_trl.constants import PROFILE_MODES  # noqa: E402
 from hellora_trl.data import sample_fraction  # noqa: E402
 from hellora_trl.constants import STRATEGIES  # noqa: E402
 
-from conftest import random_batch, tiny_model  # noqa: E402
+from testing_utils import random_batch, tiny_model  # noqa: E402
 
 CONFIG_YAML = Path(__file__).resolve().parents[1] / "configs" / "axolotl" / "olmoe_gsm8k.yaml"
 
@@ -198,7 +198,7 @@ def test_lora_warmup_profiles_then_leaves_the_base_untouched(fake_axolotl, tmp_p
 
 
 def test_lora_model_dir_reloads_the_trained_adapter(fake_axolotl, tmp_path):
-    from test_expert_lora import randomize_factors
+    from testing_utils import randomize_factors
 
     plugin = load_plugin()
     peft_model, _ = plugin.load_adapter(tiny_model(), cfg(tmp_path))

@@ -21,7 +21,7 @@ from hellora_trl.data import (
 from hellora_trl.eval import extract_gsm8k_answer, gsm8k_prompt
 from hellora_trl.offline import build_tokenizer
 
-SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from testing_utils import shared_dataset
 
 GSM8K_ROWS = [
     {"question": "Ann has 3 apples and buys 4 more. How many does she have?", "answer": "3+4 = <<3+4=7>>7\n#### 7"},
@@ -37,13 +37,6 @@ ALPACA_ROWS = [
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED_DATASETS.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not present (../shared/datasets is only available beside the checkout)")
     return path
 
 
@@ -280,11 +273,11 @@ def test_sft_trainer_prepares_the_formatted_data(fmt, tokenizer, tmp_path):
 
 @pytest.mark.data
 def test_real_gsm8k():
-    train = load_gsm8k(shared("gsm8k"))
+    train = load_gsm8k(shared_dataset("gsm8k"))
     assert len(train) == 7473
     assert train[0]["prompt"].startswith("Question: Natalia sold clips")
     assert train[0]["completion"].endswith("#### 72")
-    test = load_gsm8k(shared("gsm8k", "test.jsonl"), fmt="messages")
+    test = load_gsm8k(shared_dataset("gsm8k", "test.jsonl"), fmt="messages")
     assert len(test) == 1319
     assert all(extract_gsm8k_answer(row["messages"][1]["content"]) is not None for row in test.select(range(50)))
     warmup = sample_fraction(train, 0.1, seed=0)
@@ -293,12 +286,12 @@ def test_real_gsm8k():
 
 @pytest.mark.data
 def test_real_codealpaca_and_saferpaca(tokenizer):
-    code = load_codealpaca(shared("code_alpaca", "code_alpaca_2k.json"))
+    code = load_codealpaca(shared_dataset("code_alpaca", "code_alpaca_2k.json"))
     assert len(code) == 2017 and code.column_names == ["messages"]
-    safety = load_saferpaca(shared("saferpaca", "safety_only_data_Instructions.json"))
+    safety = load_saferpaca(shared_dataset("saferpaca", "safety_only_data_Instructions.json"))
     assert len(safety) == 2483
     mixed = load_saferpaca(
-        [shared("code_alpaca", "code_alpaca_2k.json"), shared("saferpaca", "safety_only_data_Instructions.json")]
+        [shared_dataset("code_alpaca", "code_alpaca_2k.json"), shared_dataset("saferpaca", "safety_only_data_Instructions.json")]
     )
     assert len(mixed) == 2017 + 2483
     for ds in (code, safety):

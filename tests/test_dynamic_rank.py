@@ -23,7 +23,7 @@ from hellora_trl.dynamic_rank import (
     set_active_ranks,
 )
 
-from conftest import random_batch, tiny_model
+from testing_utils import random_batch, tiny_model, train_steps
 
 HOT = [0, 1, 2, 3]
 R = 4
@@ -46,15 +46,6 @@ def factors(layer, letter):
     return {p: getattr(layer, f"lora_{p}_{letter}")["default"] for p in layer.factor_names}
 
 
-def train(model, batch, steps=3, lr=1e-2, weight_decay=0.1):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return optimizer
-
-
 def profile_for(model, counts_per_layer):
     names = list(expert_layers(model))
     experts = find_moe_layers(model.get_base_model())[0].num_experts
@@ -72,7 +63,7 @@ def test_inactive_components_stay_exactly_zero_through_adamw():
     set_active_ranks(model, {name: ranks for name in expert_layers(model)})
     batch = random_batch(model)
     a_before = {n: {p: t.detach().clone() for p, t in factors(l, "A").items()} for n, l in expert_layers(model).items()}
-    train(model, batch, weight_decay=0.0)
+    train_steps(model, batch, weight_decay=0.0, steps=3)
     for name, layer in expert_layers(model).items():
         for proj, b in factors(layer, "B").items():
             for j, active in enumerate(ranks):
@@ -94,7 +85,7 @@ def test_inactive_components_stay_exactly_zero_through_adamw():
 def test_without_rank_masks_adamw_moves_every_component():
     """The control for the test above: the same training without masks changes the would-be inactive columns."""
     model = adapted()
-    train(model, random_batch(model))
+    train_steps(model, random_batch(model), steps=3)
     for layer in expert_layers(model).values():
         assert bool(layer.lora_down_B["default"][:, :, 1:].any())
 
@@ -215,7 +206,7 @@ def test_save_and_load_keep_active_ranks(tmp_path):
     init_rank_masks(model, r_init=1, r_budget=2)
     ranks = {name: [1, 2, 3, 2] for name in expert_layers(model)}
     set_active_ranks(model, ranks)
-    train(model, random_batch(model))
+    train_steps(model, random_batch(model), steps=3)
     model.save_pretrained(tmp_path)
     record = json.loads((tmp_path / RANKS_FILE).read_text())
     assert {name: entry["active_ranks"] for name, entry in record["layers"].items()} == ranks
@@ -226,7 +217,7 @@ def test_save_and_load_keep_active_ranks(tmp_path):
     assert active_ranks(loaded) == ranks
     assert trainable_parameter_report(loaded)["trainable"] == trained
     assert dynamic_rank_state(loaded).layers[next(iter(ranks))].budget == 8
-    train(loaded, random_batch(loaded, seed=1))
+    train_steps(loaded, random_batch(loaded, seed=1), steps=3)
     for layer in expert_layers(loaded).values():
         assert not bool(layer.lora_up_B["default"][0, :, 1:].any())
 
@@ -262,7 +253,7 @@ def test_deepcopy_keeps_ranks_enforced():
     model = adapted()
     init_rank_masks(model, r_init=1, r_budget=2)
     clone = copy.deepcopy(model)
-    train(clone, random_batch(clone))
+    train_steps(clone, random_batch(clone), steps=3)
     for layer in expert_layers(clone).values():
         assert not bool(layer.lora_down_B["default"][:, :, 1:].any())
     grow_ranks(clone, {n: torch.ones(4) for n in expert_layers(clone)}, quotas=4)
@@ -304,7 +295,7 @@ def test_callback_grows_ranks_during_training_within_the_budget(tmp_path):
 def test_warm_second_moment_starts_new_components_at_the_experts_mean():
     model = adapted()
     init_rank_masks(model, r_init=2, r_budget=3)
-    optimizer = train(model, random_batch(model), steps=2)
+    optimizer = train_steps(model, random_batch(model), steps=2)
     name, layer = next(iter(expert_layers(model).items()))
     b = layer.lora_down_B["default"]
     v = optimizer.state[b]["exp_avg_sq"]
@@ -324,7 +315,7 @@ def test_callback_with_live_routing_counts_while_training():
     model = adapted()
     callback = DynamicRankCallback(r_init=1, r_budget=2, interval=2, grow_until=1.0, routing="live")
     callback.on_train_begin(None, None, None, model=model)
-    optimizer = train(model, random_batch(model), steps=2)
+    optimizer = train_steps(model, random_batch(model), steps=2)
     assert callback._routing().tokens_seen == 2 * 2 * 12  # two steps of a 2 x 12 batch
     callback.on_step_end(None, SimpleNamespace(global_step=1, max_steps=4), None, model=model, optimizer=optimizer)
     assert callback.events == []  # not a growth step

@@ -31,7 +31,7 @@ from hellora_trl.eval import (
     write_results,
 )
 
-SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from testing_utils import SHARED_DATASETS, shared_dataset
 
 DOUBLE = {
     "task_id": "unit/double",
@@ -39,13 +39,6 @@ DOUBLE = {
     "test": "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(-3) == -6\n",
     "entry_point": "double",
 }
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED_DATASETS.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not present (../shared/datasets is only available beside the checkout)")
-    return path
 
 
 # ---------------------------------------------------------------- GSM8K answers
@@ -250,7 +243,7 @@ def test_load_humaneval_plain_and_gzip(tmp_path):
 
 @pytest.mark.data
 def test_real_humaneval_example_problem():
-    problems = load_humaneval(shared("humaneval", "example_problem.jsonl"))
+    problems = load_humaneval(shared_dataset("humaneval", "example_problem.jsonl"))
     assert problems[0]["task_id"] == "test/0"
     problem = problems[0]
     assert run_humaneval_sample(problem, problem["canonical_solution"])["verdict"] == "passed"
@@ -331,9 +324,9 @@ def test_load_instruction_set_json_and_csv(tmp_path):
 
 @pytest.mark.data
 def test_load_real_instruction_sets():
-    malicious = load_instruction_set(shared("safety_eval", "I-MaliciousInstructions.json"))
+    malicious = load_instruction_set(shared_dataset("safety_eval", "I-MaliciousInstructions.json"))
     assert len(malicious) == 100 and all(isinstance(x, str) and x for x in malicious)
-    advbench = load_instruction_set(shared("advbench", "harmful_behaviors.csv"))
+    advbench = load_instruction_set(shared_dataset("advbench", "harmful_behaviors.csv"))
     assert len(advbench) == 520
 
 

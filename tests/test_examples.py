@@ -11,7 +11,7 @@ import pytest
 
 from hellora_trl.sft import parse_args
 
-from conftest import shared_dataset
+from testing_utils import shared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -8,7 +8,7 @@ import torch
 
 from hellora_trl import HotExpertLoraLayer, apply_hellora, default_lora_config, find_moe_layers
 
-from conftest import FUSED_FAMILIES, random_batch, tiny_model
+from testing_utils import FUSED_FAMILIES, random_batch, randomize_factors, tiny_model
 
 IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
 
@@ -42,14 +42,6 @@ def dense_reference(layer: HotExpertLoraLayer, adapter: str = "default") -> torc
             ref.gate_up_proj[e] += gate_up
             ref.down_proj[e] += down
     return ref
-
-
-def randomize_factors(model, seed=0, std=0.3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
 
 
 def routing(num_tokens, num_experts, top_k, seed=0, dtype=torch.float64, force=None):

@@ -23,9 +23,9 @@ from hellora_trl.export import (
 )
 from hellora_trl.offline import tiny_moe_config
 
-from conftest import random_batch, tiny_model
+from testing_utils import random_batch, tiny_model
 from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
-from test_expert_lora import randomize_factors
+from testing_utils import randomize_factors
 
 ATOL = 1e-5
 HOT = (0, 3)

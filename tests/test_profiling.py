@@ -9,7 +9,7 @@ from hellora_trl import ExpertProfile, profile_experts
 from hellora_trl.profiling import pad_collate
 from hellora_trl.utils import atomic_write_text
 
-from conftest import random_batch, tiny_model
+from testing_utils import random_batch, tiny_model
 
 
 def router_counts(model, batch):

@@ -25,7 +25,7 @@ from hellora_trl.reporting import (
     write_report,
 )
 
-from conftest import tiny_model
+from testing_utils import tiny_model
 from modulelist_model import DeepseekStyleConfig, DeepseekStyleForCausalLM, LegacyMoEConfig, LegacyMoEForCausalLM
 
 

@@ -16,7 +16,7 @@ from hellora_trl.data import synthetic_gsm8k
 from hellora_trl.offline import build_tokenizer
 from hellora_trl.trainer import HEATMAP_FILE, PROFILE_FILE, HELLoRATrainer
 
-from conftest import tiny_model
+from testing_utils import tiny_model
 
 LORA = dict(r=4, lora_alpha=8)
 
@@ -353,7 +353,7 @@ def test_dynamic_rank_grows_within_budget_and_survives_save_load(tmp_path, token
 
 def test_resume_from_a_checkpoint_without_hot_map_fails_clearly(tmp_path, tokenizer, dataset, olmoe):
     from hellora_trl import profile_experts
-    from conftest import random_batch
+    from testing_utils import random_batch
 
     checkpoint = tmp_path / "checkpoint-1"
     profile_experts(olmoe, [random_batch(olmoe)], progress=False).save(checkpoint / PROFILE_FILE)  # counts only

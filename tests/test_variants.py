@@ -23,7 +23,7 @@ from hellora_trl.variants import (
     variant_of,
 )
 
-from conftest import random_batch, tiny_model
+from testing_utils import random_batch, tiny_model, train_steps
 from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
 
 HOT = (0, 1, 2, 3)
@@ -62,17 +62,6 @@ def lori_d_model(family="olmoe", seed=0):
     return peft_model
 
 
-def train(model, batch, steps=5, lr=1e-2, weight_decay=0.1):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    for _ in range(steps):
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return optimizer
-
-
 def snapshot(factors):
     return {k: p.detach().clone() for k, p in factors.items()}
 
@@ -92,7 +81,7 @@ def test_lori_d_freezes_every_A_and_trains_B():
     assert a and not any(p.requires_grad for p in a.values())
     assert b and all(p.requires_grad for p in b.values())
     before = snapshot(a)
-    optimizer = train(peft_model, random_batch(peft_model), steps=3)
+    optimizer = train_steps(peft_model, random_batch(peft_model), steps=3)
     assert all(p.grad is None for p in a.values())
     assert not any(id(p) in {id(q) for q in optimizer.state} for p in a.values())  # no optimizer state
     assert all(torch.equal(before[k], p) for k, p in a.items())
@@ -189,7 +178,7 @@ def test_lori_s_masked_entries_stay_exactly_zero_through_adamw_save_and_load(tmp
     assert all(torch.equal(a_before[k], p) for k, p in lora_factors(lori_d, "A").items())
     assert not any(bool(p.any()) for p in lora_factors(peft_model, "B").values())  # fresh start: B = 0
 
-    train(peft_model, batch, steps=6, weight_decay=0.1)
+    train_steps(peft_model, batch, steps=6, weight_decay=0.1)
     assert not bool(masked_values(peft_model, masks).any())
     kept = torch.cat([p.detach().masked_select(masks[k]) for k, p in lora_factors(peft_model, "B").items()])
     assert bool(kept.any())
@@ -212,7 +201,7 @@ def test_lori_s_masked_entries_stay_exactly_zero_through_adamw_save_and_load(tmp
     resumed = load_hellora(tiny_model("olmoe", seed=1), tmp_path / "lori_s", is_trainable=True)
     assert variant_of(resumed) == "lori_s"
     assert not any(p.requires_grad for p in lora_factors(resumed, "A").values())
-    train(resumed, batch, steps=3, weight_decay=0.1)
+    train_steps(resumed, batch, steps=3, weight_decay=0.1)
     assert not bool(masked_values(resumed, masks).any())
 
 
@@ -221,7 +210,7 @@ def test_without_masks_adamw_moves_the_masked_entries():
     masks = lori_s_masks(lori_d_model(), density=0.1)
     model = tiny_model("olmoe", seed=1)
     dense = apply_hellora(model, hot_map(model), config(), variant="lori_d")
-    train(dense, random_batch(dense, batch=4, seq=16), steps=6, weight_decay=0.1)
+    train_steps(dense, random_batch(dense, batch=4, seq=16), steps=6, weight_decay=0.1)
     assert bool(masked_values(dense, masks).any())
 
 
@@ -229,7 +218,7 @@ def test_deepcopy_keeps_masks_enforced(tmp_path):
     source = lori_d_model()
     masks = lori_s_masks(source)
     clone = copy.deepcopy(lori_s_stage_two(masks, source))
-    train(clone, random_batch(clone), steps=3)
+    train_steps(clone, random_batch(clone), steps=3)
     assert not bool(masked_values(clone, masks).any())
     clone.save_pretrained(tmp_path)
     assert (tmp_path / MASKS_FILE).is_file() and not list(tmp_path.glob(".*.tmp"))
@@ -250,7 +239,7 @@ def test_lori_s_before_masks_refuses_to_train_and_apply_masks_fixes_it():
     apply_masks(peft_model, masks)  # random B (init_lora_weights=False): masked entries are zeroed now
     assert not bool(masked_values(peft_model, masks).any())
     assert trainable_parameter_report(peft_model)["trainable"] == sum(int(m.sum()) for m in masks.values())
-    train(peft_model, batch, steps=2)
+    train_steps(peft_model, batch, steps=2)
     assert not bool(masked_values(peft_model, masks).any())
 
 
@@ -296,7 +285,7 @@ def test_modulelist_layout_lori_s_roundtrip(tmp_path):
     torch.manual_seed(1)
     lori_s = apply_hellora(LegacyMoEForCausalLM(LegacyMoEConfig()), hot, config(), variant="lori_s", masks=masks)
     copy_lora_A(lori_s, lori_d)
-    train(lori_s, random_batch(lori_s), steps=3)
+    train_steps(lori_s, random_batch(lori_s), steps=3)
     assert not bool(masked_values(lori_s, masks).any())
     lori_s.save_pretrained(tmp_path)
     torch.manual_seed(1)
