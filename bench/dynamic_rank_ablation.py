@@ -52,7 +52,7 @@ def rows(r: int, r_budget: int, r_init: int) -> list[dict[str, Any]]:
 def uniform_callback():
     """Same schedule and budget, saliency replaced by "least-grown expert first": the control that tells whether
     choosing experts by saliency matters at all."""
-    from hellora_trl.dynamic_rank import DynamicRankCallback, dynamic_rank_state
+    from hellora_trl.experimental.dynamic_rank import DynamicRankCallback, dynamic_rank_state
 
     class UniformGrowth(DynamicRankCallback):
         def scores(self, model):
@@ -92,7 +92,7 @@ def take_profile(args: argparse.Namespace, seed: int, work: Path) -> None:
 def run_row(row: dict[str, Any], args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     from hellora_trl.accounting import trainable_parameter_report
     from hellora_trl.data import synthetic_gsm8k
-    from hellora_trl.dynamic_rank import DynamicRankCallback, active_ranks
+    from hellora_trl.experimental.dynamic_rank import DynamicRankCallback, active_ranks
     from hellora_trl.sft import build_model_and_tokenizer, load_task_data, lora_config_from
     from hellora_trl.trainer import HELLoRATrainer
 
@@ -132,7 +132,7 @@ def hook_overhead(args: argparse.Namespace) -> dict[str, float]:
     """Median seconds of one training step (fwd + bwd + AdamW, batch 8 x 160 tokens) with and without rank masks,
     alternated step by step on the same batch so a busy shared machine slows both alike."""
     from hellora_trl import apply_hellora, default_lora_config, find_moe_layers
-    from hellora_trl.dynamic_rank import init_rank_masks
+    from hellora_trl.experimental.dynamic_rank import init_rank_masks
     from hellora_trl.offline import tiny_moe_model
     from hellora_trl.sft import OFFLINE_MODEL
 
