@@ -510,7 +510,13 @@ def _expert_parallel_sentinels(module: nn.Module):
 
 class RouterLoraLayer(nn.Module, BaseTunerLayer):
     """LoRA on a router's weight. Routers are custom modules (top-k, softmax, bias correction...), so the small
-    (E, H) weight is adapted functionally and the family's own router forward runs unchanged."""
+    (E, H) weight is adapted functionally and the family's own router forward runs unchanged.
+
+    Why not PEFT's ``ParamWrapper`` (``target_parameters=["...router.weight"]``), which does the same for any 2-D
+    parameter and is what the PEFT baseline uses: a module-level layer saves under ``lora_A``/``lora_B`` names that
+    ``load_hellora`` and the exports map one to one, gathers as one unit under ZeRO-3 (PEFT's ParamWrapper folds the
+    delta into a partitioned parameter), and is refused no ``LoraConfig`` option silently (see
+    ``adapter.check_layer_options``)."""
 
     adapter_layer_names = ("lora_A", "lora_B")
     other_param_names = ("r", "lora_alpha", "scaling")
