@@ -6,10 +6,54 @@ generated GSM8K-style problems; a few minutes on 2 CPU cores) and writes everyth
     accelerate launch examples/sft_gsm8k.py --config configs/<recipe>.yaml [--any_HELLoRAConfig_field value]
 
 Every field of TRL's SFTConfig, HELLoRAConfig (hellora_*) and ModelConfig (model_name_or_path, lora_r...) is
-accepted on the command line or in the YAML; `--help` lists them.
+accepted on the command line or in the YAML; `--help` lists them. The same script is `hellora train`.
+
+Outputs in --output_dir: the adapter, hellora_profile.json (profile + hot experts), the figures,
+eval/results.{json,md} and hellora_summary.json.
 """
 
-from hellora_trl.sft import main
+import os
+
+from hellora_trl import HELLoRATrainer
+from hellora_trl.distributed import end_distributed
+from hellora_trl.recipes.sft import (
+    build_model_and_tokenizer,
+    evaluate,
+    load_task_data,
+    lora_config_from,
+    parse_args,
+    resume_checkpoint,
+    write_run_outputs,
+)
+
+
+def main(script_args, training_args, model_args):
+    # Model and data: a checkpoint (--model_name_or_path) or the offline tiny OLMoE; GSM8K or generated problems
+    model, tokenizer = build_model_and_tokenizer(model_args, training_args)
+    train_dataset, held_out = load_task_data(script_args, seed=training_args.seed)
+
+    # The trainer profiles routing (LoRA warm-up), selects the hot experts, attaches HELLoRA and trains
+    trainer = HELLoRATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config_from(model_args),
+    )
+    output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    trainer.save_model(training_args.output_dir)
+
+    # Held-out accuracy, then eval/results.{json,md} and hellora_summary.json
+    if trainer.is_world_process_zero():
+        results = evaluate(trainer.model, tokenizer, script_args, held_out, training_args)
+        write_run_outputs(output.metrics, results, training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+
 
 if __name__ == "__main__":
-    main(task="gsm8k")
+    script_args, training_args, model_args = parse_args(task="gsm8k")
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    try:
+        main(script_args, training_args, model_args)
+    finally:
+        end_distributed()  # multi-process runs exit cleanly (barrier + destroy_process_group)

@@ -18,13 +18,10 @@ from peft import LoraConfig
 from ..config import HELLoRAConfig
 from ..constants import HELD_OUT_SEED_OFFSET, SUMMARY_FILE, TASKS
 from ..utils import atomic_write_text
+from .models import OFFLINE_MODEL, ModelSource, load_model, load_tokenizer  # noqa: F401  (OFFLINE_MODEL: re-exported)
 
 PAPER_DEFAULTS: dict[str, Any] = dict(lora_r=32, lora_alpha=64, lora_dropout=0.0, output_dir="outputs/hellora-sft")
 
-# The embedded offline default: small enough for a CPU box, large enough for a readable heatmap.
-OFFLINE_MODEL = dict(
-    hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_experts=16, num_experts_per_tok=2
-)
 OFFLINE_TRAIN_ROWS = 384
 OFFLINE_DEFAULTS: dict[str, Any] = dict(
     output_dir="outputs/sft_gsm8k_offline",
@@ -79,29 +76,30 @@ class HELLoRAScriptArguments:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}.")
 
 
-def _parser(task: str | None, defaults: dict[str, Any]):
+def _parser(task: str | None, defaults: dict[str, Any], prog: str | None = None):
     from trl import ModelConfig, TrlParser
 
-    parser = TrlParser((HELLoRAScriptArguments, HELLoRAConfig, ModelConfig))
+    parser = TrlParser((HELLoRAScriptArguments, HELLoRAConfig, ModelConfig), prog=prog)
     parser.set_defaults(**{**PAPER_DEFAULTS, **defaults})
     if task is not None:
         parser.set_defaults(task=task)
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None, task: str | None = None):
+def parse_args(argv: Sequence[str] | None = None, task: str | None = None, prog: str | None = None):
     """``TrlParser`` over (script, HELLoRAConfig, ModelConfig): ``--config recipe.yaml`` plus CLI overrides.
 
     LoRA defaults are the paper's (r=32, alpha=64). When neither a model nor a dataset is given, the offline
     defaults (tiny model, smaller rank, short run) replace the parser defaults and the arguments are parsed again,
-    so anything the user wrote on the command line or in the YAML still wins.
+    so anything the user wrote on the command line or in the YAML still wins. ``prog`` names the program in
+    ``--help`` and errors (``hellora train``; default: the script's file name).
     """
     import sys
 
     argv = list(argv) if argv is not None else sys.argv[1:]
-    script_args, training_args, model_args = _parser(task, {}).parse_args_and_config(list(argv))
+    script_args, training_args, model_args = _parser(task, {}, prog).parse_args_and_config(list(argv))
     if is_offline_default(script_args, model_args):
-        script_args, training_args, model_args = _parser(task, OFFLINE_DEFAULTS).parse_args_and_config(list(argv))
+        script_args, training_args, model_args = _parser(task, OFFLINE_DEFAULTS, prog).parse_args_and_config(list(argv))
     return script_args, training_args, model_args
 
 
@@ -121,30 +119,25 @@ def lora_config_from(model_args) -> LoraConfig:
     )
 
 
-def build_model_and_tokenizer(model_args, training_args: HELLoRAConfig):
-    """The offline tiny OLMoE + local tokenizer, or a hub/local checkpoint through transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def model_source(model_args, training_args: HELLoRAConfig) -> ModelSource:
+    """TRL's ModelConfig as a :class:`~hellora_trl.recipes.models.ModelSource`; no model = the offline tiny OLMoE
+    with the run's seed (float32)."""
     if model_args.model_name_or_path is None:
-        from .offline import build_tokenizer, tiny_moe_model
-
-        return tiny_moe_model("olmoe", seed=training_args.seed, **OFFLINE_MODEL), build_tokenizer()
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+        return ModelSource(tiny_family="olmoe", tiny_seed=training_args.seed)
     remote = bool(getattr(model_args, "trust_remote_code", False) or getattr(training_args, "trust_remote_code", False))
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
+    return ModelSource(
+        name_or_path=model_args.model_name_or_path,
+        dtype=model_args.dtype,
         revision=model_args.model_revision,
         trust_remote_code=remote,
         attn_implementation=model_args.attn_implementation,
-        dtype=dtype if dtype is not None else "auto",
     )
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=remote
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+
+
+def build_model_and_tokenizer(model_args, training_args: HELLoRAConfig):
+    """The offline tiny OLMoE + local tokenizer, or a hub/local checkpoint through transformers."""
+    source = model_source(model_args, training_args)
+    return load_model(source), load_tokenizer(source)
 
 
 def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
@@ -162,7 +155,7 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
         train = data.load_gsm8k(script_args.dataset_name, script_args.dataset_train_split, fmt=fmt, limit=script_args.train_limit)
         held_out = None
         if script_args.eval_limit:
-            raw = data._load_source(script_args.dataset_name, script_args.dataset_test_split, hub_config="main")
+            raw = data.load_source(script_args.dataset_name, script_args.dataset_test_split, hub_config="main")
             held_out = [dict(r) for r in raw.select(range(min(script_args.eval_limit, len(raw))))]
         return train, held_out
     if script_args.dataset_name is None:
@@ -220,23 +213,31 @@ def build_trainer(script_args: HELLoRAScriptArguments, training_args: HELLoRACon
     return trainer, tokenizer, held_out
 
 
+def resume_checkpoint(value):
+    """``--resume_from_checkpoint true`` (or ``last``) means the newest checkpoint in output_dir."""
+    return True if value in ("true", "True", "last") else value
+
+
+def write_run_outputs(train_metrics: dict, results: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """``eval/results.{json,md}`` (when there are results) and ``hellora_summary.json``; returns the summary."""
+    summary: dict[str, Any] = {"train": train_metrics, **results}
+    if results:
+        from .eval import write_results
+
+        write_results(_without_records(results), Path(output_dir) / "eval")
+    _write_summary(summary, Path(output_dir))
+    return summary
+
+
 def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args) -> dict[str, Any]:
     """Profile -> select -> attach -> train -> save -> evaluate; returns the metrics it wrote."""
     trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
-    resume = training_args.resume_from_checkpoint
-    if resume in ("true", "True", "last"):  # `--resume_from_checkpoint true`: the newest checkpoint in output_dir
-        resume = True
-    output = trainer.train(resume_from_checkpoint=resume)
+    output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     summary: dict[str, Any] = {"train": output.metrics}
     if trainer.is_world_process_zero():
         results = evaluate(trainer.model, tokenizer, script_args, held_out, training_args)
-        summary.update(results)
-        if results:
-            from .eval import write_results
-
-            write_results(_without_records(results), Path(training_args.output_dir) / "eval")
-        _write_summary(summary, Path(training_args.output_dir))
+        summary = write_run_outputs(output.metrics, results, training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
     return summary
 
@@ -258,8 +259,8 @@ def _write_summary(summary: dict, out: Path) -> None:
     print("HELLoRA run summary:", json.dumps(lines, indent=2))
 
 
-def main(argv: Sequence[str] | None = None, task: str | None = None) -> dict[str, Any]:
-    script_args, training_args, model_args = parse_args(argv, task=task)
+def main(argv: Sequence[str] | None = None, task: str | None = None, prog: str | None = None) -> dict[str, Any]:
+    script_args, training_args, model_args = parse_args(argv, task=task, prog=prog)
     os.makedirs(training_args.output_dir, exist_ok=True)
     try:
         return run(script_args, training_args, model_args)

@@ -1,0 +1,1 @@
+"""One module per ``hellora`` command, each with ``run(argv) -> int``; the router imports them lazily."""

@@ -1,0 +1,118 @@
+"""``hellora eval``: adapter (on its base) or merged model -> task metric, results.json + results.md."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ...constants import EVAL_TASKS, HELD_OUT_SEED_OFFSET
+from ..arguments import TRAINER_SEED, CLIError, ModelArguments, existing, parse_command, require
+from ..loading import adapter_base, check_adapter, load_model, load_tokenizer
+
+DESCRIPTION = ("Evaluate a HELLoRA adapter (on its base model) or a merged checkpoint: GSM8K accuracy, HumanEval "
+               "pass@1, or refusal / over-refusal rates.")
+HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+@dataclass
+class EvalArguments:
+    task: str = field(default="gsm8k", metadata={"help": "Benchmark.", "choices": list(EVAL_TASKS)})
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "HELLoRA adapter directory (loaded on the base model). Without it, --model_name_or_path "
+                  "is evaluated as is (e.g. a merged checkpoint)."},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "gsm8k: file, folder or hub id (None: generated problems, the held-out set of `hellora "
+                  "train` offline); humaneval: HumanEval .jsonl(.gz); safety: harmful instructions JSON/CSV."},
+    )
+    dataset_split: str = field(default="test", metadata={"help": "gsm8k split."})
+    benign_path: str | None = field(default=None, metadata={"help": "safety: benign instructions (over-refusal)."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N examples."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per example."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
+    chat: bool = field(default=False, metadata={"help": "gsm8k: wrap prompts in the chat template."})
+    backend: str = field(default="hf", metadata={"help": "Generation backend (vllm needs a merged model directory).",
+                                                "choices": ["hf", "vllm"]})
+    timeout: float = field(default=5.0, metadata={"help": "humaneval: seconds per program."})
+    seed: int = field(default=TRAINER_SEED, metadata={
+        "help": f"Seed of the generated GSM8K problems (+{HELD_OUT_SEED_OFFSET}, the held-out set of `hellora train`)."})
+    output_dir: str = field(default="hellora_eval", metadata={"help": "Where results.json and results.md go."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
+
+
+def check_inputs(args: EvalArguments) -> None:
+    """Fail on missing files before spending minutes loading a model."""
+    if args.task != "gsm8k":
+        existing(require(args.dataset_name, "--dataset_name", f"the {args.task} file"), f"{args.task} file")
+    if args.benign_path:
+        existing(args.benign_path, "Benign instructions file")
+    check_adapter(args.adapter)
+
+
+def eval_model(args: EvalArguments, model_args: ModelArguments):
+    """(model, or a checkpoint path for vLLM; tokenizer)."""
+    check_adapter(args.adapter)
+    adapter_base(args.adapter, model_args)
+    if args.backend == "vllm":
+        if args.adapter or model_args.tiny:
+            raise CLIError("--backend vllm serves a checkpoint directory: run `hellora merge` first and pass the merged "
+                           "directory as --model_name_or_path.")
+        from ...recipes.eval import check_backend
+
+        check_backend("vllm")
+        return model_args.model_name_or_path, load_tokenizer(model_args)
+    model = load_model(model_args)
+    if args.adapter:
+        from ...adapter import load_hellora
+
+        model = load_hellora(model, args.adapter)
+    return model, load_tokenizer(model_args, args.adapter)
+
+
+def gsm8k_rows(args: EvalArguments) -> list[dict]:
+    """The given split, or the generated held-out problems of the offline recipe (same seed offset)."""
+    if args.dataset_name is None:
+        from ...recipes.offline import generate_math_problems
+
+        return generate_math_problems(args.limit or 32, seed=args.seed + HELD_OUT_SEED_OFFSET)
+    from ...recipes.data import load_source
+
+    raw = load_source(args.dataset_name, args.dataset_split, hub_config="main")
+    return [dict(r) for r in raw.select(range(min(args.limit or len(raw), len(raw))))]
+
+
+def evaluate(args: EvalArguments, model, tokenizer) -> dict[str, Any]:
+    from ...recipes import eval as ev
+
+    common = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.disable_tqdm,
+                  backend=args.backend)
+    if args.task == "gsm8k":
+        return ev.evaluate_gsm8k(model, tokenizer, gsm8k_rows(args), chat=args.chat, **common)
+    path = Path(args.dataset_name)
+    if args.task == "humaneval":
+        problems = ev.load_humaneval(path)[: args.limit]
+        completions = ev.generate_batched(model, tokenizer, [p["prompt"] for p in problems], **common)
+        samples = {p["task_id"]: [ev.cut_at_stops(c, HUMANEVAL_STOPS)] for p, c in zip(problems, completions)}
+        return ev.evaluate_humaneval(problems, samples, ks=(1,), timeout=args.timeout, progress=not args.disable_tqdm)
+    harmful = ev.load_instruction_set(path)[: args.limit]
+    benign = ev.load_instruction_set(args.benign_path)[: args.limit] if args.benign_path else []
+    return ev.evaluate_safety(model, tokenizer, harmful, benign, **common)
+
+
+def run(argv: Sequence[str]) -> int:
+    from ...recipes.eval import write_results
+
+    args, model_args = parse_command("eval", (EvalArguments, ModelArguments), argv, DESCRIPTION)
+    check_inputs(args)
+    model, tokenizer = eval_model(args, model_args)
+    result = evaluate(args, model, tokenizer)
+    meta = {"model": model_args.describe(), "adapter": args.adapter, "task": args.task, "dataset": args.dataset_name,
+            "limit": args.limit, "max_new_tokens": args.max_new_tokens, "backend": args.backend}
+    json_path, md_path = write_results({"run": meta, args.task: result}, args.output_dir)
+    headline = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    print(f"{args.task}: {json.dumps(headline)}\nWrote {json_path} and {md_path}")
+    return 0

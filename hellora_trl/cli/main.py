@@ -1,0 +1,88 @@
+"""The ``hellora`` router: the top level only picks the subcommand, as in TRL's ``trl/cli/main.py``.
+
+Each command lives in :mod:`hellora_trl.cli.commands` as a module with a ``run(argv) -> int`` function; it is
+imported only when that command runs, so ``hellora --help`` stays fast and torch-free. Each command parses the
+rest of the command line itself (a ``TrlParser`` over dataclasses, so ``hellora <cmd> --help`` lists every field
+and ``--config x.yaml`` works).
+
+Errors a user can fix (missing files, a profile of another model, bad values) are printed as one line and exit with
+status 1; set ``HELLORA_TRACEBACK=1`` to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from .arguments import CONFIG_EPILOG, CLIError
+
+__all__ = ["COMMANDS", "Command", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+
+    @property
+    def module(self) -> str:
+        return f"{__package__}.commands.{self.name}"
+
+    def run(self, argv: Sequence[str]) -> int:
+        return importlib.import_module(self.module).run(list(argv))
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("profile", "count routed tokens per expert (forward only) -> profile JSON"),
+        Command("select", "profile JSON -> hot experts per layer (JSON + table)"),
+        Command("train", "profile, select and train with HELLoRA (the SFT recipe)"),
+        Command("eval", "GSM8K / HumanEval / safety metrics of an adapter or merged model"),
+        Command("report", "heatmaps, concentration, Jaccard and stability figures + report.md"),
+        Command("merge", "base + adapter -> plain transformers checkpoint"),
+        Command("export", "adapter -> merged checkpoint or stock-PEFT layout"),
+        Command("ablate", "ablation grid: selection / k / components / warm-up / variant"),
+    )
+}
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hellora", allow_abbrev=False,
+        description="HELLoRA: LoRA fine-tuning of MoE models with adapters on the hot experts only.",
+        epilog="Run `hellora <command> --help` for a command's options. " + CONFIG_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"hellora-trl {_version()}")
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
+    for command in COMMANDS.values():
+        sub.add_parser(command.name, help=command.help, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `hellora` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = top_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # --help / --version / an unknown command or option exit here
+        parser.print_help()
+        return 0
+    name = argv[0]
+    try:
+        return COMMANDS[name].run(argv[1:])
+    except (CLIError, FileNotFoundError, ValueError, ImportError) as err:
+        if os.environ.get("HELLORA_TRACEBACK"):
+            raise
+        print(f"hellora {name}: error: {err}", file=sys.stderr)
+        return 1
