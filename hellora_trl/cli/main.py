@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..constants import VERSION
 from .arguments import CONFIG_EPILOG, CLIError
 
 __all__ = ["COMMANDS", "Command", "main"]
@@ -51,19 +52,13 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 def top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hellora", allow_abbrev=False,
         description="HELLoRA: LoRA fine-tuning of MoE models with adapters on the hot experts only.",
         epilog="Run `hellora <command> --help` for a command's options. " + CONFIG_EPILOG,
     )
-    parser.add_argument("--version", action="version", version=f"hellora-trl {_version()}")
+    parser.add_argument("--version", action="version", version=f"hellora-trl {VERSION}")
     sub = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
     for command in COMMANDS.values():
         sub.add_parser(command.name, help=command.help, add_help=False)
