@@ -18,12 +18,11 @@ from hellora_trl import HELLoRATrainer
 from hellora_trl.distributed import end_distributed
 from hellora_trl.recipes.sft import (
     build_model_and_tokenizer,
-    evaluate,
+    evaluate_and_write,
     load_task_data,
     lora_config_from,
     parse_args,
     resume_checkpoint,
-    write_run_outputs,
 )
 
 
@@ -43,11 +42,8 @@ def main(script_args, training_args, model_args):
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
 
-    # Held-out accuracy, then eval/results.{json,md} and hellora_summary.json
-    if trainer.is_world_process_zero():
-        results = evaluate(trainer.model, tokenizer, script_args, held_out, training_args)
-        write_run_outputs(output.metrics, results, training_args.output_dir)
-    trainer.accelerator.wait_for_everyone()
+    # Held-out accuracy on every rank (sharded), then eval/results.{json,md} and hellora_summary.json
+    evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--variant", default="lora", help="hellora_variant (lori_d: frozen A factors)")
     parser.add_argument("--profile_only", action="store_true", help="profile + select, record, no training")
     parser.add_argument("--base_dtype", default="float32", help="dtype the base model is loaded in (GPU recipes: bfloat16)")
+    parser.add_argument("--eval_limit", type=int, default=0,
+                        help="after training, evaluate GSM8K on this many held-out problems on every rank (the recipe's path)")
     opts = parser.parse_args()
 
     from peft import LoraConfig
@@ -133,8 +135,23 @@ def main() -> None:
         trainer.train(resume_from_checkpoint=opts.resume)
         trainer.save_model(os.path.join(opts.out, "final"))
         extra = {"built_partitioned": built_partitioned, "steps_run_here": steps.steps}
+        if opts.eval_limit:
+            extra["eval"] = evaluate_held_out(trainer, tokenizer, opts.eval_limit)
         record(trainer, tokenizer, Path(opts.out), extra)
     end_distributed()
+
+
+def evaluate_held_out(trainer, tokenizer, limit: int) -> dict:
+    """The recipe's own post-training step (``recipes.sft.evaluate_and_write``, what ``run()`` and the example
+    call) on generated held-out GSM8K problems; every rank calls it, as they do."""
+    from hellora_trl.offline import generate_math_problems
+    from hellora_trl.recipes.sft import HELLoRAScriptArguments, evaluate_and_write
+
+    script_args = HELLoRAScriptArguments(task="gsm8k", eval_limit=limit, eval_max_new_tokens=6)
+    rows = generate_math_problems(limit, seed=10_000)
+    summary = evaluate_and_write(trainer, tokenizer, script_args, rows, {})
+    result = summary["gsm8k"]
+    return {"accuracy": result["accuracy"], "total": result["total"], "completions": [r["completion"] for r in result["records"]]}
 
 
 def record_profile(trainer, out: Path) -> None:

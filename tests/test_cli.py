@@ -276,10 +276,9 @@ def test_train_hands_every_argument_to_the_sft_recipe(monkeypatch):
 
 
 def test_ablate_delegates_to_the_ablation_module(monkeypatch):
-    pytest.importorskip("hellora_trl.ablation", reason="hellora_trl.ablation not in this checkout yet")
     seen = {}
-    monkeypatch.setattr("hellora_trl.ablation.main", lambda argv: seen.setdefault("argv", argv))
-    assert cli.main(["ablate", "--ks", "2,4"]) == 0 and seen["argv"] == ["--ks", "2,4"]
+    monkeypatch.setattr("hellora_trl.recipes.ablation.main", lambda argv, prog=None: seen.update(argv=argv, prog=prog))
+    assert cli.main(["ablate", "--ks", "2,4"]) == 0 and seen == {"argv": ["--ks", "2,4"], "prog": "hellora ablate"}
 
 
 def test_ablate_reports_a_failed_import_in_one_line(monkeypatch, capsys):

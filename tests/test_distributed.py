@@ -382,6 +382,18 @@ def test_zero3_profiles_a_modulelist_moe_whose_ranks_run_different_experts(tmp_p
     assert r0["hot_experts"] == trainer.select(profile)
 
 
+@slow
+@pytest.mark.parametrize("strategy", list(STRATEGY_CONFIGS))
+def test_evaluation_after_training_runs_on_every_rank_and_ends(strategy, base_dir):
+    """Every shipped config evaluates after training without hanging: prompts are sharded over the ranks (5 over 2:
+    one rank pads its share), ZeRO-3/FSDP generate with synced_gpus, and every rank ends with all results."""
+    run_ = launch(strategy, base_dir, "eval", "--max_steps", "2", "--eval_limit", "5")
+    evals = [rank["eval"] for rank in run_.ranks]
+    assert [e["total"] for e in evals] == [5, 5]
+    assert evals[0] == evals[1]  # every rank holds the same, complete results
+    assert all(isinstance(c, str) for c in evals[0]["completions"])
+
+
 # ---------------------------------------------------------------------------- the example script and templates
 @slow
 def test_example_script_runs_under_the_ddp_config(tmp_path):

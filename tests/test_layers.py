@@ -32,12 +32,17 @@ FLOORS = [
     ["trainer"],
     # the application layer
     ["recipes", "recipes.offline"],
+    ["recipes.models"],
     ["recipes.data"],
     ["recipes.eval", "recipes.reporting"],
     ["recipes.sft"],
     ["recipes.ablation", "recipes.lab"],
     ["integrations", "integrations.warmup"],
     ["integrations.axolotl"],
+    ["cli.arguments"],
+    ["cli.loading"],
+    ["cli.commands"],
+    ["cli.main"],
     ["cli"],
     ["sft", "data", "offline", "eval", "ablation", "reporting", "dynamic_rank", "__init__"],  # aliases, public API
 ]

@@ -161,8 +161,9 @@ def run_grid(ablation: AblationArguments, script_args, training_args, model_args
     return done
 
 
-def parse_args(argv: Sequence[str] | None = None):
-    """Ablation axes first; every other argument is a `hellora train` argument."""
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None):
+    """Ablation axes first; every other argument is a `hellora train` argument. ``prog`` names the program in
+    usage and error messages (the CLI passes ``hellora ablate``)."""
     import sys
 
     from transformers import HfArgumentParser
@@ -170,14 +171,14 @@ def parse_args(argv: Sequence[str] | None = None):
     from .sft import parse_args as parse_train_args
 
     argv = list(argv) if argv is not None else sys.argv[1:]
-    (ablation, rest) = HfArgumentParser(AblationArguments).parse_args_into_dataclasses(
+    (ablation, rest) = HfArgumentParser(AblationArguments, prog=prog).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
-    return ablation, *parse_train_args(rest)
+    return ablation, *parse_train_args(rest, prog=prog)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    ablation, script_args, training_args, model_args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> list[dict[str, Any]]:
+    ablation, script_args, training_args, model_args = parse_args(argv, prog=prog)
     rows = run_grid(ablation, script_args, training_args, model_args, progress=not training_args.disable_tqdm)
     print(json.dumps({"rows": len(rows), "table": str(Path(training_args.output_dir) / "ablation.md")}))
     return rows

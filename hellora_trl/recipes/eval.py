@@ -622,6 +622,10 @@ def generate_batched(
     length to waste less padding. ``chat=True`` wraps each prompt as a single user turn with the
     tokenizer's chat template. The tokenizer's padding side (and pad token, borrowed from EOS if
     unset) and the model's train/eval mode are restored afterwards.
+
+    In a distributed run every rank must call it with the same prompts: each rank generates its contiguous
+    share (padded to an equal count, so every rank runs the same number of ``generate`` calls), with
+    ``synced_gpus`` when the weights are sharded (ZeRO-3, FSDP), and every rank returns all completions.
     """
     check_backend(backend)
     if batch_size < 1 or max_new_tokens < 1:
@@ -632,6 +636,43 @@ def generate_batched(
     texts = _chat_texts(tokenizer, prompts) if chat else prompts
     if backend == "vllm":
         return _generate_vllm(model, tokenizer, texts, max_new_tokens, progress)
+    world, rank = _world()
+    if world > 1:
+        return _generate_sharded(model, tokenizer, texts, world, rank, max_new_tokens, batch_size, chat, progress)
+    return _generate_hf(model, tokenizer, texts, max_new_tokens, batch_size, chat, progress)
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _generate_sharded(model, tokenizer, texts, world, rank, max_new_tokens, batch_size, chat, progress) -> list[str]:
+    """This rank's share, generated in lockstep with the others, then all shares gathered in order."""
+    from accelerate.utils import gather_object
+
+    from ..distributed import shard_bounds
+
+    per_rank = -(-len(texts) // world)  # ceil: equal work (and generate calls) on every rank
+    start, end = shard_bounds(len(texts), world, rank)
+    mine = texts[start:end]
+    filler = (mine or texts)[-1:] * (per_rank - len(mine))  # discarded, only keeps the ranks in step
+    outputs = _generate_hf(model, tokenizer, mine + filler, max_new_tokens, batch_size, chat, progress,
+                           synced_gpus=_sharded_weights(model))
+    shares = gather_object([outputs[: len(mine)]])
+    return [text for share in shares for text in share]
+
+
+def _sharded_weights(model) -> bool:
+    """ZeRO-3 partitioned or FSDP (DTensor) parameters: every rank must take part in every forward."""
+    return any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+               for p in model.parameters())
+
+
+def _generate_hf(model, tokenizer, texts, max_new_tokens, batch_size, chat, progress, synced_gpus=False) -> list[str]:
 
     import torch
     from tqdm.auto import tqdm
@@ -664,7 +705,7 @@ def generate_batched(
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             with torch.inference_mode():
                 out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=synced_gpus,
                     temperature=None, top_p=None, top_k=None,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                 )

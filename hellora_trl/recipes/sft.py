@@ -17,6 +17,7 @@ from peft import LoraConfig
 
 from ..config import HELLoRAConfig
 from ..constants import HELD_OUT_SEED_OFFSET, SUMMARY_FILE, TASKS
+from ..distributed import is_main_process
 from ..utils import atomic_write_text
 from .models import OFFLINE_MODEL, ModelSource, load_model, load_tokenizer  # noqa: F401  (OFFLINE_MODEL: re-exported)
 
@@ -190,6 +191,8 @@ def evaluate(model, tokenizer, script_args: HELLoRAScriptArguments, held_out, tr
         problems = ev.load_humaneval(script_args.eval_dataset_path)[:limit]
         prompts = [p["prompt"] for p in problems]
         completions = ev.generate_batched(model, tokenizer, prompts, max_new_tokens=budget, progress=progress)
+        if not is_main_process():  # the generated code runs once, in the main process's sandbox
+            return {}
         samples = {p["task_id"]: [c] for p, c in zip(problems, completions)}
         return {"humaneval": ev.evaluate_humaneval(problems, samples, ks=(1,))}
     harmful = ev.load_instruction_set(script_args.eval_dataset_path)[:limit]
@@ -234,10 +237,19 @@ def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model
     trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
-    summary: dict[str, Any] = {"train": output.metrics}
+    return evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics)
+
+
+def evaluate_and_write(trainer, tokenizer, script_args: HELLoRAScriptArguments, held_out, train_metrics: dict) -> dict:
+    """Evaluate on every rank, write ``eval/`` and the summary on the main process; every rank returns the summary.
+
+    Every rank takes part because under ZeRO-3 and FSDP a forward needs all ranks: generation shards the prompts
+    over the ranks and runs them in lockstep (:func:`hellora_trl.recipes.eval.generate_batched`). Evaluating on
+    rank 0 alone made rank 0 wait forever for weights the others, parked at a barrier, never sent."""
+    results = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)
+    summary: dict[str, Any] = {"train": train_metrics, **results}
     if trainer.is_world_process_zero():
-        results = evaluate(trainer.model, tokenizer, script_args, held_out, training_args)
-        summary = write_run_outputs(output.metrics, results, training_args.output_dir)
+        summary = write_run_outputs(train_metrics, results, trainer.args.output_dir)
     trainer.accelerator.wait_for_everyone()
     return summary
 

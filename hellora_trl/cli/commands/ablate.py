@@ -20,5 +20,5 @@ def run(argv: Sequence[str]) -> int:
         HfArgumentParser(ablation.AblationArguments, prog="hellora ablate", description=DESCRIPTION,
                          epilog=EPILOG).print_help()
         return 0
-    ablation.main(list(argv))
+    ablation.main(list(argv), prog="hellora ablate")
     return 0
