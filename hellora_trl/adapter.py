@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-from .adapter_state import restore_extras
+from .adapter_state import install_saver, restore_extras
 from .constants import COMPONENTS, DEFAULT_DENSITY, HOT_KEY, PEFT_PREFIX
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
 from .profile import HotMap
@@ -226,7 +226,9 @@ def _inject(
     if mapping:
         config._register_custom_module(mapping)
     with explicit_v5_targets():
-        return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    install_saver(peft_model)  # saves write (or clear stale) side files of every adapter-state kind
+    return peft_model
 
 
 @contextlib.contextmanager

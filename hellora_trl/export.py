@@ -37,7 +37,7 @@ from .adapter import hot_map_from_model, load_hellora
 from .constants import PEFT_PREFIX
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer, expert_factor_shapes
 from .registry import family_for, find_moe_layers
-from .utils import atomic_dir
+from .utils import atomic_dir, load_causal_lm
 
 __all__ = [
     "ExportError",
@@ -61,9 +61,7 @@ def _load_base(base_model: ModelOrPath) -> nn.Module:
         return base_model
     if not isinstance(base_model, (str, os.PathLike)):
         raise TypeError(f"base_model must be a model, a path or a hub id, got {type(base_model).__name__}.")
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(base_model), dtype="auto")
+    return load_causal_lm(base_model)
 
 
 def _adapted_model(base_model: ModelOrPath, adapter_dir: str | os.PathLike | None, adapter_name: str) -> PeftModel:

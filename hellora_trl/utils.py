@@ -93,6 +93,16 @@ def publish_staged(staging: Path, target: Path) -> None:
     staging.rmdir()
 
 
+# ------------------------------------------------------------------------------------------------ loading
+def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """A causal LM checkpoint (local directory or hub id) in its saved dtype unless ``dtype`` says otherwise: the
+    package's one ``from_pretrained`` for models (the recipes' loader and the exports both call it)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs.setdefault("dtype", "auto")
+    return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------ wrappers
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside PEFT/accelerate wrappers (DDP, DeepSpeed engines, PeftModel)."""

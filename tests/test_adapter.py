@@ -173,3 +173,21 @@ def test_deepseek_moe_remote_code_layout(tmp_path):
             adapted = any(n.startswith(f"base_model.model.{name}.{e}.") for n in trainable)
             assert adapted == (e in ids), (name, e)
     assert_exact_roundtrip(peft_model, lambda: DeepseekStyleForCausalLM(DeepseekStyleConfig()), batch, hot, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [({"use_dora": True}, "use_dora"), ({"lora_bias": True}, "lora_bias"),
+     ({"init_lora_weights": "gaussian"}, "init_lora_weights")],
+)
+def test_options_our_layers_cannot_honour_are_refused_before_any_peft_work(option, message):
+    """As PEFT's ParamWrapper refuses them: DoRA, LoRA bias and named inits would silently train plain LoRA."""
+    from hellora_trl.adapter import check_layer_options
+
+    model = tiny_model()
+    hot = {layer.name: [0] for layer in find_moe_layers(model)}
+    with pytest.raises(ValueError, match=message):
+        apply_hellora(model, hot, default_lora_config(r=2, lora_alpha=4, **option))
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # nothing was injected
+    check_layer_options(default_lora_config(r=2, lora_alpha=4, init_lora_weights=False))  # plain options pass
+

@@ -78,3 +78,68 @@ def test_validate_hot_map_errors():
         validate_hot_map({"a.experts": [0, 9], "b.experts": [1]}, names, 4)
     with pytest.raises(ValueError, match="no hot experts"):
         validate_hot_map({"a.experts": [], "b.experts": [1]}, names, 4)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def test_strategy_table_and_constants_agree():
+    from hellora_trl.constants import STRATEGIES
+    from hellora_trl.selection import SELECTORS
+
+    assert tuple(SELECTORS) == STRATEGIES
+
+
+def test_plan_uses_a_stored_map_unless_reselect_and_records_one_shape():
+    from hellora_trl.selection import SelectionSettings, plan_hot_experts
+
+    p = make_profile([[5, 9, 1, 7], [0, 0, 3, 2]])
+    stored = {"model.layers.0.mlp.experts": [2, 3], "model.layers.1.mlp.experts": [0, 1]}
+    hot, record = plan_hot_experts(p, SelectionSettings(k=2), stored)
+    assert hot == stored and record["stored_map"] is True and record["per_layer_k"] == {n: 2 for n in stored}
+    hot, record = plan_hot_experts(p, SelectionSettings(k=2, reselect=True), stored)
+    assert hot == select_hot_experts(p, k=2) and record["stored_map"] is False
+    assert set(record) == {"k", "strategy", "seed", "mass", "min_k", "max_k", "components", "variant",
+                           "per_layer_k", "stored_map"}
+    hot, record = plan_hot_experts(p, SelectionSettings(strategy="mass", mass=0.6, min_k=1, max_k=3))
+    assert record["mass"] == 0.6 and hot == select_hot_experts(p, strategy="mass", mass=0.6, max_k=3)
+    with pytest.raises(ValueError, match="does not match"):
+        plan_hot_experts(p, SelectionSettings(), {"model.layers.0.mlp.experts": [0]})
+
+
+def test_settings_read_hellora_fields_and_fall_back_to_seed():
+    from types import SimpleNamespace
+
+    from hellora_trl.selection import SelectionSettings
+
+    args = SimpleNamespace(hellora_k=3, hellora_selection="cold", hellora_seed=None, seed=7, hellora_min_k=2,
+                           hellora_max_k=None, hellora_reselect=True)
+    s = SelectionSettings.from_args(args)
+    assert (s.k, s.strategy, s.seed, s.min_k, s.max_k, s.reselect) == (3, "cold", 7, 2, None, True)
+    assert SelectionSettings.from_args(SimpleNamespace(hellora_seed=5, seed=7)).seed == 5
+    assert SelectionSettings.from_args(args, seed=11).seed == 11
+
+
+def test_save_and_load_plan_round_trip(tmp_path):
+    from hellora_trl.selection import SelectionSettings, load_plan, plan_hot_experts, save_plan
+
+    p = make_profile([[5, 9, 1, 7], [0, 0, 3, 2]])
+    hot, record = plan_hot_experts(p, SelectionSettings(k=1))
+    paths = save_plan(p, hot, record, tmp_path / "a.json", tmp_path / "sub" / "b.json")
+    for path in paths:
+        loaded, stored, rec = load_plan(path)
+        assert loaded.counts.equal(p.counts) and stored == hot and rec == record
+    with pytest.raises(IsADirectoryError, match="profile JSON file"):
+        load_plan(tmp_path)
+    p.save(tmp_path / "bare.json")
+    assert load_plan(tmp_path / "bare.json")[1:] == (None, {})
+
+
+def test_profile_top_k_matches_layer_selection_and_check_k():
+    from hellora_trl.profile import check_k, rank_experts
+
+    p = make_profile([[5, 9, 1, 7], [0, 0, 3, 2]])
+    assert p.top_k(2) == select_hot_experts(p, k=2, strategy="layer")
+    assert rank_experts(torch.tensor([1, 3, 3, 0])).tolist() == [1, 2, 0, 3]
+    assert rank_experts(torch.tensor([1, 3, 3, 0]), descending=False).tolist() == [3, 0, 1, 2]
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            check_k(bad, 4)

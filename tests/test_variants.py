@@ -252,9 +252,34 @@ def test_enforce_masks_and_refreezing():
             p.fill_(1.0)  # what an optimizer that ignores gradients could do
     enforce_masks(peft_model)
     assert not bool(masked_values(peft_model, masks).any())
-    peft_model.set_adapter("default")  # PEFT re-marks adapter factors trainable...
-    assert freeze_lora_A(peft_model) > 0  # ...so freeze again before building the optimizer
+    assert freeze_lora_A(peft_model) > 0  # idempotent
     assert not any(p.requires_grad for p in lora_factors(peft_model, "A").values())
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+def test_frozen_A_is_declared_to_peft_so_set_adapter_keeps_it_frozen(family):
+    """PEFT's set_adapter re-marks adapter factors trainable; LoRI's A is declared in frozen_peft_weight_names, so
+    PEFT itself re-freezes it (no trainer-side re-freeze before each optimizer)."""
+    model = tiny_model(family)
+    peft_model = apply_hellora(model, hot_map(model), config(), variant="lori_d")
+    peft_model.set_adapter("default")
+    a, b = lora_factors(peft_model, "A"), lora_factors(peft_model, "B")
+    assert a and not any(p.requires_grad for p in a.values())
+    assert all(p.requires_grad for p in b.values())
+
+
+def test_saving_plain_lora_over_a_lori_adapter_drops_its_stale_side_files(tmp_path):
+    """One saver for every side file: a plain-LoRA adapter saved into a folder that held a LoRI-S adapter must not
+    keep hellora_variant.json / the masks (load_hellora would rebuild it as LoRI-S)."""
+    source = lori_d_model()
+    peft_model = lori_s_stage_two(lori_s_masks(source), source)
+    peft_model.save_pretrained(tmp_path)
+    assert (tmp_path / VARIANT_FILE).is_file() and (tmp_path / MASKS_FILE).is_file()
+    model = tiny_model()
+    plain = apply_hellora(model, hot_map(model), config())
+    plain.save_pretrained(tmp_path)
+    assert not (tmp_path / VARIANT_FILE).exists() and not (tmp_path / MASKS_FILE).exists()
+    assert variant_of(load_hellora(tiny_model(), tmp_path)) == "lora"
 
 
 def test_accounting_counts_changeable_entries_only():

@@ -4,8 +4,8 @@ A model is either a checkpoint (local directory or hub id, loaded with ``from_pr
 an offline tiny random MoE model built in process from a config (tests, demos, the offline recipe). The tiny OLMoE
 has the shape of the offline recipe (:data:`OFFLINE_MODEL`), so an adapter trained offline loads on it.
 
-The core's :func:`hellora_trl.export.merge_adapter` keeps its own three-line ``from_pretrained`` for a path: core
-modules do not import the application layer.
+Checkpoints load through the core's :func:`hellora_trl.utils.load_causal_lm`, which the exports use too, so the
+package has one ``from_pretrained`` for models.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..utils import load_causal_lm
 
 __all__ = ["OFFLINE_MODEL", "ModelSource", "load_model", "load_tokenizer", "save_model_and_tokenizer"]
 
@@ -84,7 +86,7 @@ def load_model(source: ModelSource, *, device: str | None = None, meta: bool = F
             kwargs["revision"] = source.revision
         if source.attn_implementation is not None:
             kwargs["attn_implementation"] = source.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
+        model = load_causal_lm(source.name_or_path, **kwargs)
     return model if device is None else model.to(device)
 
 
