@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import math
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -304,7 +305,7 @@ def _under(path, roots):
 
 
 def _hook(event, args, _norm=_norm, _under=_under, _type=type, _str=str, _work=None, _reads=(), _devices=(), _exit=None,
-          _err=PermissionError, _int=int, _none=None, _wmask=0, _deny=frozenset(), _deny_prefixes=(),
+          _err=PermissionError, _import_err=ImportError, _int=int, _none=None, _wmask=0, _deny=frozenset(), _deny_prefixes=(),
           _writes=frozenset(), _lists=frozenset(), _bad_modules=frozenset(), _funcattrs=frozenset(),
           _finalize=frozenset()):
     """PEP 578 audit hook of the candidate process (bound with functools-free defaults, see _install)."""
@@ -320,17 +321,17 @@ def _hook(event, args, _norm=_norm, _under=_under, _type=type, _str=str, _work=N
         if flags & _wmask:
             if not _under(where, (_work,)):
                 raise _err(f"writing {where} is disabled in the HumanEval sandbox (only the work dir)")
-        elif not (_under(where, _reads) or where in _devices):
+        elif not (_under(where, _reads) or _under(where, (_work,)) or where in _devices):
             raise _err(f"reading {where} is disabled in the HumanEval sandbox")
         return
     if event == "import":
         name, filename = args[0], args[1]
         if _type(name) is not _str or name.rpartition(".")[2] in _bad_modules:
-            raise _err(f"importing {name} is disabled in the HumanEval sandbox")
+            raise _import_err(f"importing {name} is disabled in the HumanEval sandbox")
         if filename is not _none:
             where = _norm(filename, _work)
             if where is _none or not _under(where, _reads):
-                raise _err("loading this file is disabled in the HumanEval sandbox")
+                raise _import_err("loading this file is disabled in the HumanEval sandbox")
         return
     if event in _writes:
         for arg in args:
@@ -389,7 +390,7 @@ def _install(work, reads, devices, exit_now):
         _work=work, _reads=tuple(reads), _devices=tuple(devices), _exit=exit_now,
         _wmask=os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC,
         _deny=frozenset(_DENY), _deny_prefixes=_DENY_PREFIXES, _writes=_WRITES, _lists=_LISTS,
-        _bad_modules=_BAD_MODULES, _funcattrs=frozenset({"__code__", "__defaults__", "__kwdefaults__"}),
+        _bad_modules=_BAD_MODULES, _funcattrs=frozenset({"__code__"}),  # the hook itself is unreachable (gc.get_* denied)
         _finalize=frozenset({"cpython.PyInterpreterState_Clear", "cpython._PySys_ClearAuditHooks"}),
     )
     no_globals = {"__builtins__": {}}  # a stray global or builtin name would raise, i.e. deny
@@ -876,6 +877,26 @@ def _group_samples(samples: Mapping[str, Sequence[str]] | Iterable[Mapping[str, 
     return grouped
 
 
+def _sample_key(task_id: str, index: int, completion: str) -> str:
+    digest = hashlib.sha256(completion.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{task_id}\x00{index}\x00{digest}"
+
+
+def _load_recorded(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of a results JSONL from an earlier (possibly killed) run, by sample key; torn lines are skipped."""
+    recorded: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return recorded
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                recorded[row["key"]] = {k: v for k, v in row.items() if k != "key"}
+            except (ValueError, KeyError, TypeError):
+                continue
+    return recorded
+
+
 def evaluate_humaneval(
     problems: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
     samples: Mapping[str, Sequence[str]] | Iterable[Mapping[str, Any]],
@@ -884,13 +905,19 @@ def evaluate_humaneval(
     workers: int = 2,
     memory_mb: int = 1024,
     progress: bool = False,
+    results_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Execute every sample and report ``pass@k`` averaged over the tasks that have samples.
 
     A ``k`` is reported only when every task has at least ``k`` samples (as upstream does);
     pass@k is averaged over the tasks present in ``samples``, which may be a subset of
     ``problems`` (``n_tasks`` says how many). Samples run on a thread pool of ``workers``
-    threads, each driving its own sandboxed child process.
+    threads, each driving its own sandboxed runner process (see :func:`run_humaneval_sample`).
+
+    ``results_path`` (a ``.jsonl`` file): each sample's result is appended there as soon as it is
+    known, flushed and fsynced, so nothing already computed is lost if the evaluation is killed;
+    a rerun with the same path reuses the rows whose task id, sample index and completion match
+    and runs only the rest.
     """
     by_id = _problems_by_id(problems)
     grouped = _group_samples(samples)
@@ -902,17 +929,44 @@ def evaluate_humaneval(
     empty = [t for t, c in grouped.items() if not c]
     if empty:
         raise ValueError(f"tasks with no samples: {empty[:5]}")
+    for task_id in grouped:
+        _problem_parts(by_id[task_id])  # a malformed problem fails here, before any sample runs
     jobs = [(task_id, i, completion) for task_id, completions in grouped.items() for i, completion in enumerate(completions)]
+    bad = [(t, i) for t, i, c in jobs if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"completions must be strings; not for {bad[:5]}")
+
+    sink_path = Path(results_path) if results_path is not None else None
+    recorded = _load_recorded(sink_path) if sink_path is not None else {}
+    sink = None
+    if sink_path is not None:
+        sink_path.parent.mkdir(parents=True, exist_ok=True)
+        sink = open(sink_path, "a", encoding="utf-8")
+    lock = threading.Lock()
 
     def run(job: tuple[str, int, str]) -> dict[str, Any]:
         task_id, index, completion = job
-        result = run_humaneval_sample(by_id[task_id], completion, timeout=timeout, memory_mb=memory_mb)
-        return {**result, "sample_index": index}
+        key = _sample_key(task_id, index, completion)
+        if key in recorded:
+            return recorded[key]
+        result = {**run_humaneval_sample(by_id[task_id], completion, timeout=timeout, memory_mb=memory_mb),
+                  "sample_index": index}
+        if sink is not None:
+            line = json.dumps({"key": key, **result}, ensure_ascii=True) + "\n"
+            with lock:
+                sink.write(line)
+                sink.flush()
+                os.fsync(sink.fileno())
+        return result
 
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="humaneval", disable=not progress))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="humaneval", disable=not progress))
+    finally:
+        if sink is not None:
+            sink.close()
 
     per_task = {task_id: {"n": len(c), "correct": 0} for task_id, c in grouped.items()}
     for result in results:
@@ -923,7 +977,9 @@ def evaluate_humaneval(
         if k <= smallest_n:
             scores = [pass_at_k(t["n"], t["correct"], k) for t in per_task.values()]
             metrics[f"pass@{k}"] = sum(scores) / len(scores)
-    return {**metrics, "n_tasks": len(per_task), "n_samples": len(results), "per_task": per_task, "results": results}
+    isolation = sorted(set.intersection(*(set(r.get("isolation") or []) for r in results)))
+    return {**metrics, "n_tasks": len(per_task), "n_samples": len(results), "per_task": per_task,
+            "isolation": isolation, "results": results}
 
 
 def load_humaneval(path: str | os.PathLike) -> list[dict[str, Any]]:
