@@ -212,19 +212,32 @@ def test_hostile_process_does_not_outlive_the_sample(monkeypatch):
     assert not survivors
 
 
+# A throw-away evaluator process. It loads the eval module from its file with a stub for its one package import
+# (hellora_trl's __init__ pulls in torch, seconds per start on a shared CPU box).
 DISPOSABLE = textwrap.dedent("""\
-    import json, sys
-    from hellora_trl.eval import evaluate_humaneval
-    problems, samples, path = json.loads(sys.stdin.read())
-    result = evaluate_humaneval(problems, samples, ks=(1,), workers=1, results_path=path)
+    import importlib.util, json, sys, types
+    name, path = sys.argv[1], sys.argv[2]
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        package = types.ModuleType(".".join(parts[:i]))
+        package.__path__ = []
+        sys.modules[package.__name__] = package
+    profiling = types.ModuleType(parts[0] + ".profiling")
+    profiling.atomic_write_text = None
+    sys.modules[profiling.__name__] = profiling
+    spec = importlib.util.spec_from_file_location(name, path)
+    ev = importlib.util.module_from_spec(spec)
+    sys.modules[name] = ev
+    spec.loader.exec_module(ev)
+    problems, samples, results = json.loads(sys.stdin.read())
+    result = ev.evaluate_humaneval(problems, samples, ks=(1,), workers=1, results_path=results)
     print(json.dumps(result["per_task"]))
     """)
 
 
 def _disposable(**kwargs):
-    env = {**os.environ, "PYTHONPATH": str(Path(ev.__file__).resolve().parents[1])}
-    return subprocess.Popen([sys.executable, "-c", DISPOSABLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-c", DISPOSABLE, ev.__name__, ev.__file__], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def test_evaluator_survives_attempts_to_kill_it(tmp_path):
