@@ -636,6 +636,7 @@ _runner()
 _FSIZE_BYTES = 16 * 1024 * 1024
 _TAIL_CHARS = 2000
 _NOBODY = 65534
+_USE_NAMESPACES = True  # tests turn it off to exercise the path taken where unshare(2) is not permitted
 # Imported by the runner before the audit hook goes in (later imports compile from source, which is slower).
 _PRELOAD = ("math", "random", "re", "string", "collections", "itertools", "functools", "heapq", "bisect", "hashlib",
             "typing", "statistics", "fractions", "decimal", "operator", "copy", "json", "types", "signal", "resource")
@@ -795,7 +796,7 @@ def run_humaneval_sample(
             "source": prompt + completion + "\n", "entry_point": entry_point, "workdir": os.path.realpath(workdir),
             "cpu_s": cpu_s, "mem_bytes": memory_mb * 1024 * 1024, "fsize_bytes": _FSIZE_BYTES,
             "read_roots": list(reads), "devices": ["/dev/null", "/dev/urandom", "/dev/zero"],
-            "preload": list(_PRELOAD), "drop_uid": drop_uid, "namespaces": True,
+            "preload": list(_PRELOAD), "drop_uid": drop_uid, "namespaces": _USE_NAMESPACES,
         })
         _write_private(root / "check.json", {
             "prompt": prompt, "test": test, "entry_point": entry_point, "cpu_s": cpu_s,

@@ -363,3 +363,21 @@ def test_all_canonical_solutions_pass_and_wrong_bodies_fail_everywhere():
     result = evaluate_humaneval(problems, {t: list(wrong) for t in problems}, ks=(1,))
     assert [(r["task_id"], r["sample_index"]) for r in result["results"] if r["passed"]] == []
     assert result["pass@1"] == 0.0
+
+
+def test_without_namespaces_the_hook_still_holds(monkeypatch, tmp_path):
+    """The path taken where unshare(2) is refused (non-root CI, locked-down containers)."""
+    monkeypatch.setattr(ev, "_USE_NAMESPACES", False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important")
+    names = ["always_equal", "steal_token_from_parent_frame", "truncate_victim", "fresh_posix_system",
+             "kill_parent", "finalizer_after_hooks_cleared", "socket_through_subclasses", "fresh_posix_fork"]
+    fields = {"outside": str(tmp_path), "victim": str(victim), "port": 9}
+    problems = {name: _problem(CHEATS[name][0], name) for name in names}
+    samples = {name: [CHEATS[name][1].format(**fields)] for name in names}
+    problems["ok"], samples["ok"] = _problem("double", "ok"), ["    return 2 * x\n"]
+    result = evaluate_humaneval(problems, samples, ks=(1,), workers=2)
+    verdicts = {r["task_id"]: r["verdict"] for r in result["results"]}
+    assert verdicts.pop("ok") == "passed" and set(verdicts.values()) == {"failed"}
+    assert "pid-namespace" not in result["isolation"] and "audit-hook" in result["isolation"]
+    assert victim.read_text() == "important" and sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
