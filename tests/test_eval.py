@@ -194,10 +194,12 @@ def test_sandbox_blocks_network():
 
 def test_sandbox_runs_in_a_temporary_directory_that_is_removed(tmp_path):
     out = tmp_path / "cwd.txt"
+    # Writing outside the work dir is blocked (it was allowed before issue 13), so the cwd comes back in the error.
     completion = f"    import os\n    open({str(out)!r}, 'w').write(os.getcwd())\n    return 2 * x\n"
-    # Writing with open() is allowed (the sandbox is best effort), which lets us see the cwd.
-    assert run_humaneval_sample(DOUBLE, completion)["passed"]
-    workdir = Path(out.read_text())
+    blocked = run_humaneval_sample(DOUBLE, completion)
+    assert blocked["verdict"] == "failed" and "disabled" in blocked["error"] and not out.exists()
+    result = run_humaneval_sample(DOUBLE, "    import os\n    raise RuntimeError('cwd=' + os.getcwd())\n")
+    workdir = Path(result["error"].split("cwd=", 1)[1])
     assert workdir.name == "work" and workdir.parent.name.startswith("hellora_humaneval_")
     assert not workdir.parent.exists()
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import math
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -156,111 +157,489 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # HumanEval execution
 # --------------------------------------------------------------------------------------------
 
-# Runs inside the child interpreter (python -I -c). It reads a one-time token from stdin, then
-# limits resources, cuts the network, disables destructive calls, and only then executes the
-# program. Success is reported by printing the token, so a program that merely exits 0 early
-# (sys.exit, os._exit) does not count as passed.
-_CHILD = r'''
-import builtins, os, sys
+# Trust design (docs/eval.md has the long version). Every sample runs in a fresh "runner" process, started
+# by the evaluator in a new session with a minimal environment. The runner forks before it has read the
+# unit tests:
+#
+# * the candidate process imports ``prompt + completion`` as a module and answers call requests for the
+#   entry point over a pair of pipes. Before the completion runs it drops what it can (network and PID
+#   namespaces, capabilities or the uid, rlimits, parent-death signal) and installs a PEP 578 audit hook
+#   that cannot be removed. It never sees the test, the verdict pipe or any secret;
+# * the checker (the runner itself) then reads the test, executes the dataset's prompt and test in its own
+#   namespace and calls ``check(candidate)``, where ``candidate`` forwards each call to the candidate
+#   process. Arguments and return values cross as plain data only (None, bool, int, float, complex, str,
+#   bytes and lists / tuples / dicts / sets of those, checked with exact types), so an object whose
+#   ``__eq__`` always succeeds cannot reach the test, and nothing the completion defines (decorators, a
+#   ``check``, ``poly``, trace hooks) exists in the checker.
+#
+# The verdict is the checker's exit status plus one JSON line on a pipe that only the checker holds. The
+# candidate process can make its own sample fail, never pass.
+_RUNNER = r'''
+import sys
 
-def _main():
-    token = sys.stdin.readline().strip()
-    program_path, workdir = sys.argv[1], sys.argv[2]
-    cpu_s, mem_bytes, fsize_bytes = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    with open(program_path, encoding="utf-8") as f:
-        source = f.read()
-    os.chdir(workdir)
 
+def _encode(value, depth=0):
+    """Plain data -> JSON-able tagged tree; anything else (including subclasses) is refused."""
+    if depth > 100:
+        raise ValueError("value nested too deeply")
+    kind = type(value)
+    if value is None or kind is bool:
+        return value
+    if kind is int:
+        return ["i", format(value, "x")]
+    if kind is float:
+        return ["f", value.hex()]
+    if kind is str:
+        return ["s", value]
+    if kind is complex:
+        return ["c", value.real.hex(), value.imag.hex()]
+    if kind is bytes:
+        return ["b", value.hex()]
+    tags = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+    if kind in tags:
+        return [tags[kind], [_encode(item, depth + 1) for item in value]]
+    if kind is dict:
+        return ["d", [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in value.items()]]
+    raise TypeError(f"a {kind.__name__} cannot cross the HumanEval sandbox (plain data only)")
+
+
+def _decode(node, depth=0):
+    """The inverse of _encode, strict: anything malformed raises ValueError."""
+    if depth > 100:
+        raise ValueError("value nested too deeply")
+    if node is None or type(node) is bool:
+        return node
+    if type(node) is not list or not node or type(node[0]) is not str:
+        raise ValueError("malformed value")
+    tag, rest = node[0], node[1:]
+    if tag in ("i", "f", "s", "b") and len(rest) == 1 and type(rest[0]) is str:
+        text = rest[0]
+        if tag == "i":
+            return int(text, 16)
+        if tag == "f":
+            return float.fromhex(text)
+        return text if tag == "s" else bytes.fromhex(text)
+    if tag == "c" and len(rest) == 2 and all(type(x) is str for x in rest):
+        return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
+    if tag in ("l", "t", "S", "F", "d") and len(rest) == 1 and type(rest[0]) is list:
+        if tag == "d":
+            pairs = rest[0]
+            if not all(type(p) is list and len(p) == 2 for p in pairs):
+                raise ValueError("malformed dict")
+            return {_decode(k, depth + 1): _decode(v, depth + 1) for k, v in pairs}
+        items = [_decode(item, depth + 1) for item in rest[0]]
+        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
+    raise ValueError("malformed value")
+
+
+_MAX_FRAME = 16 * 1024 * 1024
+
+
+def _send(fd, obj):
+    import json, os
+    data = json.dumps(obj, ensure_ascii=True, allow_nan=False).encode("ascii")
+    if len(data) > _MAX_FRAME:
+        raise ValueError("message larger than 16 MiB")
+    data = len(data).to_bytes(4, "big") + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _recv(fd):
+    """One frame, or None at end of file."""
+    import json, os
+
+    def exactly(n):
+        chunks, left = [], n
+        while left:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    head = exactly(4)
+    if head is None:
+        return None
+    size = int.from_bytes(head, "big")
+    if size > _MAX_FRAME:
+        raise ValueError("message larger than 16 MiB")
+    body = exactly(size)
+    if body is None:
+        return None
+    return json.loads(body.decode("ascii"))
+
+
+def _norm(path, work, _type=type, _str=str, _bytes=bytes):
+    """Absolute, lexically normalised text of a path argument, or None when it is refused.
+
+    No Python-level name lookups: everything used is a local or a method of an exact str / bytes /
+    list, so code running later cannot change what this function does.
+    """
+    kind = _type(path)
+    if kind is _bytes:
+        path = path.decode("utf-8", "surrogateescape")
+    elif kind is not _str:
+        return None
+    if not path.startswith("/"):
+        path = work + "/" + path
+    parts = []
+    for part in path.split("/"):
+        if part == ".." or "\x00" in part:
+            return None
+        if part and part != ".":
+            parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def _under(path, roots):
+    for root in roots:
+        if path == root or path.startswith(root + "/"):
+            return True
+    return False
+
+
+def _hook(event, args, _norm=_norm, _under=_under, _type=type, _str=str, _work=None, _reads=(), _devices=(), _exit=None,
+          _err=PermissionError, _import_err=ImportError, _int=int, _none=None, _wmask=0, _deny=frozenset(), _deny_prefixes=(),
+          _writes=frozenset(), _lists=frozenset(), _bad_modules=frozenset(), _funcattrs=frozenset(),
+          _finalize=frozenset()):
+    """PEP 578 audit hook of the candidate process (bound with functools-free defaults, see _install)."""
+    if event == "open":
+        path, mode, flags = args
+        if mode is _none:
+            raise _err("os.open is disabled in the HumanEval sandbox (use open())")
+        if _type(path) is _int:
+            return
+        where = _norm(path, _work)
+        if where is _none:
+            raise _err("this path is disabled in the HumanEval sandbox")
+        if flags & _wmask:
+            if not _under(where, (_work,)):
+                raise _err(f"writing {where} is disabled in the HumanEval sandbox (only the work dir)")
+        elif not (_under(where, _reads) or _under(where, (_work,)) or where in _devices):
+            raise _err(f"reading {where} is disabled in the HumanEval sandbox")
+        return
+    if event == "import":
+        name, filename = args[0], args[1]
+        if _type(name) is not _str or name.rpartition(".")[2] in _bad_modules:
+            raise _import_err(f"importing {name} is disabled in the HumanEval sandbox")
+        if filename is not _none:
+            where = _norm(filename, _work)
+            if where is _none or not _under(where, _reads):
+                raise _import_err("loading this file is disabled in the HumanEval sandbox")
+        return
+    if event in _writes:
+        for arg in args:
+            if arg is _none or _type(arg) is _int:
+                continue
+            where = _norm(arg, _work)
+            if where is _none or not _under(where, (_work,)):
+                raise _err(f"{event} outside the work dir is disabled in the HumanEval sandbox")
+        return
+    if event in _lists:
+        path = args[0]
+        if path is _none or _type(path) is _int:
+            return
+        where = _norm(path, _work)
+        if where is _none or not (_under(where, _reads) or _under(where, (_work,))):
+            raise _err(f"listing {where} is disabled in the HumanEval sandbox")
+        return
+    if event in _finalize:
+        # Interpreter shutdown clears audit hooks before objects' __del__ run: never get there.
+        _exit(0)
+    if event in _deny or event.startswith(_deny_prefixes):
+        raise _err(f"{event} is disabled in the HumanEval sandbox")
+    if event in ("object.__setattr__", "object.__delattr__") and args[1] in _funcattrs:
+        raise _err(f"changing {args[1]} is disabled in the HumanEval sandbox")
+
+
+_DENY = (
+    "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.startfile", "os.kill",
+    "os.killpg", "os.chdir", "os.chown", "os.link", "os.symlink", "os.setxattr", "os.removexattr", "os.lockf",
+    "signal.pthread_kill", "code.__new__", "mmap.__new__", "sys.addaudithook", "cpython.PyInterpreterState_New",
+    "shutil.chown", "webbrowser.open", "builtins.breakpoint", "pdb.Pdb",
+)
+_DENY_PREFIXES = (
+    "ctypes.", "socket.", "subprocess.", "sqlite3.", "syslog.", "fcntl.", "resource.", "gc.get_", "marshal.load",
+    "cpython.run_", "ftplib.", "http.client.", "imaplib.", "nntplib.", "poplib.", "smtplib.", "telnetlib.",
+    "ensurepip.", "winreg.", "msvcrt.", "_winapi.",
+)
+_WRITES = frozenset({"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.truncate", "os.utime", "os.chmod"})
+_LISTS = frozenset({"os.listdir", "os.scandir"})
+_BAD_MODULES = frozenset({
+    "ctypes", "_ctypes", "_ctypes_test", "_testcapi", "_testinternalcapi", "_testbuffer", "_testclinic",
+    "_testimportmultiple", "_testmultiphase", "_xxsubinterpreters", "_xxtestfuzz", "_posixsubprocess", "_socket",
+    "socket", "subprocess", "multiprocessing", "_multiprocessing", "_posixshmem", "pty", "resource", "sqlite3",
+    "_sqlite3", "mmap", "fcntl", "termios", "readline", "_tkinter", "tkinter",
+})
+
+
+def _install(work, reads, devices, exit_now):
+    """Bind every value the hook needs as a default argument (immutable: str, tuple, frozenset, builtins),
+    so nothing the completion can reach (module globals, builtins, os.path) changes what the hook does."""
+    import os
+    defaults = list(_hook.__defaults__)
+    names = _hook.__code__.co_varnames[2:_hook.__code__.co_argcount]
+    values = dict(zip(names, defaults))
+    values.update(
+        _work=work, _reads=tuple(reads), _devices=tuple(devices), _exit=exit_now,
+        _wmask=os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC,
+        _deny=frozenset(_DENY), _deny_prefixes=_DENY_PREFIXES, _writes=_WRITES, _lists=_LISTS,
+        _bad_modules=_BAD_MODULES, _funcattrs=frozenset({"__code__"}),  # the hook itself is unreachable (gc.get_* denied)
+        _finalize=frozenset({"cpython.PyInterpreterState_Clear", "cpython._PySys_ClearAuditHooks"}),
+    )
+    no_globals = {"__builtins__": {}}  # a stray global or builtin name would raise, i.e. deny
+    hook = type(_hook)(_hook.__code__, no_globals, "_hook", tuple(values[n] for n in names))
+    norm = type(_norm)(_norm.__code__, no_globals, "_norm", _norm.__defaults__)
+    under = type(_under)(_under.__code__, no_globals, "_under")
+    hook.__defaults__ = (norm, under) + hook.__defaults__[2:]
+    sys.addaudithook(hook)
+
+
+def _limit(kind, value):
     import resource
-    def _limit(kind, value):
-        try:
-            soft, hard = resource.getrlimit(kind)
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)
-            resource.setrlimit(kind, (value, value))
-        except (ValueError, OSError):
-            pass
-    _limit(resource.RLIMIT_CPU, cpu_s)
-    if mem_bytes > 0:
-        _limit(resource.RLIMIT_AS, mem_bytes)
-        _limit(resource.RLIMIT_DATA, mem_bytes)
-    _limit(resource.RLIMIT_FSIZE, fsize_bytes)
-    _limit(resource.RLIMIT_NPROC, 0)   # no new processes or threads (ignored for root)
+    try:
+        soft, hard = resource.getrlimit(kind)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(kind, (value, value))
+    except (ValueError, OSError):
+        pass
+
+
+def _candidate(job, libc, req_r, resp_w):
+    """The candidate process: isolate, hook, import the completion, then serve calls until EOF."""
+    import os, resource, signal
+    _exit = os._exit
+    work = job["workdir"]
+    os.chdir(work)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    layers = ["audit-hook", "rlimits", "new-session"]
+    root = os.geteuid() == 0
+    if libc is not None and job["namespaces"]:
+        flags = 0x40000000 | 0x20000000  # CLONE_NEWNET | CLONE_NEWPID
+        if libc.unshare(flags) == 0 or (not root and libc.unshare(0x10000000 | flags) == 0):  # + CLONE_NEWUSER
+            layers += ["network-namespace", "pid-namespace"]
+            inner = os.fork()  # the first child in a new PID namespace is its pid 1
+            if inner:
+                os.close(req_r)
+                os.close(resp_w)
+                libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the checker
+                _, status = os.waitpid(inner, 0)
+                _exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    _limit(resource.RLIMIT_CPU, job["cpu_s"])
+    if job["mem_bytes"] > 0:
+        _limit(resource.RLIMIT_AS, job["mem_bytes"])
+        _limit(resource.RLIMIT_DATA, job["mem_bytes"])
+    _limit(resource.RLIMIT_FSIZE, job["fsize_bytes"])
     _limit(resource.RLIMIT_CORE, 0)
-
-    def _blocked(name):
-        def blocked(*args, **kwargs):
-            raise PermissionError(f"{name} is disabled in the HumanEval sandbox")
-        blocked.__name__ = name
-        return blocked
-
-    import socket, _socket
-    class _NoSocket:
-        def __init__(self, *args, **kwargs):
-            raise PermissionError("network access is disabled in the HumanEval sandbox")
-    for mod in (socket, _socket):
-        for name in ("socket", "SocketType"):
-            if hasattr(mod, name):
-                setattr(mod, name, _NoSocket)
-        for name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo",
-                     "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):
-            if hasattr(mod, name):
-                setattr(mod, name, _blocked(f"socket.{name}"))
-
-    import shutil, subprocess, posix
-    out_fd = os.dup(1)
-    write, exit_now = os.write, os._exit
-    for mod in (os, posix):
-        for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
-                     "truncate", "ftruncate", "link", "symlink", "chmod", "fchmod", "lchmod", "chown",
-                     "fchown", "lchown", "chroot", "chdir", "fchdir", "kill", "killpg", "system", "popen",
-                     "fork", "forkpty", "vfork", "putenv", "unsetenv", "setuid", "seteuid", "setgid",
-                     "setegid", "setsid", "setpgid", "execv", "execve", "execl", "execle", "execlp",
-                     "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv",
-                     "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "_exit", "abort",
-                     "mkfifo", "mknod", "register_at_fork"):
-            if hasattr(mod, name):
-                setattr(mod, name, _blocked(f"os.{name}"))
-    for name in ("rmtree", "move", "chown", "copytree", "copy", "copy2", "copyfile"):
-        setattr(shutil, name, _blocked(f"shutil.{name}"))
-    for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-        setattr(subprocess, name, _blocked(f"subprocess.{name}"))
-    try:
-        import _posixsubprocess
-        _posixsubprocess.fork_exec = _blocked("_posixsubprocess.fork_exec")
-    except ImportError:
-        pass
-    for name in ("exit", "quit", "help", "input"):
-        setattr(builtins, name, _blocked(name))
-    for name in ("ipdb", "joblib", "resource", "psutil", "tkinter", "ctypes", "_ctypes", "multiprocessing"):
-        sys.modules[name] = None   # importing these now raises ImportError
-
-    try:
-        code = compile(source, "<humaneval>", "exec")
-        exec(code, {"__name__": "__humaneval__", "__builtins__": builtins})
-    except BaseException as err:
-        message = f"{type(err).__name__}: {err}".rstrip(": ")
+    _limit(resource.RLIMIT_NOFILE, 64)
+    if root and job["drop_uid"]:
         try:
-            sys.stderr.write("\n" + message + "\n")
-            sys.stderr.flush()
-        finally:
-            exit_now(1)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            layers.append("uid-nobody")
+        except OSError:
+            pass
+    if libc is not None:
+        if root and "uid-nobody" not in layers:
+            header = (libc_types[0] * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+            if libc.capset(header, (libc_types[0] * 6)()) == 0:
+                layers.append("no-capabilities")
+        libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (set after the uid change, which clears it)
+        layers.append("parent-death-signal")
+    _limit(resource.RLIMIT_NPROC, 0)  # no processes or threads (root ignores it)
+    if "pid-namespace" not in layers and os.getppid() != job["runner_pid"]:
+        _exit(70)  # the checker is already gone
+    sys.dont_write_bytecode = True
+    sys.pycache_prefix = "/nonexistent-hellora-pycache"  # compile from source: no marshal.loads after the hook
+    reads = job["read_roots"]
+    sys.path[:] = [p for p in sys.path if any(p == r or p.startswith(r + "/") for r in reads)]
+    for name in list(sys.modules):
+        if name.partition(".")[0] in _BAD_MODULES:
+            del sys.modules[name]
+    for module in (os, sys.modules.get("posix"), signal, sys.modules.get("_signal")):
+        for name in ("pidfd_open", "pidfd_send_signal", "mknod", "setsid", "setpgid", "chroot"):
+            if module is not None and hasattr(module, name):
+                delattr(module, name)
+    for table in ("supports_dir_fd", "supports_fd", "supports_follow_symlinks", "supports_effective_ids"):
+        getattr(os, table, set()).clear()
+    libc = None
+    _send(resp_w, {"isolation": layers})
+    _install(work, reads, job["devices"], _exit)
+    # From here on only the audit hook and the OS stand between the completion and the machine.
     try:
-        sys.stdout.flush()
-    except BaseException:
-        pass
-    write(out_fd, ("\n" + token + "\n").encode())
-    exit_now(0)
+        import types
+        module = types.ModuleType("__humaneval__")
+        exec(compile(job["source"], "<completion>", "exec"), module.__dict__)
+        function = module.__dict__[job["entry_point"]]
+        if not callable(function):
+            raise TypeError(f"{job['entry_point']} is not callable")
+    except BaseException as err:
+        try:
+            _send(resp_w, ["error", f"{type(err).__name__}: {err}"[:2000]])
+        finally:
+            _exit(1)
+    job = None
+    _send(resp_w, ["ok"])
+    while True:
+        request = _recv(req_r)
+        if request is None:
+            _exit(0)
+        try:
+            args, kwargs = _decode(request[0]), _decode(request[1])
+            reply = ["ok", _encode(function(*args, **kwargs))]
+        except BaseException as err:
+            try:
+                reply = ["raise", type(err).__name__, str(err)[:2000]]
+            except BaseException:
+                reply = ["raise", "Exception", "unprintable exception"]
+        _send(resp_w, reply)
 
-_main()
+
+class _Gone(Exception):
+    pass
+
+
+def _check(root, verdict_fd, child, req_w, resp_r):
+    """The checker: run the dataset's test against the remote candidate; report on the verdict pipe."""
+    import builtins, json, os, resource, signal
+    result = {"verdict": "failed", "error": None, "isolation": []}
+
+    def receive():
+        message = _recv(resp_r)
+        if message is None:
+            raise _Gone()
+        return message
+
+    try:
+        with open(root + "/check.json", encoding="ascii") as f:
+            spec = json.load(f)
+        os.unlink(root + "/check.json")
+        _limit(resource.RLIMIT_CPU, spec["cpu_s"])
+        if spec["mem_bytes"] > 0:
+            _limit(resource.RLIMIT_AS, spec["mem_bytes"])
+        hello = receive()
+        result["isolation"] = [str(x) for x in hello.get("isolation", [])][:16] if type(hello) is dict else []
+        loaded = receive()
+        if type(loaded) is not list or loaded[:1] != ["ok"]:
+            detail = loaded[1] if type(loaded) is list and len(loaded) > 1 else "no reply"
+            raise RuntimeError(f"the completion failed to load: {detail}")
+
+        def candidate(*args, **kwargs):
+            _send(req_w, [_encode(args), _encode(kwargs)])
+            reply = receive()
+            if type(reply) is list and len(reply) == 2 and reply[0] == "ok":
+                return _decode(reply[1])
+            if type(reply) is list and len(reply) == 3 and reply[0] == "raise":
+                name, message = str(reply[1]), str(reply[2])
+                kind = getattr(builtins, name, None)
+                if not (isinstance(kind, type) and issubclass(kind, Exception)):
+                    kind, message = RuntimeError, f"{name}: {message}"
+                raise kind(message)
+            raise ValueError("malformed reply from the candidate process")
+
+        entry = spec["entry_point"]
+        candidate.__name__ = candidate.__qualname__ = entry
+        namespace = {"__name__": "__humaneval_check__"}
+        for prompt in (spec["prompt"], spec["prompt"] + "\n    pass\n", ""):
+            try:
+                code = compile(prompt, "<prompt>", "exec")
+            except SyntaxError:
+                continue
+            exec(code, namespace)
+            break
+        namespace[entry] = candidate
+        exec(compile(spec["test"], "<test>", "exec"), namespace)
+        check = namespace.get("check")
+        if not callable(check):
+            raise RuntimeError("the test defines no check function")
+        check(candidate)
+        result["verdict"] = "passed"
+    except _Gone:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
+        _, status = os.waitpid(child, 0)
+        child = None
+        code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        if code == 128 + signal.SIGXCPU:
+            result.update(verdict="timed out", error="CPU time limit exceeded")
+        elif code > 128:
+            result["error"] = f"the candidate process was killed by signal {code - 128}"
+        else:
+            result["error"] = f"the candidate process exited (status {code}) before answering"
+    except BaseException as err:
+        result["error"] = f"{type(err).__name__}: {err}".rstrip(": ")[:2000]
+    finally:
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+            except OSError:
+                pass
+    data = (json.dumps(result, ensure_ascii=True) + "\n").encode("ascii")
+    os.write(verdict_fd, data)
+    os._exit(0 if result["verdict"] == "passed" else 1)
+
+
+def _runner():
+    import json, os
+    root, verdict_fd = sys.argv[1], int(sys.argv[2])
+    with open(root + "/candidate.json", encoding="ascii") as f:
+        job = json.load(f)
+    for name in job["preload"]:
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    global libc_types
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc_types = (ctypes.c_uint32,)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE=0: no ptrace or /proc/<pid>/mem by same-uid processes
+    except (ImportError, OSError, AttributeError):
+        libc = None
+    req_r, req_w = os.pipe()
+    resp_r, resp_w = os.pipe()
+    job["runner_pid"] = os.getpid()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(verdict_fd)
+            os.close(req_w)
+            os.close(resp_r)
+            _candidate(job, libc, req_r, resp_w)
+        finally:
+            os._exit(70)
+    os.close(req_r)
+    os.close(resp_w)
+    del job, libc
+    _check(root, verdict_fd, child, req_w, resp_r)
+
+
+libc_types = None
+_runner()
 '''
 
 _FSIZE_BYTES = 16 * 1024 * 1024
 _TAIL_CHARS = 2000
+_NOBODY = 65534
+_USE_NAMESPACES = True  # tests turn it off to exercise the path taken where unshare(2) is not permitted
+# Imported by the runner before the audit hook goes in (later imports compile from source, which is slower).
+_PRELOAD = ("math", "random", "re", "string", "collections", "itertools", "functools", "heapq", "bisect", "hashlib",
+            "typing", "statistics", "fractions", "decimal", "operator", "copy", "json", "types", "signal", "resource")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the child's whole process group (it is its own session leader)."""
+    """SIGKILL the runner's whole process group (it is its own session leader)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -277,48 +656,120 @@ def _read_tail(path: Path) -> str:
         return ""
 
 
-def _humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
-    return problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
+_READ_ROOTS: tuple[str, ...] | None = None
+
+
+def _read_roots() -> tuple[str, ...]:
+    """Folders the completion may read and import from: the standard library and site-packages."""
+    global _READ_ROOTS
+    if _READ_ROOTS is None:
+        import site
+        import sysconfig
+
+        found = []
+        for path in [sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")] + list(
+                site.getsitepackages()):
+            for variant in (path, os.path.realpath(path)):
+                if variant and os.path.isdir(variant) and variant not in found:
+                    found.append(os.path.normpath(variant))
+        _READ_ROOTS = tuple(found)
+    return _READ_ROOTS
+
+
+def _world_readable(path: str) -> bool:
+    """True when every folder on the way to ``path`` can be entered by other users (so uid nobody can import)."""
+    current = Path(path)
+    for folder in [current, *current.parents]:
+        try:
+            if not folder.stat().st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _problem_parts(problem: Mapping[str, Any]) -> tuple[Any, str, str, str]:
+    if not isinstance(problem, Mapping):
+        raise TypeError(f"a HumanEval problem must be a mapping, got {type(problem).__name__}")
+    parts = []
+    for key in ("prompt", "test", "entry_point"):
+        value = problem.get(key)
+        if not isinstance(value, str):
+            raise ValueError(f"HumanEval problem {problem.get('task_id')!r}: {key!r} must be a string, got "
+                             f"{type(value).__name__}")
+        parts.append(value)
+    if not parts[2].isidentifier():
+        raise ValueError(f"HumanEval problem {problem.get('task_id')!r}: entry_point {parts[2]!r} is not a name")
+    return problem.get("task_id"), parts[0], parts[1], parts[2]
+
+
+def _clean_text(text: str | None) -> str | None:
+    """Text safe to write as UTF-8 (lone surrogates from a hostile completion become U+FFFD)."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "replace").decode("utf-8")[:_TAIL_CHARS]
+
+
+def _write_private(path: Path, payload: Mapping[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        json.dump(payload, f, ensure_ascii=True)
+
+
+def _read_verdict(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    chunks = []
+    while sum(map(len, chunks)) < 65536:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def run_humaneval_sample(
     problem: Mapping[str, Any], completion: str, timeout: float = 5.0, memory_mb: int = 1024
 ) -> dict[str, Any]:
-    """Run one HumanEval completion against its unit tests in a throw-away child process.
+    """Run one HumanEval completion against its unit tests, isolated from the test and from this process.
 
-    The program is ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"``, run by
-    ``sys.executable -I`` in a fresh temporary directory (deleted afterwards) with a minimal
-    environment. Before the program starts, the child sets RLIMIT_AS/RLIMIT_DATA
-    (``memory_mb``; 0 disables), RLIMIT_CPU (timeout + 1 s), RLIMIT_FSIZE (16 MiB) and
-    RLIMIT_NPROC=0 (no threads or processes; the kernel ignores it for root), replaces
-    ``socket.socket`` and the name-lookup functions with ones that raise, and swaps out
-    destructive calls (os.remove/unlink/rmdir/rename/replace/kill/system/fork/putenv/_exit/...,
-    shutil.rmtree/move, subprocess.*, builtins.exit/quit/input) for functions raising
-    PermissionError. The parent kills the child's whole process group on a wall-clock timeout.
-    "passed" requires the child to print a per-run secret token after ``check`` returned, so
-    exiting early with status 0 fails.
+    The completion runs as ``prompt + completion``, imported as a module in a *candidate* process; the
+    dataset's prompt and test run in a separate *checker* process that calls ``check(candidate)``, each
+    call of ``candidate`` being forwarded to the candidate process with plain-data arguments and
+    results (None, bool, int, float, complex, str, bytes and lists / tuples / dicts / sets of them; a
+    returned object of any other type, subclasses included, fails the sample). "passed" needs the
+    checker to exit 0 *and* report "passed" on a pipe that only the checker holds, so nothing the
+    completion does can turn a failure into a pass.
 
-    This is a best-effort sandbox against accidents, NOT a security boundary (the same stance
-    as upstream HumanEval): a deliberately hostile program can still write files with ``open``,
-    read anything the user can, or undo the patches via ``gc``/``sys.modules``. Run untrusted
-    model code inside a container or VM.
+    Before the completion runs, the candidate process gets: a PEP 578 audit hook that blocks
+    writes outside its work dir, reads outside the Python installation, ``os.open``,
+    ``os.system``/``exec``/``fork``/``posix_spawn``, ``subprocess``, sockets, ``ctypes``, kill of any
+    process, ``mmap``, code-object construction and interpreter shutdown without the hook; rlimits
+    (``memory_mb`` of address space, 0 disables; CPU ``timeout`` + 1 s; 16 MiB per file; no new
+    processes); a minimal environment; and, where the OS permits, private network and PID
+    namespaces, no capabilities (uid nobody when root and the Python install is world-readable) and a
+    parent-death signal. The runner is a new session; its process group is SIGKILLed when the
+    sample ends. ``docs/eval.md`` says plainly what is and is not isolated.
 
     Returns ``{"task_id", "verdict": "passed" | "failed" | "timed out", "passed", "error",
-    "elapsed"}``; ``error`` is None when passed.
+    "elapsed", "isolation"}``; ``error`` is None when passed; ``isolation`` lists the layers that
+    were active.
     """
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0, got {timeout}")
-    task_id = problem.get("task_id")
-    root = Path(tempfile.mkdtemp(prefix="hellora_humaneval_"))
-    workdir = root / "work"
-    workdir.mkdir()
-    token = secrets.token_hex(16)
-    program_path = root / "program.py"
-    program_path.write_text(_humaneval_program(problem, completion), encoding="utf-8")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 0:
+        raise ValueError(f"memory_mb must be an int >= 0 (0 disables the limit), got {memory_mb!r}")
+    if not isinstance(completion, str):
+        raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+    task_id, prompt, test, entry_point = _problem_parts(problem)
+    reads = _read_roots()
+    root_user = hasattr(os, "geteuid") and os.geteuid() == 0
+    drop_uid = root_user and all(_world_readable(r) for r in reads)
+    cpu_s = int(math.ceil(timeout)) + 1
     env = {
         "PATH": "/usr/bin:/bin",
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir),
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "OMP_NUM_THREADS": "1",
@@ -326,59 +777,80 @@ def run_humaneval_sample(
         "MKL_NUM_THREADS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    args = [
-        sys.executable, "-I", "-B", "-c", _CHILD, str(program_path), str(workdir),
-        str(int(math.ceil(timeout)) + 1), str(max(0, int(memory_mb)) * 1024 * 1024), str(_FSIZE_BYTES),
-    ]
-    start = time.monotonic()
+    root: Path | None = None
     timed_out = False
+    start = time.monotonic()
     try:
-        with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
-            proc = subprocess.Popen(
-                args, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir, env=env,
-                start_new_session=True, close_fds=True,
-            )
-            try:
+        root = Path(tempfile.mkdtemp(prefix="hellora_humaneval_"))
+        workdir = root / "work"
+        workdir.mkdir(mode=0o700)
+        env["HOME"] = env["TMPDIR"] = str(workdir)
+        if drop_uid:
+            os.chmod(root, 0o711)
+            os.chown(workdir, _NOBODY, _NOBODY)
+        _write_private(root / "candidate.json", {
+            "source": prompt + completion + "\n", "entry_point": entry_point, "workdir": os.path.realpath(workdir),
+            "cpu_s": cpu_s, "mem_bytes": memory_mb * 1024 * 1024, "fsize_bytes": _FSIZE_BYTES,
+            "read_roots": list(reads), "devices": ["/dev/null", "/dev/urandom", "/dev/zero"],
+            "preload": list(_PRELOAD), "drop_uid": drop_uid, "namespaces": _USE_NAMESPACES,
+        })
+        _write_private(root / "check.json", {
+            "prompt": prompt, "test": test, "entry_point": entry_point, "cpu_s": cpu_s,
+            "mem_bytes": memory_mb * 1024 * 1024,
+        })
+        verdict_r, verdict_w = os.pipe()
+        try:
+            with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
                 try:
-                    proc.stdin.write((token + "\n").encode())
-                    proc.stdin.close()
-                except (BrokenPipeError, OSError):
-                    pass
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_group(proc)
-                proc.wait()
+                    proc = subprocess.Popen(
+                        [sys.executable, "-I", "-B", "-c", _RUNNER, str(root), str(verdict_w)],
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=env,
+                        start_new_session=True, close_fds=True, pass_fds=(verdict_w,),
+                    )
+                finally:
+                    os.close(verdict_w)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                finally:
+                    _kill_group(proc)
+                    proc.wait()
+            raw = _read_verdict(verdict_r)
+        finally:
+            os.close(verdict_r)
         elapsed = time.monotonic() - start
-        stdout = _read_tail(root / "stdout")
         stderr = _read_tail(root / "stderr")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
+    try:
+        report = json.loads(raw.decode("ascii"))
+        if not isinstance(report, dict) or raw.count(b"\n") != 1:
+            report = None
+    except (UnicodeDecodeError, ValueError):
+        report = None
+    isolation = [str(x) for x in report.get("isolation", [])] if report else []
     code = proc.returncode
-    if timed_out or (code in (-signal.SIGXCPU, -signal.SIGKILL) and elapsed >= timeout):
+    if timed_out:
         verdict, error = "timed out", f"timed out after {timeout:g} s"
-    elif code == 0 and token in stdout.splitlines():
+    elif code == 0 and report is not None and report.get("verdict") == "passed":
         verdict, error = "passed", None
+    elif report is not None and report.get("verdict") in ("failed", "timed out"):
+        verdict, error = report["verdict"], str(report.get("error") or "failed")
     else:
         verdict = "failed"
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         if code is not None and code < 0:
             try:
-                error = f"killed by {signal.Signals(-code).name}"
+                error = f"sandbox runner killed by {signal.Signals(-code).name}"
             except ValueError:
-                error = f"killed by signal {-code}"
-            if code == -signal.SIGXCPU:
-                verdict, error = "timed out", "CPU time limit exceeded"
-        elif lines:
-            error = lines[-1]
-        elif code == 0:
-            error = "program exited before the tests finished"
+                error = f"sandbox runner killed by signal {-code}"
         else:
-            error = f"exit status {code}"
-    return {"task_id": task_id, "verdict": verdict, "passed": verdict == "passed", "error": error,
-            "elapsed": round(elapsed, 4)}
+            error = f"sandbox runner failed (exit status {code})" + (f": {lines[-1]}" if lines else "")
+    return {"task_id": task_id, "verdict": verdict, "passed": verdict == "passed", "error": _clean_text(error),
+            "elapsed": round(elapsed, 4), "isolation": isolation}
 
 
 def _problems_by_id(problems: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -402,6 +874,26 @@ def _group_samples(samples: Mapping[str, Sequence[str]] | Iterable[Mapping[str, 
     return grouped
 
 
+def _sample_key(task_id: str, index: int, completion: str) -> str:
+    digest = hashlib.sha256(completion.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{task_id}\x00{index}\x00{digest}"
+
+
+def _load_recorded(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of a results JSONL from an earlier (possibly killed) run, by sample key; torn lines are skipped."""
+    recorded: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return recorded
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                recorded[row["key"]] = {k: v for k, v in row.items() if k != "key"}
+            except (ValueError, KeyError, TypeError):
+                continue
+    return recorded
+
+
 def evaluate_humaneval(
     problems: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
     samples: Mapping[str, Sequence[str]] | Iterable[Mapping[str, Any]],
@@ -410,13 +902,19 @@ def evaluate_humaneval(
     workers: int = 2,
     memory_mb: int = 1024,
     progress: bool = False,
+    results_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Execute every sample and report ``pass@k`` averaged over the tasks that have samples.
 
     A ``k`` is reported only when every task has at least ``k`` samples (as upstream does);
     pass@k is averaged over the tasks present in ``samples``, which may be a subset of
     ``problems`` (``n_tasks`` says how many). Samples run on a thread pool of ``workers``
-    threads, each driving its own sandboxed child process.
+    threads, each driving its own sandboxed runner process (see :func:`run_humaneval_sample`).
+
+    ``results_path`` (a ``.jsonl`` file): each sample's result is appended there as soon as it is
+    known, flushed and fsynced, so nothing already computed is lost if the evaluation is killed;
+    a rerun with the same path reuses the rows whose task id, sample index and completion match
+    and runs only the rest.
     """
     by_id = _problems_by_id(problems)
     grouped = _group_samples(samples)
@@ -428,17 +926,44 @@ def evaluate_humaneval(
     empty = [t for t, c in grouped.items() if not c]
     if empty:
         raise ValueError(f"tasks with no samples: {empty[:5]}")
+    for task_id in grouped:
+        _problem_parts(by_id[task_id])  # a malformed problem fails here, before any sample runs
     jobs = [(task_id, i, completion) for task_id, completions in grouped.items() for i, completion in enumerate(completions)]
+    bad = [(t, i) for t, i, c in jobs if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"completions must be strings; not for {bad[:5]}")
+
+    sink_path = Path(results_path) if results_path is not None else None
+    recorded = _load_recorded(sink_path) if sink_path is not None else {}
+    sink = None
+    if sink_path is not None:
+        sink_path.parent.mkdir(parents=True, exist_ok=True)
+        sink = open(sink_path, "a", encoding="utf-8")
+    lock = threading.Lock()
 
     def run(job: tuple[str, int, str]) -> dict[str, Any]:
         task_id, index, completion = job
-        result = run_humaneval_sample(by_id[task_id], completion, timeout=timeout, memory_mb=memory_mb)
-        return {**result, "sample_index": index}
+        key = _sample_key(task_id, index, completion)
+        if key in recorded:
+            return recorded[key]
+        result = {**run_humaneval_sample(by_id[task_id], completion, timeout=timeout, memory_mb=memory_mb),
+                  "sample_index": index}
+        if sink is not None:
+            line = json.dumps({"key": key, **result}, ensure_ascii=True) + "\n"
+            with lock:
+                sink.write(line)
+                sink.flush()
+                os.fsync(sink.fileno())
+        return result
 
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="humaneval", disable=not progress))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = list(tqdm(pool.map(run, jobs), total=len(jobs), desc="humaneval", disable=not progress))
+    finally:
+        if sink is not None:
+            sink.close()
 
     per_task = {task_id: {"n": len(c), "correct": 0} for task_id, c in grouped.items()}
     for result in results:
@@ -449,7 +974,9 @@ def evaluate_humaneval(
         if k <= smallest_n:
             scores = [pass_at_k(t["n"], t["correct"], k) for t in per_task.values()]
             metrics[f"pass@{k}"] = sum(scores) / len(scores)
-    return {**metrics, "n_tasks": len(per_task), "n_samples": len(results), "per_task": per_task, "results": results}
+    isolation = sorted(set.intersection(*(set(r.get("isolation") or []) for r in results)))
+    return {**metrics, "n_tasks": len(per_task), "n_samples": len(results), "per_task": per_task,
+            "isolation": isolation, "results": results}
 
 
 def load_humaneval(path: str | os.PathLike) -> list[dict[str, Any]]:

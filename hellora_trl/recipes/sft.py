@@ -194,7 +194,8 @@ def evaluate(model, tokenizer, script_args: HELLoRAScriptArguments, held_out, tr
         if not is_main_process():  # the generated code runs once, in the main process's sandbox
             return {}
         samples = {p["task_id"]: [c] for p, c in zip(problems, completions)}
-        return {"humaneval": ev.evaluate_humaneval(problems, samples, ks=(1,))}
+        results_path = Path(training_args.output_dir) / "eval" / "humaneval_samples.jsonl"  # written as it goes
+        return {"humaneval": ev.evaluate_humaneval(problems, samples, ks=(1,), results_path=results_path)}
     harmful = ev.load_instruction_set(script_args.eval_dataset_path)[:limit]
     benign = ev.load_instruction_set(script_args.benign_eval_path)[:limit] if script_args.benign_eval_path else []
     return {"safety": ev.evaluate_safety(model, tokenizer, harmful, benign, max_new_tokens=budget, progress=progress)}

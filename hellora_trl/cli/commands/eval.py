@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...constants import EVAL_TASKS, HELD_OUT_SEED_OFFSET
-from ..arguments import TRAINER_SEED, CLIError, ModelArguments, existing, parse_command, require
+from ..arguments import (
+    TRAINER_SEED,
+    CLIError,
+    ModelArguments,
+    existing,
+    parse_command,
+    require,
+)
 from ..loading import adapter_base, check_adapter, load_model, load_tokenizer
 
 DESCRIPTION = ("Evaluate a HELLoRA adapter (on its base model) or a merged checkpoint: GSM8K accuracy, HumanEval "
@@ -97,7 +104,9 @@ def evaluate(args: EvalArguments, model, tokenizer) -> dict[str, Any]:
         problems = ev.load_humaneval(path)[: args.limit]
         completions = ev.generate_batched(model, tokenizer, [p["prompt"] for p in problems], **common)
         samples = {p["task_id"]: [ev.cut_at_stops(c, HUMANEVAL_STOPS)] for p, c in zip(problems, completions)}
-        return ev.evaluate_humaneval(problems, samples, ks=(1,), timeout=args.timeout, progress=not args.disable_tqdm)
+        results_path = Path(args.output_dir) / "humaneval_samples.jsonl"  # every verdict as soon as it is known
+        return ev.evaluate_humaneval(problems, samples, ks=(1,), timeout=args.timeout, progress=not args.disable_tqdm,
+                                     results_path=results_path)
     harmful = ev.load_instruction_set(path)[: args.limit]
     benign = ev.load_instruction_set(args.benign_path)[: args.limit] if args.benign_path else []
     return ev.evaluate_safety(model, tokenizer, harmful, benign, **common)
