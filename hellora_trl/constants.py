@@ -22,7 +22,7 @@ SCOPES = ("global", "layer", "module")
 # Dynamic rank's saliency routing term (hellora_trl.experimental.dynamic_rank).
 DR_ROUTING = ("profile", "live", "none")
 # Training recipes (hellora_trl.recipes.sft) and evaluation benchmarks (hellora_trl.recipes.eval).
-TASKS = ("gsm8k", "codealpaca", "saferpaca")
+TASKS = ("gsm8k", "codealpaca", "saferpaca", "sft")  # sft: any TRL-format dataset, passed through
 EVAL_TASKS = ("gsm8k", "humaneval", "safety")
 # Expert-LoRA layer paths (hellora_trl.expert_lora).
 EXPERT_PATHS = ("auto", "fused", "split", "loop")

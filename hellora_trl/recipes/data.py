@@ -285,6 +285,24 @@ def load_saferpaca(
 # --------------------------------------------------------------------------------------------------------------
 
 
+# TRL's dataset formats (what SFTTrainer accepts as is): language modelling, conversational, prompt-completion.
+TRL_FORMATS = (("text",), ("messages",), ("prompt", "completion"), ("prompt",))
+
+
+def load_sft(source: PathOrId, split: str = "train", *, limit: int | None = None) -> Dataset:
+    """Any TRL-format dataset (``text``, ``messages`` or ``prompt``/``completion`` columns), passed through as is:
+    a hub id or a local JSON/JSONL file or folder. Fails early, naming the formats, when no TRL format fits."""
+    ds = load_source(source, split, hub_config=None)
+    if not any(all(c in ds.column_names for c in columns) for columns in TRL_FORMATS):
+        raise ValueError(
+            f"{os.fspath(source)!r} has columns {ds.column_names}; task 'sft' needs a TRL-format dataset: 'text', "
+            "'messages', or 'prompt' + 'completion' (use --task gsm8k/codealpaca/saferpaca for those schemas)."
+        )
+    if len(ds) == 0:
+        raise ValueError(f"{os.fspath(source)!r} (split {split!r}) is empty.")
+    return _apply_limit(ds, limit)
+
+
 def gsm8k_prompt(question: str) -> str:
     """Default zero-shot prompt; the model is expected to finish with ``#### <number>`` as in GSM8K train.
 

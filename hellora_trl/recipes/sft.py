@@ -45,7 +45,14 @@ OFFLINE_DEFAULTS: dict[str, Any] = dict(
 class HELLoRAScriptArguments:
     """What to train on and how to evaluate; the model and LoRA shape come from TRL's ``ModelConfig``."""
 
-    task: str = field(default="gsm8k", metadata={"help": f"Task family: one of {TASKS}."})
+    task: str = field(
+        default="gsm8k",
+        metadata={
+            "help": "Data schema and evaluation: gsm8k (math, accuracy), codealpaca (code, HumanEval), saferpaca "
+            "(safety, refusal rates), or sft (any TRL-format dataset passed through, no task metric).",
+            "choices": list(TASKS),
+        },
+    )
     dataset_name: str | None = field(
         default=None,
         metadata={
@@ -98,24 +105,69 @@ def parse_args(argv: Sequence[str] | None = None, task: str | None = None, prog:
     import sys
 
     argv = list(argv) if argv is not None else sys.argv[1:]
+    if _asks_false(argv, "use_peft"):
+        raise ValueError(
+            "use_peft=false asks for full fine-tuning, but HELLoRA always trains a LoRA adapter (on attention, "
+            "routers and hot experts): drop use_peft, or use TRL's `trl sft` for full fine-tuning."
+        )
     script_args, training_args, model_args = _parser(task, {}, prog).parse_args_and_config(list(argv))
     if is_offline_default(script_args, model_args):
         script_args, training_args, model_args = _parser(task, OFFLINE_DEFAULTS, prog).parse_args_and_config(list(argv))
     return script_args, training_args, model_args
 
 
+def _asks_false(argv: Sequence[str], name: str) -> bool:
+    """Whether ``--name false`` (or ``--name=false``) is on the command line or ``name: false`` in its --config YAML
+    (TRL's ModelConfig defaults ``use_peft`` to False, so the parsed value cannot tell "not given" from "false")."""
+    falsy = {"false", "0", "no"}
+    for i, token in enumerate(argv):
+        if token == f"--{name}" and i + 1 < len(argv) and argv[i + 1].lower() in falsy:
+            return True
+        if token.startswith(f"--{name}=") and token.split("=", 1)[1].lower() in falsy:
+            return True
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        path = Path(argv[argv.index("--config") + 1])
+        if path.is_file():
+            config = yaml.safe_load(path.read_text()) or {}
+            return isinstance(config, dict) and config.get(name) is False
+    return False
+
+
 def is_offline_default(script_args: HELLoRAScriptArguments, model_args) -> bool:
     return model_args.model_name_or_path is None and script_args.dataset_name is None
 
 
+def check_model_flags(model_args) -> None:
+    """Refuse TRL ``ModelConfig`` flags this recipe cannot honour, instead of parsing and ignoring them."""
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise ValueError(
+            "load_in_4bit/load_in_8bit (QLoRA) are not supported: bitsandbytes quantizes nn.Linear layers, but "
+            "transformers 5 MoE experts are fused 3-D parameters that HELLoRA's expert layer reads directly. Load "
+            "the model in bf16 (--dtype bfloat16) instead."
+        )
+    if getattr(model_args, "lora_target_parameters", None):
+        raise ValueError(
+            "lora_target_parameters adapts every expert (PEFT's whole-stack LoRA); HELLoRA places expert adapters "
+            "itself. Remove it (lora_target_modules picks the attention projections)."
+        )
+
+
 def lora_config_from(model_args) -> LoraConfig:
-    """The adapter shape from TRL's ModelConfig; targets are attention projections unless the user names others."""
+    """The adapter shape from TRL's ModelConfig; targets are attention projections unless the user names others.
+
+    ``use_dora`` and ``lora_modules_to_save`` are passed on: PEFT honours them on nn.Linear targets, and HELLoRA's
+    expert and router layers refuse DoRA with a clear error rather than train plain LoRA silently."""
+    check_model_flags(model_args)
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules,
         use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        modules_to_save=model_args.lora_modules_to_save,
         task_type="CAUSAL_LM",
     )
 
@@ -159,6 +211,10 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
             raw = data.load_source(script_args.dataset_name, script_args.dataset_test_split, hub_config="main")
             held_out = [dict(r) for r in raw.select(range(min(script_args.eval_limit, len(raw))))]
         return train, held_out
+    if script_args.task == "sft":
+        if script_args.dataset_name is None:
+            raise ValueError("--task sft needs --dataset_name: a TRL-format dataset (hub id or local JSON/JSONL).")
+        return data.load_sft(script_args.dataset_name, script_args.dataset_train_split, limit=script_args.train_limit), None
     if script_args.dataset_name is None:
         shared = {
             "codealpaca": "../shared/datasets/code_alpaca/code_alpaca_2k.json",
@@ -185,7 +241,7 @@ def evaluate(model, tokenizer, script_args: HELLoRAScriptArguments, held_out, tr
             model, tokenizer, held_out, limit=limit, max_new_tokens=budget, chat=script_args.chat_format, progress=progress
         )
         return {"gsm8k": result}
-    if script_args.eval_dataset_path is None:
+    if script_args.task == "sft" or script_args.eval_dataset_path is None:
         return {}
     if script_args.task == "codealpaca":
         problems = ev.load_humaneval(script_args.eval_dataset_path)[:limit]
