@@ -1,6 +1,5 @@
 """The expert-LoRA layer against an independent dense reference, for every fused family and implementation."""
 
-import copy
 import re
 
 import pytest
@@ -8,49 +7,15 @@ import torch
 
 from hellora_trl import HotExpertLoraLayer, apply_hellora, default_lora_config, find_moe_layers
 
-from testing_utils import FUSED_FAMILIES, random_batch, randomize_factors, tiny_model
-
-IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
-
-
-def dense_reference(layer: HotExpertLoraLayer, adapter: str = "default") -> torch.nn.Module:
-    """A copy of the base experts module whose hot experts hold W + (alpha/r) * B @ A (cold ones unchanged)."""
-    ref = copy.deepcopy(layer.get_base_layer())
-    s = layer.lora_alpha[adapter] / layer.r[adapter]
-    transposed = getattr(ref, "is_transposed", False)
-    concatenated = getattr(ref, "is_concatenated", True)
-
-    def delta(proj: str, j: int) -> torch.Tensor:
-        a = getattr(layer, f"lora_{proj}_A")[adapter][j].detach()
-        b = getattr(layer, f"lora_{proj}_B")[adapter][j].detach()
-        return s * torch.einsum("or,ri->oi", b, a)  # (out, in)
-
-    with torch.no_grad():
-        for j, e in enumerate(layer.hot_experts(adapter)):
-            if layer.fuse_gate_up:
-                gate_up = delta("gate_up", j)
-            else:
-                gate, up = delta("gate", j), delta("up", j)
-                if concatenated:
-                    gate_up = torch.cat([gate, up], dim=0)
-                else:  # GPT-OSS: rows alternate gate, up
-                    gate_up = torch.empty(2 * gate.shape[0], gate.shape[1], dtype=gate.dtype)
-                    gate_up[0::2], gate_up[1::2] = gate, up
-            down = delta("down", j)
-            if transposed:
-                gate_up, down = gate_up.T, down.T
-            ref.gate_up_proj[e] += gate_up
-            ref.down_proj[e] += down
-    return ref
-
-
-def routing(num_tokens, num_experts, top_k, seed=0, dtype=torch.float64, force=None):
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(num_tokens, num_experts, generator=generator, dtype=dtype)
-    if force is not None:  # route every token through the given experts
-        logits[:, force] += 100.0
-    weights, index = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
-    return index, weights / weights.sum(-1, keepdim=True)
+from testing_utils import (
+    FUSED_FAMILIES,
+    IMPLEMENTATIONS,
+    dense_reference,
+    random_batch,
+    randomize_factors,
+    routing,
+    tiny_model,
+)
 
 
 def adapted_experts(family, hot=(1, 3), fuse=False, seed=0):
