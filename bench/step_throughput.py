@@ -15,9 +15,14 @@ about half of the assignments; ``uniform``: the random-init, near-uniform router
 
 HELLoRA configurations use ``apply_hellora``'s default components ("all": attention + router + hot experts).
 
+bf16 presets run every forward under bf16 autocast (``--autocast auto``), as the Trainer does with ``bf16=True``:
+the base is bf16, LoRA factors are float32 master weights and their GEMMs run in bf16. ``--with-noautocast`` adds
+HELLoRA k stepping without autocast (float32 low-rank GEMMs), to measure what bf16 compute buys.
+
     python bench/step_throughput.py --preset olmoe-small            # writes bench/results/olmoe-small.{md,json}
     python bench/step_throughput.py --preset olmoe-small-bf16
-    python bench/step_throughput.py --preset olmoe-1b-7b-gpu        # real OLMoE-1B-7B shapes, bf16, CUDA only
+    python bench/step_throughput.py --preset olmoe-1b-7b            # the real OLMoE-1B-7B config, bf16, CUDA only
+    python bench/step_throughput.py --preset qwen3-moe              # Qwen3-MoE layers (128 experts, top-8), CUDA only
 """
 
 from __future__ import annotations
@@ -72,31 +77,50 @@ class Preset:
     vocab: int = 512
     rank: int = 32
     alpha: int = 64
+    family: str = "olmoe"
+    extra: tuple = ()  # further config fields, as (name, value) pairs (frozen dataclass: no dict)
 
     def config_overrides(self) -> dict[str, Any]:
-        return dict(
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_experts=self.experts,
-            num_experts_per_tok=self.top_k,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            vocab_size=self.vocab,
-            max_position_embeddings=max(512, self.seq),
-        )
+        intermediate = "moe_intermediate_size" if self.family == "qwen3_moe" else "intermediate_size"
+        return {
+            "hidden_size": self.hidden,
+            intermediate: self.intermediate,
+            "num_experts": self.experts,
+            "num_experts_per_tok": self.top_k,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": max(512, self.seq),
+            **dict(self.extra),
+        }
 
 
-_OLMOE_1B_7B = dict(hidden=2048, intermediate=1024, experts=64, top_k=8, heads=16, kv_heads=16, vocab=50304)
+# allenai/OLMoE-1B-7B-0924's config.json: 16 layers, hidden 2048, 64 experts of 1024, top-8, 16 heads, vocab 50304.
+_OLMOE_1B_7B = dict(
+    hidden=2048, intermediate=1024, experts=64, top_k=8, heads=16, kv_heads=16, vocab=50304,
+    extra=(("rms_norm_eps", 1e-5), ("rope_theta", 10000.0), ("norm_topk_prob", False), ("clip_qkv", None)),
+)
+# Qwen3-30B-A3B's layer shapes (hidden 2048, 128 experts of 768, top-8, 32 heads / 4 KV heads of 128, vocab
+# 151936); 12 of its 48 layers (~7.9B parameters in bf16, ~16 GB) leave room for PEFT's all-experts LoRA.
+_QWEN3_MOE = dict(
+    hidden=2048, intermediate=768, experts=128, top_k=8, heads=32, kv_heads=4, vocab=151936, family="qwen3_moe",
+    extra=(("head_dim", 128), ("norm_topk_prob", True), ("rms_norm_eps", 1e-6), ("rope_theta", 1000000.0)),
+)
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(hidden=64, intermediate=32, experts=8, top_k=2, layers=2, batch=2, seq=32, rank=8, alpha=16),
     "olmoe-small": Preset(hidden=512, intermediate=256, experts=64, top_k=8, layers=4, batch=4, seq=256),
     "olmoe-small-bf16": Preset(
         hidden=512, intermediate=256, experts=64, top_k=8, layers=4, batch=4, seq=256, dtype="bfloat16"
     ),
-    # Real OLMoE-1B-7B layer shapes; 2 layers fit a 24 GB GPU with PEFT's all-experts LoRA, 16 is the full model.
+    "tiny-qwen3": Preset(hidden=64, intermediate=32, experts=16, top_k=4, layers=2, batch=2, seq=32, rank=8, alpha=16,
+                         family="qwen3_moe", extra=(("head_dim", 16), ("norm_topk_prob", True))),
+    # Real OLMoE-1B-7B layer shapes; 2 layers fit a 24 GB GPU with PEFT's all-experts LoRA.
     "olmoe-1b-7b-2l-gpu": Preset(layers=2, batch=4, seq=2048, dtype="bfloat16", device="cuda", **_OLMOE_1B_7B),
-    "olmoe-1b-7b-gpu": Preset(layers=16, batch=4, seq=2048, dtype="bfloat16", device="cuda", **_OLMOE_1B_7B),
+    # The whole model (6.9B parameters, random bf16 weights) and 8 x 2048 tokens per step: one H200 (PEFT's
+    # all-experts LoRA is the largest configuration).
+    "olmoe-1b-7b": Preset(layers=16, batch=8, seq=2048, dtype="bfloat16", device="cuda", **_OLMOE_1B_7B),
+    "qwen3-moe": Preset(layers=12, batch=8, seq=2048, dtype="bfloat16", device="cuda", **_QWEN3_MOE),
 }
 
 
@@ -207,9 +231,15 @@ def attach(kind: str, model: nn.Module, preset: Preset, hot: Optional[dict[str, 
     return apply_hellora(model, hot, default_lora_config(r=preset.rank, lora_alpha=preset.alpha))
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> Callable[[], Any]:
+def make_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], autocast: Optional[str] = None
+) -> Callable[[], Any]:
+    """One training step; ``autocast`` (a device type) runs the forward under bf16 autocast, as the Trainer does."""
+    device = next(model.parameters()).device.type
+
     def step() -> float:
-        loss = model(**batch, labels=batch["input_ids"]).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast is not None):
+            loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -236,10 +266,17 @@ def hot_maps(model: nn.Module, batch: dict[str, torch.Tensor], ks: list[int]) ->
 
 def build_base(preset: Preset, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The frozen random model of ``preset`` and the fixed batch every configuration trains on."""
-    from hellora_trl.offline import tiny_moe_model
+    from transformers import AutoModelForCausalLM
+
+    from hellora_trl.offline import tiny_moe_config, tiny_moe_model
 
     dtype, device = getattr(torch, preset.dtype), preset.device
-    base = tiny_moe_model("olmoe", seed=seed, **preset.config_overrides()).to(dtype=dtype, device=device)
+    if device == "cuda":  # random init on the GPU, in the benchmark's dtype: no float32 copy of a 7B model on the host
+        torch.manual_seed(seed)
+        with torch.device(device):
+            base = AutoModelForCausalLM.from_config(tiny_moe_config(preset.family, **preset.config_overrides()), dtype=dtype)
+    else:
+        base = tiny_moe_model(preset.family, seed=seed, **preset.config_overrides()).to(dtype=dtype, device=device)
     base.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(3, preset.vocab, (preset.batch, preset.seq), generator=generator).to(device)
@@ -247,7 +284,14 @@ def build_base(preset: Preset, seed: int) -> tuple[nn.Module, dict[str, torch.Te
 
 
 def build_setups(
-    preset: Preset, routers: list[str], kinds: list[str], seed: int, skew_target: float, with_loop: bool
+    preset: Preset,
+    routers: list[str],
+    kinds: list[str],
+    seed: int,
+    skew_target: float,
+    with_loop: bool,
+    autocast: Optional[str] = None,
+    with_noautocast: bool = False,
 ) -> tuple[list[Setup], dict[str, Any]]:
     from hellora_trl import find_moe_layers
 
@@ -272,14 +316,20 @@ def build_setups(
                 model = attach(kind, model, preset, maps[hot_k] if hot_k else None)
                 name = f"hellora-k{hot_k}" if kind == "hellora" else kind
                 optimizer = make_optimizer(model, device)
-                setups.append(Setup(name, router, kind, hot_k, model, optimizer, make_step(model, optimizer, batch)))
+                step = make_step(model, optimizer, batch, autocast)
+                setups.append(Setup(name, router, kind, hot_k, model, optimizer, step))
                 if with_loop and kind == "hellora" and hot_k == k:
-                    setups.append(loop_setup(routed, preset, maps[k], batch, router, device))
+                    setups.append(loop_setup(routed, preset, maps[k], batch, router, device, autocast))
+                if with_noautocast and autocast and kind == "hellora" and hot_k == k:
+                    model = attach("hellora", shared_copy(routed), preset, maps[k])
+                    optimizer = make_optimizer(model, device)
+                    step = make_step(model, optimizer, batch, None)
+                    setups.append(Setup(f"hellora-k{k}-noautocast", router, kind, k, model, optimizer, step))
     info["tokens_per_step"] = preset.batch * preset.seq
     return setups, info
 
 
-def loop_setup(routed, preset, hot, batch, router, device) -> Setup:
+def loop_setup(routed, preset, hot, batch, router, device, autocast=None) -> Setup:
     """HELLoRA k with the per-expert loop path (the implementation before the grouped paths), for comparison."""
     from hellora_trl import HotExpertLoraLayer
 
@@ -289,7 +339,8 @@ def loop_setup(routed, preset, hot, batch, router, device) -> Setup:
             module.expert_path = "loop"
     optimizer = make_optimizer(model, device)
     k = preset.top_k
-    return Setup(f"hellora-k{k}-loop", router, "hellora", k, model, optimizer, make_step(model, optimizer, batch))
+    step = make_step(model, optimizer, batch, autocast)
+    return Setup(f"hellora-k{k}-loop", router, "hellora", k, model, optimizer, step)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -377,9 +428,10 @@ def render(preset_name: str, preset: Preset, rows, checks, info, machine, comman
     lines = [
         f"### Step throughput: `{preset_name}`",
         "",
-        f"OLMoE architecture, hidden {p.hidden}, intermediate {p.intermediate}, {p.experts} experts, top-{p.top_k}, "
-        f"{p.layers} layers, vocab {p.vocab}; batch {p.batch} x seq {p.seq}; {p.dtype} on {p.device}; LoRA r={p.rank}, "
-        f"alpha={p.alpha}. Median of {args.steps} alternated steps (fwd + bwd + fused AdamW) after {args.warmup} "
+        f"{p.family} architecture, hidden {p.hidden}, intermediate {p.intermediate}, {p.experts} experts, "
+        f"top-{p.top_k}, {p.layers} layers, vocab {p.vocab}; batch {p.batch} x seq {p.seq}; {p.dtype} on {p.device}"
+        f"{' under bf16 autocast (float32 LoRA factors, bf16 GEMMs)' if info.get('autocast') else ''}; "
+        f"LoRA r={p.rank}, alpha={p.alpha}. Median of {args.steps} alternated steps (fwd + bwd + fused AdamW) after {args.warmup} "
         f"warm-up steps; peak memory = weights + buffers + optimizer state + the step's transient peak. Share of "
         f"assignments on the top-{p.top_k} experts per layer: {share_text}.",
         "",
@@ -409,6 +461,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skew-target", type=float, default=0.5, help="share of the skewed router's favourites")
     parser.add_argument("--with-loop", action="store_true", help="also time HELLoRA k with the per-expert loop path")
+    parser.add_argument("--autocast", default="auto", choices=("auto", "on", "off"),
+                        help="bf16 autocast around the forward (auto: on for bf16 presets, as the Trainer's bf16=True)")
+    parser.add_argument("--with-noautocast", action="store_true",
+                        help="also time HELLoRA k without autocast (float32 LoRA GEMMs on a bf16 base)")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--name", default=None, help="results file name (default: the preset)")
@@ -421,9 +477,13 @@ def run_preset(preset_name: str, args: argparse.Namespace, command: str) -> Opti
         print(f"[{preset_name}] skipped: needs CUDA.")
         return None
     machine = machine_info(preset.device)
+    use_autocast = args.autocast == "on" or (args.autocast == "auto" and preset.dtype == "bfloat16")
+    autocast = preset.device if use_autocast else None
     setups, info = build_setups(
-        preset, args.routers.split(","), args.configs.split(","), args.seed, args.skew_target, args.with_loop
+        preset, args.routers.split(","), args.configs.split(","), args.seed, args.skew_target, args.with_loop,
+        autocast, args.with_noautocast,
     )
+    info["autocast"] = use_autocast
     runs = {f"{s.name}/{s.router}": s.step for s in setups}
     print(f"[{preset_name}] {len(runs)} configurations: {', '.join(runs)}", flush=True)
     alternate(runs, args.warmup, preset.device, f"{preset_name} warm-up")

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, zero3_enabled
 from .profile import ExpertProfile
 from .registry import MoEFamily, MoELayer, experts_per_token, family_for, find_moe_layers
 from .utils import unwrap_model
@@ -49,11 +49,19 @@ def warmup_slice(dataset, fraction: float, seed: int):
     return dataset if len(indices) == len(dataset) else dataset.select(indices)
 
 
+class _StopForward(Exception):
+    """Ends a counting-only forward once every MoE layer's routing was recorded (``RoutingCounter.stop_early``)."""
+
+
 class RoutingCounter:
     """Forward hooks that add each layer's token->expert assignments into a counts tensor.
 
     Padding tokens are excluded when ``set_token_mask`` was given the batch's attention mask. Forwards that run
     inside backward (gradient-checkpoint recomputation) are not counted twice.
+
+    ``stop_early`` (forward-only profiling): once every MoE layer of a forward has been counted, the hook raises
+    a private exception that :func:`profile_experts` catches, so the last layer's experts, any later layers and
+    the LM head never run. Counts are unchanged: routing is read before the experts compute.
     """
 
     def __init__(self, model: nn.Module, family: MoEFamily | None = None, *, per_row: bool = False) -> None:
@@ -73,11 +81,14 @@ class RoutingCounter:
         self._seq_len = 0
         self._handles: list[Any] = []
         self.enabled = True
+        self.stop_early = False
+        self._recorded = 0  # layers counted in the current forward
 
     def _model_hook(self, module, args, kwargs) -> None:
         """Remember which tokens are real (not padding) for the MoE hooks of this forward."""
         if not self.enabled or _in_backward():
             return
+        self._recorded = 0
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
         shaped = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
@@ -105,6 +116,9 @@ class RoutingCounter:
         flat = index.reshape(-1)
         flat = flat[(flat >= 0) & (flat < self.num_experts)]
         self.counts[layer_idx] += torch.bincount(flat.cpu(), minlength=self.num_experts)
+        self._recorded += 1
+        if self.stop_early and self._recorded >= len(self.layers):
+            raise _StopForward
 
     def _record_rows(self, layer_idx: int, index: torch.Tensor, mask: torch.Tensor | None) -> None:
         rows = torch.arange(index.shape[0]) // max(self._seq_len, 1)
@@ -189,6 +203,14 @@ class RoutingCounter:
 
 def _model_has_shared(layers: list[MoELayer], family: MoEFamily) -> bool:
     return any(hasattr(layers[0].block, attr) for attr in family.shared_expert_attrs)
+
+
+def _single_unsharded_process() -> bool:
+    """No process group beyond this process and no ZeRO-3 partitioning (whose hooks expect whole forwards)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return False
+    return not zero3_enabled()
 
 
 def _in_backward() -> bool:
@@ -333,12 +355,17 @@ def _run_counted(
     batches = _iter_batches(data, batch_size, pad_collate(pad_id), allow_empty=pad_batches_to is not None)
     bar = tqdm(total=_maybe_len(data, batch_size, max_batches), desc=desc, disable=not progress, unit="batch")
     ran = 0
+    # Stopping mid-forward would leave sharded (FSDP/ZeRO-3) or collective state half way: one process only.
+    counter.stop_early = _single_unsharded_process()
     with counter, _eval_mode(model), torch.no_grad():
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            model(**inputs, use_cache=False)
+            try:
+                model(**inputs, use_cache=False)
+            except _StopForward:  # every MoE layer counted: the rest of the forward is not needed
+                pass
             ran += 1
             bar.update(1)
         counter.enabled = False  # filler forwards are not counted

@@ -42,7 +42,7 @@ def test_gpu_presets_are_skipped_without_cuda(capsys):
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the GPU preset would run for real")
-    assert step_throughput.main(["--preset", "olmoe-1b-7b-gpu", "--no-write"]) == []
+    assert step_throughput.main(["--preset", "olmoe-1b-7b,qwen3-moe", "--no-write"]) == []
     assert "needs CUDA" in capsys.readouterr().out
 
 
@@ -72,3 +72,15 @@ def test_render_readme_replaces_only_the_marked_section(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         render_readme.main([str(results), "--readme", str(readme), "--write"])
+
+
+def test_qwen3_preset_with_autocast_and_noautocast_comparison(tmp_path):
+    """The Qwen3-MoE architecture (the GPU preset's, tiny here) under bf16 autocast, HELLoRA k also without it."""
+    argv = ["--preset", "tiny-qwen3", "--steps", "1", "--warmup", "1", "--routers", "skewed", "--autocast", "on",
+            "--with-noautocast", "--out", str(tmp_path)]
+    (data,) = step_throughput.main(argv)
+    configs = [r["config"] for r in data["rows"]]
+    assert configs == ["floor", "peft-all", "ours-all", "hellora-k4", "hellora-k4-noautocast", "hellora-k8"]
+    assert data["routing"]["autocast"] is True and data["shape"]["family"] == "qwen3_moe"
+    assert "qwen3_moe architecture" in (tmp_path / "tiny-qwen3.md").read_text()
+    assert all(r["step_s"] > 0 and r["trainable"] > 0 for r in data["rows"])

@@ -1,6 +1,5 @@
 """The expert-LoRA layer against an independent dense reference, for every fused family and implementation."""
 
-import copy
 import re
 
 import pytest
@@ -8,49 +7,15 @@ import torch
 
 from hellora_trl import HotExpertLoraLayer, apply_hellora, default_lora_config, find_moe_layers
 
-from testing_utils import FUSED_FAMILIES, random_batch, randomize_factors, tiny_model
-
-IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
-
-
-def dense_reference(layer: HotExpertLoraLayer, adapter: str = "default") -> torch.nn.Module:
-    """A copy of the base experts module whose hot experts hold W + (alpha/r) * B @ A (cold ones unchanged)."""
-    ref = copy.deepcopy(layer.get_base_layer())
-    s = layer.lora_alpha[adapter] / layer.r[adapter]
-    transposed = getattr(ref, "is_transposed", False)
-    concatenated = getattr(ref, "is_concatenated", True)
-
-    def delta(proj: str, j: int) -> torch.Tensor:
-        a = getattr(layer, f"lora_{proj}_A")[adapter][j].detach()
-        b = getattr(layer, f"lora_{proj}_B")[adapter][j].detach()
-        return s * torch.einsum("or,ri->oi", b, a)  # (out, in)
-
-    with torch.no_grad():
-        for j, e in enumerate(layer.hot_experts(adapter)):
-            if layer.fuse_gate_up:
-                gate_up = delta("gate_up", j)
-            else:
-                gate, up = delta("gate", j), delta("up", j)
-                if concatenated:
-                    gate_up = torch.cat([gate, up], dim=0)
-                else:  # GPT-OSS: rows alternate gate, up
-                    gate_up = torch.empty(2 * gate.shape[0], gate.shape[1], dtype=gate.dtype)
-                    gate_up[0::2], gate_up[1::2] = gate, up
-            down = delta("down", j)
-            if transposed:
-                gate_up, down = gate_up.T, down.T
-            ref.gate_up_proj[e] += gate_up
-            ref.down_proj[e] += down
-    return ref
-
-
-def routing(num_tokens, num_experts, top_k, seed=0, dtype=torch.float64, force=None):
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(num_tokens, num_experts, generator=generator, dtype=dtype)
-    if force is not None:  # route every token through the given experts
-        logits[:, force] += 100.0
-    weights, index = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
-    return index, weights / weights.sum(-1, keepdim=True)
+from testing_utils import (
+    FUSED_FAMILIES,
+    IMPLEMENTATIONS,
+    dense_reference,
+    random_batch,
+    randomize_factors,
+    routing,
+    tiny_model,
+)
 
 
 def adapted_experts(family, hot=(1, 3), fuse=False, seed=0):
@@ -412,3 +377,65 @@ def test_every_path_trains_under_bf16_autocast():
         losses[path] = loss.item()
     assert abs(losses["fused"] - losses["loop"]) < 1e-2 * abs(losses["loop"])
     assert abs(losses["split"] - losses["loop"]) < 1e-2 * abs(losses["loop"])
+
+
+# ------------------------------------------------------------------------- kernel counter, autocast compute dtype
+def test_kernel_counter_records_kernel_or_loop():
+    """KERNEL_CALLS says which way each grouped GEMM went: the kernel where torch has one for the operands (float32
+    on this torch's CPU kernel), the per-group loop for float64. The GPU suite asserts the same on CUDA."""
+    from hellora_trl.expert_lora import grouped_mm, grouped_mm_available, grouped_outer, kernel_calls, reset_kernel_calls
+
+    offsets = torch.tensor([3, 3, 8], dtype=torch.int32)
+    for dtype in (torch.float32, torch.float64):
+        x, w = torch.randn(8, 16, dtype=dtype), torch.randn(3, 16, 16, dtype=dtype)
+        reset_kernel_calls()
+        grouped_mm(x, w, offsets)
+        grouped_outer(x, x, offsets)
+        way = "kernel" if grouped_mm_available(x, w) else "loop"
+        assert kernel_calls() == {f"grouped_mm/{way}": 1, f"grouped_outer/{way}": 1}, dtype
+        if dtype == torch.float64:
+            assert way == "loop"
+    if hasattr(torch, "_grouped_mm") and tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 9):
+        # a whole layer forward + backward in float32 goes through the kernel only
+        _, layer = adapted_experts("olmoe", hot=(1, 3))
+        layer.to(torch.float32).get_base_layer().config._experts_implementation = "grouped_mm"
+        hidden = torch.randn(24, layer.get_base_layer().down_proj.shape[1])
+        index, weights = routing(24, layer.num_experts, 2, dtype=torch.float32, force=[1])
+        reset_kernel_calls()
+        _forward_and_grads(layer, hidden, index, weights)
+        calls = kernel_calls()
+        assert calls.get("grouped_mm/kernel", 0) > 0 and calls.get("grouped_outer/kernel", 0) > 0
+        assert not calls.get("grouped_mm/loop") and not calls.get("grouped_outer/loop"), calls
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_autocast_runs_lora_gemms_in_bf16_with_float32_master_factors(path):
+    """Under bf16 autocast the low-rank GEMMs run in bf16 on casts of the float32 factors (as PEFT's LoRA does under
+    autocast): same output and gradients as bf16 factors without autocast, gradients delivered in float32."""
+    from hellora_trl.expert_lora import lora_compute_dtype
+
+    assert lora_compute_dtype(torch.float32, "cpu") == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora_compute_dtype(torch.float32, "cpu") == torch.bfloat16
+        assert lora_compute_dtype(torch.float64, "cpu") == torch.float64  # only float32 masters are cast
+    model = tiny_model("olmoe", dtype=torch.bfloat16)
+    layers = find_moe_layers(model)
+    peft_model = apply_hellora(model, {l.name: [1, 3] for l in layers}, default_lora_config(r=8, lora_alpha=16))
+    randomize_factors(peft_model, std=0.05)
+    layer = peft_model.get_base_model().get_submodule(layers[0].name)
+    layer.expert_path = path
+    layer.get_base_layer().config._experts_implementation = "grouped_mm"
+    hidden = torch.randn(33, layer.get_base_layer().down_proj.shape[1]).bfloat16()
+    index, weights = routing(33, layer.num_experts, 2, dtype=torch.bfloat16, force=[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grad_hidden, grad_weights, grads = _forward_and_grads(layer, hidden, index, weights)
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    float32_out = _forward_and_grads(layer, hidden, index, weights)[0]  # no autocast: float32 low-rank path
+    layer.to(torch.bfloat16)  # the same factors, rounded to bf16: what autocast computes with
+    expected = _forward_and_grads(layer, hidden, index, weights)
+    torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(grad_hidden, expected[1], rtol=0, atol=0)
+    torch.testing.assert_close(grad_weights, expected[2], rtol=0, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[3][name].float(), rtol=0, atol=0, msg=name)
+    assert (out.float() - float32_out.float()).abs().max() <= 2e-2 * float32_out.float().abs().max()

@@ -9,7 +9,8 @@ from hellora_trl import ExpertProfile, profile_experts
 from hellora_trl.profiling import pad_collate
 from hellora_trl.utils import atomic_write_text
 
-from testing_utils import random_batch, tiny_model
+from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
+from testing_utils import FUSED_FAMILIES, random_batch, tiny_model
 
 
 def router_counts(model, batch):
@@ -165,3 +166,51 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert path.read_text() == "{}" and not list(tmp_path.glob(".p.json.*"))
+
+
+def _full_forward_counts(model, batch):
+    """Counts of whole forwards (the counter without early stop), and the logits, for comparison."""
+    from hellora_trl import RoutingCounter
+
+    with RoutingCounter(model) as counter, torch.no_grad():
+        logits = model(**batch).logits
+    return counter.counts, counter.tokens_seen, logits
+
+
+def _lm_head_calls(model):
+    calls = []
+    head = model.get_output_embeddings() or model.lm_head
+    handle = head.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES + ["modulelist"])
+def test_forward_profiling_stops_after_the_last_router_with_identical_counts(family):
+    """profile_experts ends each forward once every MoE layer is counted (the LM head never runs); the counts are
+    those of whole forwards, and the model is left working (same logits afterwards)."""
+    if family == "modulelist":
+        model = LegacyMoEForCausalLM(LegacyMoEConfig()).eval()
+    else:
+        model = tiny_model(family).eval()
+    batch = random_batch(model, batch=3, seq=9)
+    batch["attention_mask"][2, 5:] = 0
+    counts, tokens, logits = _full_forward_counts(model, batch)
+    calls, handle = _lm_head_calls(model)
+    profile = profile_experts(model, [batch, batch], progress=False)
+    handle.remove()
+    assert calls == []  # no forward reached the LM head
+    assert torch.equal(profile.counts, 2 * counts) and profile.tokens_seen == 2 * tokens
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, logits)
+
+
+def test_counter_outside_profile_experts_never_stops_a_forward(olmoe):
+    """The LoRA warm-up counts while training: its forwards must run whole (stop_early is off by default)."""
+    from hellora_trl import RoutingCounter
+
+    batch = random_batch(olmoe)
+    calls, handle = _lm_head_calls(olmoe)
+    with RoutingCounter(olmoe) as counter:
+        olmoe(**batch, labels=batch["input_ids"]).loss.backward()
+    handle.remove()
+    assert not counter.stop_early and calls == [1] and counter.counts.sum() > 0

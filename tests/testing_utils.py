@@ -1,8 +1,11 @@
-"""Builders shared by the tests: tiny random MoE models, batches, factor randomisation, short training loops and the
-shared-datasets location. Test modules import from here, never from each other or from ``conftest``."""
+"""Builders shared by the tests: tiny random MoE models, batches, factor randomisation, short training loops, the
+dense ``W + BA`` reference of the expert-LoRA layer, the GPU suite's device and the shared-datasets location. Test
+modules import from here, never from each other or from ``conftest``."""
 
 from __future__ import annotations
 
+import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,23 @@ import torch
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 FUSED_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
+# tests/gpu: "cuda" when torch sees a GPU; HELLORA_GPU_TESTS_ON_CPU=1 runs the suite's logic on the CPU instead
+# (a check of the tests themselves, not of CUDA); otherwise its tests skip with this reason.
+GPU_SKIP_REASON = "needs CUDA (run `python -m pytest -m gpu` on a GPU machine, e.g. through bench/gpu/run.sh)"
+
+
+def gpu_test_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("HELLORA_GPU_TESTS_ON_CPU") == "1":
+        return "cpu"
+    pytest.skip(GPU_SKIP_REASON)
+
+
+requires_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("HELLORA_GPU_TESTS_ON_CPU") != "1", reason=GPU_SKIP_REASON
+)
 
 
 def tiny_model(family: str = "olmoe", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -54,3 +74,44 @@ def train_steps(model, batch, steps: int = 5, lr: float = 1e-2, weight_decay: fl
         optimizer.step()
         optimizer.zero_grad()
     return optimizer
+
+
+def dense_reference(layer, adapter: str = "default") -> torch.nn.Module:
+    """A copy of the base experts module whose hot experts hold W + (alpha/r) * B @ A (cold ones unchanged)."""
+    ref = copy.deepcopy(layer.get_base_layer())
+    s = layer.lora_alpha[adapter] / layer.r[adapter]
+    transposed = getattr(ref, "is_transposed", False)
+    concatenated = getattr(ref, "is_concatenated", True)
+
+    def delta(proj: str, j: int) -> torch.Tensor:
+        a = getattr(layer, f"lora_{proj}_A")[adapter][j].detach()
+        b = getattr(layer, f"lora_{proj}_B")[adapter][j].detach()
+        return s * torch.einsum("or,ri->oi", b, a)  # (out, in)
+
+    with torch.no_grad():
+        for j, e in enumerate(layer.hot_experts(adapter)):
+            if layer.fuse_gate_up:
+                gate_up = delta("gate_up", j)
+            else:
+                gate, up = delta("gate", j), delta("up", j)
+                if concatenated:
+                    gate_up = torch.cat([gate, up], dim=0)
+                else:  # GPT-OSS: rows alternate gate, up
+                    gate_up = torch.empty(2 * gate.shape[0], gate.shape[1], dtype=gate.dtype, device=gate.device)
+                    gate_up[0::2], gate_up[1::2] = gate, up
+            down = delta("down", j)
+            if transposed:
+                gate_up, down = gate_up.T, down.T
+            ref.gate_up_proj[e] += gate_up
+            ref.down_proj[e] += down
+    return ref
+
+
+def routing(num_tokens, num_experts, top_k, seed=0, dtype=torch.float64, force=None):
+    """Seeded softmax top-k routing (index, renormalised weights); ``force`` sends every token to those experts."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=generator, dtype=dtype)
+    if force is not None:  # route every token through the given experts
+        logits[:, force] += 100.0
+    weights, index = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    return index, weights / weights.sum(-1, keepdim=True)

@@ -11,12 +11,23 @@ from .layer import (
     expert_factor_shapes,
     experts_implementation,
 )
-from .ops import RowGroups, grouped_mm, grouped_mm_available, grouped_mm_loop, grouped_outer
+from .ops import (
+    KERNEL_CALLS,
+    RowGroups,
+    grouped_mm,
+    grouped_mm_available,
+    grouped_mm_loop,
+    grouped_outer,
+    kernel_calls,
+    lora_compute_dtype,
+    reset_kernel_calls,
+)
 
 __all__ = [
     "EXPERT_PATHS",
     "FUSABLE_IMPLEMENTATIONS",
     "HotExpertLoraLayer",
+    "KERNEL_CALLS",
     "RouterLoraLayer",
     "RowGroups",
     "expert_factor_shapes",
@@ -25,4 +36,7 @@ __all__ = [
     "grouped_mm_available",
     "grouped_mm_loop",
     "grouped_outer",
+    "kernel_calls",
+    "lora_compute_dtype",
+    "reset_kernel_calls",
 ]

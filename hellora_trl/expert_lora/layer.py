@@ -29,7 +29,17 @@ from torch import nn
 
 from ..constants import EXPERT_PATHS
 from ..utils import full_shape
-from .ops import AddRows, LoraRows, RowGroups, add_rows, grouped_mm, project, row_scale, take_rows
+from .ops import (
+    AddRows,
+    LoraRows,
+    RowGroups,
+    add_rows,
+    grouped_mm,
+    lora_compute_dtype,
+    project,
+    row_scale,
+    take_rows,
+)
 
 # transformers' vectorised experts implementations whose math the fused path computes itself.
 FUSABLE_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
@@ -348,11 +358,12 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
             return LoraRows.apply(source, rows, offsets, scaling, row_weights, *factors)
         # Dropout draws a mask per projection: plain autograd (it keeps the dropped inputs for backward).
         x = take_rows(source, rows)
-        scale = row_scale(scaling, row_weights, factors[0].dtype)
+        dtype = lora_compute_dtype(factors[0].dtype, source.device.type)
+        scale = row_scale(scaling, row_weights, dtype)
         deltas = []
         for a, b in zip(factors[0::2], factors[1::2]):
-            xa = grouped_mm(dropout(x.to(a.dtype)), a.transpose(1, 2), offsets) * scale
-            deltas.append(grouped_mm(xa, b.transpose(1, 2), offsets))
+            xa = grouped_mm(dropout(x.to(dtype)), a.to(dtype).transpose(1, 2), offsets) * scale
+            deltas.append(grouped_mm(xa, b.to(dtype).transpose(1, 2), offsets))
         return tuple(deltas)
 
     # ------------------------------------------------------------------------------ split path: cold experts

@@ -9,6 +9,7 @@ tested against.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -25,6 +26,27 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
+# How often each dispatch of grouped_mm / grouped_outer took torch's kernel or the per-group loop, keyed
+# "<op>/kernel" and "<op>/loop": one integer increment per call, so tests (and the GPU kit) can assert that the
+# kernel, not the loop, ran where it supports the operands.
+KERNEL_CALLS: Counter = Counter()
+
+
+def kernel_calls() -> dict[str, int]:
+    """A snapshot of :data:`KERNEL_CALLS` (missing keys read as 0 from the live counter)."""
+    return dict(KERNEL_CALLS)
+
+
+def reset_kernel_calls() -> None:
+    KERNEL_CALLS.clear()
+
+
+def lora_compute_dtype(factor_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype the low-rank GEMMs run in: the autocast dtype when autocast is on for ``device_type`` and the
+    factors are float32 master weights (what PEFT's LoRA gets from autocast on ``F.linear``), else the factors'."""
+    if factor_dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return factor_dtype
 
 
 def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -60,11 +82,13 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     must belong to a group (``offsets[-1] == len(x)``): the kernel leaves rows past the last offset uninitialised.
     """
     if grouped_mm_available(x, weight):
+        KERNEL_CALLS["grouped_mm/kernel"] += 1
         out = _GROUPED_MM(x, weight, offs=offsets)
         if out.requires_grad:
             # The kernel's backward rejects expanded (stride-0) gradients, e.g. from a bare .sum().
             out.register_hook(_contiguous)
         return out
+    KERNEL_CALLS["grouped_mm/loop"] += 1
     return grouped_mm_loop(x, weight, offsets)
 
 
@@ -91,7 +115,9 @@ def grouped_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
     """(G, a.shape[1], b.shape[1]): ``a[rows of g].T @ b[rows of g]`` per group, zeros for empty groups. The
     weight gradient of :func:`grouped_mm`."""
     if _outer_kernel_ok(a, b):
+        KERNEL_CALLS["grouped_outer/kernel"] += 1
         return _GROUPED_MM(a.t(), b, offs=offsets)
+    KERNEL_CALLS["grouped_outer/loop"] += 1
     out = a.new_zeros(offsets.shape[0], a.shape[1], b.shape[1])
     start = 0
     for g, end in enumerate(offsets.tolist()):
@@ -127,11 +153,16 @@ class LoraRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, source, rows, offsets, scaling, row_weights, *factors):
+        # float32 master factors under autocast: the GEMMs run in the autocast dtype on cast copies (k x r x in,
+        # small); their gradients go back to the factors' dtype in backward.
+        ctx.factor_dtype = factors[0].dtype
+        dtype = lora_compute_dtype(ctx.factor_dtype, source.device.type)
+        factors = tuple(f.to(dtype) for f in factors)
         a = _stacked_a(factors)
         r = factors[0].shape[1]
-        x = (source if rows is None else source.index_select(0, rows)).to(a.dtype)
+        x = (source if rows is None else source.index_select(0, rows)).to(dtype)
         xa = grouped_mm(x, a.transpose(1, 2), offsets)  # (n, P*r)
-        scaled = xa * row_scale(scaling, row_weights, a.dtype)
+        scaled = xa * row_scale(scaling, row_weights, dtype)
         outputs = tuple(
             grouped_mm(_columns(scaled, i, r), b.transpose(1, 2), offsets) for i, b in enumerate(factors[1::2])
         )
@@ -166,7 +197,8 @@ class LoraRows(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grouped_mm(grad_xa, a, offsets).to(source.dtype)
             grad_source = grad_x if rows is None else torch.zeros_like(source).index_add_(0, rows, grad_x)
-        return grad_source, None, None, None, grad_weights, *[g for pair in zip(grad_a, grad_b) for g in pair]
+        grads_ab = [None if g is None else g.to(ctx.factor_dtype) for pair in zip(grad_a, grad_b) for g in pair]
+        return grad_source, None, None, None, grad_weights, *grads_ab
 
 
 def _stacked_a(factors: Sequence[torch.Tensor]) -> torch.Tensor:
