@@ -31,7 +31,7 @@ from .constants import CONCENTRATION_FILE, HEATMAP_FILE, MASKS_FILE, OVERHEAD_FI
 from .distributed import gathered_adapter_state, register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
 from .profile import ExpertProfile, HotMap
 from .profiling import RoutingCounter, profile_experts, warmup_slice
-from .registry import find_moe_layers
+from .registry import expose_num_experts, find_moe_layers
 from .selection import SelectionSettings, load_plan, plan_hot_experts, save_plan, validate_hot_map
 from .utils import publish_staged
 from .variants import copy_lora_A, load_masks, lori_s_from_lori_d
@@ -141,6 +141,7 @@ class HELLoRATrainer(SFTTrainer):
             self.add_callback(self._dynamic_rank_callback(peft_config.r))
         # Fail before any work when the model is not a MoE model the registry knows.
         self._moe_layers = find_moe_layers(self.model)
+        expose_num_experts(self.model)  # TRL's router aux loss reads config.num_experts (GraniteMoE, PhiMoE lack it)
         self._check_fsdp_sub_runs()
 
     def _dynamic_rank_callback(self, r: int):

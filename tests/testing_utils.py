@@ -9,7 +9,7 @@ import pytest
 import torch
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-FUSED_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+FUSED_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe"]
 
 
 def tiny_model(family: str = "olmoe", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
