@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
+import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -20,25 +23,85 @@ from typing import Any, Iterator
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 from trl import SFTTrainer
 
 from .adapter import apply_hellora, default_lora_config, hot_map_from_model
 from .baselines import all_experts_hot
 from .config import HELLoRAConfig
-from .constants import CONCENTRATION_FILE, HEATMAP_FILE, MASKS_FILE, OVERHEAD_FILE, PROFILE_FILE, STAGING_DIR
+from .constants import (
+    CONCENTRATION_FILE,
+    HEATMAP_FILE,
+    MASKS_FILE,
+    OVERHEAD_FILE,
+    PROFILE_FILE,
+    RUN_MARKER_FILE,
+    STAGING_DIR,
+)
 from .distributed import gathered_adapter_state, register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
 from .profile import ExpertProfile, HotMap
 from .profiling import RoutingCounter, profile_experts, warmup_slice
 from .registry import expose_num_experts, find_moe_layers
 from .selection import SelectionSettings, load_plan, plan_hot_experts, save_plan, validate_hot_map
-from .utils import publish_staged
+from .utils import atomic_write_text, publish_staged, unwrap_model
 from .variants import copy_lora_A, load_masks, lori_s_from_lori_d
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["HELLoRAFiguresCallback", "HELLoRATrainer", "PROFILE_FILE", "STAGING_DIR", "HEATMAP_FILE"]
+__all__ = [
+    "HELLoRAFiguresCallback",
+    "HELLoRATrainer",
+    "PROFILE_FILE",
+    "STAGING_DIR",
+    "HEATMAP_FILE",
+    "checkpoint_problem",
+    "run_differences",
+]
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# hellora_* options that change neither the hot map nor the adapter's training: not part of a run's fingerprint.
+_RUN_NEUTRAL = ("hellora_plots", "hellora_profile_batch_size")
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be resumed from (missing, torn by a kill mid-save, not HELLoRA's), or None when it can.
+
+    The Trainer writes ``trainer_state.json`` last, after the adapter (published from staging) and the optimizer,
+    so a checkpoint without a readable one was interrupted while saving.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} does not exist" if not path.exists() else f"{path} is not a directory"
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "incomplete: no trainer_state.json (the save was interrupted; the Trainer writes it last)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"incomplete: trainer_state.json is unreadable ({err})"
+    if not (path / "adapter_config.json").is_file():
+        return "incomplete: no adapter_config.json"
+    if not (path / PROFILE_FILE).is_file():
+        return f"not written by HELLoRATrainer: no {PROFILE_FILE}, so its hot experts are unknown"
+    return None
+
+
+def run_differences(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """The fingerprint entries (``section.key``) where a checkpoint's run and this run differ, as readable lines."""
+    if not stored:
+        return []
+    lines = []
+    for section in sorted(set(stored) | set(current)):
+        old, new = stored.get(section) or {}, current.get(section) or {}
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new:
+                lines.append(f"{section}: {old!r} (checkpoint) != {new!r} (this run)")
+            continue
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                lines.append(f"{section}.{key}: {old.get(key)!r} (checkpoint) != {new.get(key)!r} (this run)")
+    return lines
 
 
 class HELLoRAFiguresCallback(TrainerCallback):
@@ -184,10 +247,15 @@ class HELLoRATrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------- phases
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         start = time.perf_counter()
-        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
+        if isinstance(resume_from_checkpoint, bool):
+            resume_from_checkpoint = self._last_checkpoint_of_this_run() if resume_from_checkpoint else None
+        elif resume_from_checkpoint is not None:
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+        if resume_from_checkpoint is None:
+            self._warn_about_other_runs()
+        self._mark_in_progress()
         if not isinstance(self.model, PeftModel):
             hot = self._hot_map(resume_from_checkpoint)
             self._install_adapter(hot, resume_from_checkpoint)
@@ -201,6 +269,116 @@ class HELLoRATrainer(SFTTrainer):
         self._report_overhead(output)
         return output
 
+    # ------------------------------------------------------------------------------------------ runs
+    def run_fingerprint(self) -> dict[str, Any]:
+        """What makes two trainings the same run: the model's MoE shape, the prepared training data and every
+        setting that decides the hot map or the adapter. Saved in each profile record (``selection.run``); resuming
+        from a checkpoint with another fingerprint is refused."""
+        args: HELLoRAConfig = self.args
+        config = getattr(unwrap_model(self.model), "config", None)
+        layers = self._moe_layers
+        model = {
+            "model_type": getattr(config, "model_type", None),
+            "moe_layers": len(layers),
+            "num_experts": layers[0].num_experts,
+            "hidden_size": getattr(config, "hidden_size", None),
+            "vocab_size": getattr(config, "vocab_size", None),
+        }
+        hellora = {
+            name: value
+            for name, value in sorted(vars(args).items())
+            if name.startswith("hellora_") and name not in _RUN_NEUTRAL
+        }
+        hellora["hellora_seed"] = self._seed
+        lora = self.hellora_peft_config
+        targets = lora.target_modules
+        adapter = {
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "use_rslora": lora.use_rslora,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        }
+        return {"model": model, "data": self._data_fingerprint(), "hellora": hellora, "adapter": adapter}
+
+    def _data_fingerprint(self) -> dict[str, Any] | None:
+        data = self.train_dataset
+        if data is None or not hasattr(data, "__len__"):
+            return None
+        rows = len(data)
+        digest = hashlib.sha256(str(rows).encode())
+        for i in sorted({round(j * (rows - 1) / 15) for j in range(16)}) if rows else []:
+            row = data[i]
+            digest.update(json.dumps(row.get("input_ids", row), default=str, sort_keys=True).encode())
+        return {"rows": rows, "sha256": digest.hexdigest()[:16]}
+
+    def _checkpoints(self) -> list[Path]:
+        """``checkpoint-N`` folders of output_dir, newest step first."""
+        out = Path(self.args.output_dir)
+        if not out.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def _checkpoint_run_differences(self, checkpoint: Path) -> list[str]:
+        try:
+            _, _, record = load_plan(checkpoint / PROFILE_FILE)
+        except (OSError, ValueError) as err:
+            return [f"unreadable {PROFILE_FILE} ({err})"]
+        return run_differences(record.get("run"), self.run_fingerprint())
+
+    def _last_checkpoint_of_this_run(self) -> str:
+        """``resume_from_checkpoint=True``: the newest complete checkpoint of *this* run. Torn checkpoints (a kill
+        mid-save) and other runs' checkpoints in a reused output_dir are skipped, each with the reason."""
+        skipped = []
+        for checkpoint in self._checkpoints():
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                differences = self._checkpoint_run_differences(checkpoint)
+                if differences:
+                    problem = "from another run (" + "; ".join(differences[:4]) + ")"
+            if problem is None:
+                for name, why in skipped:
+                    logger.warning("HELLoRA: not resuming from %s: %s.", name, why)
+                return str(checkpoint)
+            skipped.append((checkpoint.name, problem))
+        if not skipped:
+            raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
+        raise ValueError(
+            f"No checkpoint of this run in output_dir ({self.args.output_dir}) to resume from: {reasons}. Train "
+            "without resume_from_checkpoint (or in another output_dir), or pass the checkpoint path and the settings "
+            "it was trained with."
+        )
+
+    def _warn_about_other_runs(self) -> None:
+        """A fresh run in an output_dir that holds another run's checkpoints: say so, since checkpoint rotation
+        (save_total_limit) deletes them and ``resume_from_checkpoint=True`` will never pick them."""
+        if not self.args.should_save:
+            return
+        others = [c.name for c in self._checkpoints() if checkpoint_problem(c) is None and self._checkpoint_run_differences(c)]
+        if others:
+            rotation = (
+                f" save_total_limit={self.args.save_total_limit} will delete them as this run saves."
+                if self.args.save_total_limit
+                else ""
+            )
+            logger.warning(
+                "HELLoRA: output_dir %s holds checkpoints of another run (%s).%s Use a fresh output_dir to keep runs "
+                "apart.", self.args.output_dir, ", ".join(others[:5]), rotation,
+            )
+
+    def _mark_in_progress(self) -> None:
+        """Mark output_dir as holding an unfinished run until its final adapter is saved there (save_model)."""
+        if not self.args.should_save:
+            return
+        marker = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "note": "A HELLoRA training run is writing here; removed when its final adapter is saved. If the run "
+            "was interrupted, the adapter in this folder is from an earlier run and the profile/figures may not be.",
+            "run": self.run_fingerprint(),
+        }
+        atomic_write_text(Path(self.args.output_dir) / RUN_MARKER_FILE, json.dumps(marker, indent=1, default=str))
+
     def _hot_map(self, checkpoint: str | None) -> HotMap:
         """From a checkpoint (never re-profile on resume), a supplied profile, or a new profiling run."""
         args: HELLoRAConfig = self.args
@@ -213,6 +391,14 @@ class HELLoRATrainer(SFTTrainer):
             self.hellora_profile, hot, self.hellora_selection_record = load_plan(path)
             if hot is None:
                 raise ValueError(f"{path} holds no hot_experts map, so the checkpoint's adapter cannot be rebuilt.")
+            differences = run_differences(self.hellora_selection_record.get("run"), self.run_fingerprint())
+            if differences:
+                raise ValueError(
+                    f"{checkpoint} belongs to another run: " + "; ".join(differences) + ". Resume with the settings, "
+                    "model and data it was trained with, or train from scratch in a fresh output_dir."
+                )
+            if "run" not in self.hellora_selection_record:
+                logger.warning("HELLoRA: %s records no run fingerprint (older version); not checked.", checkpoint)
             self.hellora_profile.check_matches(self.model)
             validate_hot_map(hot, self.hellora_profile.layer_names, self.hellora_profile.num_experts)
             self.hellora_hot_experts = hot
@@ -230,6 +416,7 @@ class HELLoRATrainer(SFTTrainer):
         hot, self.hellora_selection_record = plan_hot_experts(
             self.hellora_profile, settings, stored, origin=str(args.hellora_profile_path)
         )
+        self.hellora_selection_record["run"] = self.run_fingerprint()
         self.hellora_hot_experts = hot
         self._write_profile_outputs()
         return hot
@@ -438,6 +625,9 @@ class HELLoRATrainer(SFTTrainer):
             if self.hellora_profile is not None:
                 save_plan(self.hellora_profile, self.hellora_hot_experts, self.hellora_selection_record, staging / PROFILE_FILE)
             publish_staged(staging, target)
+            marker = target / RUN_MARKER_FILE
+            if target.resolve() == Path(self.args.output_dir).resolve() and marker.exists():
+                marker.unlink()  # this run's adapter is now the folder's: the run's outputs are complete
         self.accelerator.wait_for_everyone()
 
     def _report_overhead(self, output) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -170,10 +171,7 @@ def test_resume_reuses_hot_map_and_never_reprofiles(tmp_path, tokenizer, dataset
         raise AssertionError("resume must not profile again")
 
     monkeypatch.setattr(HELLoRATrainer, "run_profiling", no_profiling)
-    # another hellora_seed would pick another warm-up slice: the checkpoint's hot map must win
-    resumed = make_trainer(
-        tmp_path, tokenizer, dataset, max_steps=4, save_strategy="steps", save_steps=2, hellora_seed=7
-    )
+    resumed = make_trainer(tmp_path, tokenizer, dataset, max_steps=4, save_strategy="steps", save_steps=2)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.hot_experts == first.hot_experts
     assert resumed.state.global_step == 4
@@ -357,6 +355,78 @@ def test_resume_from_a_checkpoint_without_hot_map_fails_clearly(tmp_path, tokeni
 
     checkpoint = tmp_path / "checkpoint-1"
     profile_experts(olmoe, [random_batch(olmoe)], progress=False).save(checkpoint / PROFILE_FILE)  # counts only
+    for name in ("trainer_state.json", "adapter_config.json"):  # otherwise complete
+        (checkpoint / name).write_text("{}")
     trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=1)
     with pytest.raises(ValueError, match="holds no hot_experts map"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ------------------------------------------------------------------------------------- output folders (#13 §2)
+def checkpointed(tmp_path, tokenizer, dataset, **overrides):
+    kwargs = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    kwargs.update(overrides)
+    return make_trainer(tmp_path, tokenizer, dataset, **kwargs)
+
+
+def test_resume_true_never_takes_another_runs_checkpoint(tmp_path, tokenizer, dataset):
+    """Review W2/5.9: `--resume_from_checkpoint true` in a reused output_dir took run A's checkpoint-4, trained 0
+    steps and published A's k=2 adapter over run B (k=3)."""
+    checkpointed(tmp_path, tokenizer, dataset, hellora_k=2).train()  # run A: checkpoint-2, checkpoint-4
+    run_b = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=6)
+    with pytest.raises(ValueError, match=r"No checkpoint of this run.*checkpoint-4: from another run \(hellora\.hellora_k: 2 \(checkpoint\) != 3"):
+        run_b.train(resume_from_checkpoint=True)
+    # an explicit path of another run (review 5.11: --hellora_k 4 silently trained k=2) is refused too
+    with pytest.raises(ValueError, match=r"belongs to another run: hellora\.hellora_k: 2 \(checkpoint\) != 3"):
+        checkpointed(tmp_path, tokenizer, dataset, hellora_k=3).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+
+def test_resume_true_picks_this_runs_newest_checkpoint_among_another_runs(tmp_path, tokenizer, dataset, caplog):
+    checkpointed(tmp_path, tokenizer, dataset, hellora_k=2, max_steps=6).train()  # run A: checkpoints 2, 4, 6
+    run_b = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=2, save_steps=1)
+    run_b.train()  # run B: checkpoints 1, 2 (its checkpoint-2 replaces A's)
+    resumed = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=3, save_steps=1)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3  # resumed at B's step 2, not A's step 6 (0 steps)
+    assert all(len(ids) == 3 for ids in resumed.hot_experts.values())
+    assert "not resuming from checkpoint-6: from another run (hellora.hellora_k: 2 (checkpoint) != 3" in caplog.text
+
+
+def test_torn_checkpoint_is_skipped_with_the_reason(tmp_path, tokenizer, dataset, caplog):
+    """Review W6/5.3-5.6: a kill mid-save left checkpoint-4 torn; resume said 'not written by HELLoRATrainer'
+    (or a raw Errno 2) instead of taking checkpoint-2."""
+    checkpointed(tmp_path, tokenizer, dataset).train()
+    torn = tmp_path / "run" / "checkpoint-4"
+    (torn / "trainer_state.json").unlink()  # the Trainer writes it last: killed before that
+    (torn / PROFILE_FILE).unlink()
+    with pytest.raises(ValueError, match="checkpoint-4: incomplete: no trainer_state.json"):
+        checkpointed(tmp_path, tokenizer, dataset).train(resume_from_checkpoint=str(torn))
+    resumed = checkpointed(tmp_path, tokenizer, dataset, max_steps=5)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 5  # from checkpoint-2
+    assert "checkpoint-4: incomplete: no trainer_state.json" in caplog.text
+    # review 5.13: a checkpoint path that does not exist says so
+    with pytest.raises(ValueError, match="nope/checkpoint-5 does not exist"):
+        checkpointed(tmp_path, tokenizer, dataset).train(resume_from_checkpoint=str(tmp_path / "nope" / "checkpoint-5"))
+
+
+def test_output_dir_is_marked_in_progress_until_the_final_adapter_is_saved(tmp_path, tokenizer, dataset):
+    """Review 5.8/8.3: an interrupted rerun left the previous adapter next to the new profile, unmarked."""
+    from hellora_trl import load_hellora
+    from hellora_trl.constants import RUN_MARKER_FILE
+
+    first = make_trainer(tmp_path, tokenizer, dataset, max_steps=1)
+    first.train()
+    marker = tmp_path / "run" / RUN_MARKER_FILE
+    assert json.loads(marker.read_text())["run"]["hellora"]["hellora_k"] == 2
+    first.save_model()
+    assert not marker.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_hellora(tiny_model("olmoe"), tmp_path / "run")  # no warning for a finished folder
+
+    rerun = make_trainer(tmp_path, tokenizer, dataset, max_steps=1, hellora_k=3)
+    rerun.train()  # "interrupted" before save_model: the folder now holds run 1's adapter and run 2's profile
+    assert marker.exists()
+    with pytest.warns(UserWarning, match="did not save its final adapter"):
+        load_hellora(tiny_model("olmoe"), tmp_path / "run")
