@@ -139,7 +139,11 @@ class HELLoRAConfig(SFTConfig):
         },
     )
     hellora_plots: bool = field(
-        default=True, metadata={"help": "Write the expert-activation heatmap and profile figures (needs matplotlib)."}
+        default=True,
+        metadata={
+            "help": "Write the expert-activation heatmap and profile figures (skipped with a warning when matplotlib, "
+            "the `plots` extra, is not installed)."
+        },
     )
 
     def __post_init__(self) -> None:

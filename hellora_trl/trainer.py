@@ -18,11 +18,11 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch.utils.data import DataLoader
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 from trl import SFTTrainer
@@ -109,11 +109,13 @@ class HELLoRAFiguresCallback(TrainerCallback):
     (TensorBoard, W&B); the PNG files themselves stay in ``output_dir``.
 
     Figures queued with :meth:`add` are sent at the next ``on_train_begin`` or ``on_log``, i.e. once the trackers
-    exist."""
+    exist. TensorBoard images go through the writer of transformers' ``TensorBoardCallback`` (``callbacks`` returns
+    the trainer's callbacks), so they land in the same run directory as the scalars."""
 
-    def __init__(self) -> None:
+    def __init__(self, callbacks: Callable[[], list] | None = None) -> None:
         self.pending: dict[str, Path] = {}
         self.sent: list[str] = []
+        self._callbacks = callbacks or (lambda: [])
 
     def add(self, figures: dict[str, Path]) -> None:
         self.pending.update(figures)
@@ -132,7 +134,7 @@ class HELLoRAFiguresCallback(TrainerCallback):
         if "wandb" in report_to:
             _send_wandb(figures)
         if "tensorboard" in report_to:
-            _send_tensorboard(figures, getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs"))
+            _send_tensorboard(figures, self._callbacks(), args, state.global_step)
         self.sent += list(figures)
 
 
@@ -145,16 +147,29 @@ def _send_wandb(figures: dict[str, Path]) -> None:
         wandb.log({name: wandb.Image(str(path)) for name, path in figures.items()})
 
 
-def _send_tensorboard(figures: dict[str, Path], log_dir: str) -> None:
+def _send_tensorboard(figures: dict[str, Path], callbacks: list, args, step: int) -> None:
     try:
         import numpy as np
         from PIL import Image
+    except ImportError:
+        return
+    images = {name: np.asarray(Image.open(path).convert("RGB")) for name, path in figures.items()}
+    board = next((cb for cb in callbacks if getattr(cb, "tb_writer", None) is not None), None)
+    if board is not None:  # transformers' TensorBoardCallback: its writer, its run directory
+        for name, image in images.items():
+            board.tb_writer.add_image(name, image, step, dataformats="HWC")
+        board.tb_writer.flush()
+        return
+    try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return
-    with SummaryWriter(log_dir=log_dir) as writer:
-        for name, path in figures.items():
-            writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+    # No live writer (the callback closed it at train end): the directory it uses, never a removed TrainingArguments
+    # field (transformers 5 dropped ``logging_dir``).
+    log_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs")
+    with SummaryWriter(log_dir=os.path.expanduser(log_dir)) as writer:
+        for name, image in images.items():
+            writer.add_image(name, image, step, dataformats="HWC")
 
 
 class HELLoRATrainer(SFTTrainer):
@@ -169,6 +184,13 @@ class HELLoRATrainer(SFTTrainer):
     def __init__(self, model, args: HELLoRAConfig | None = None, *pos, peft_config: PeftConfig | None = None, **kwargs):
         if args is None:
             args = HELLoRAConfig(output_dir="hellora-sft")
+        if isinstance(args, TrainingArguments) and not isinstance(args, HELLoRAConfig):
+            # As SFTTrainer does with a TrainingArguments: keep every value, add the hellora_* defaults.
+            values = args.to_dict()
+            # to_dict masks every *_token field (hub_token, and SFTConfig's eos_token/pad_token): the real values
+            values.update({name: getattr(args, name) for name in values if name.endswith("_token")})
+            logger.info("HELLoRA: converting %s to HELLoRAConfig (hellora_* fields at their defaults).", type(args).__name__)
+            args = HELLoRAConfig(**values)
         if not isinstance(args, HELLoRAConfig):
             raise TypeError(
                 f"HELLoRATrainer needs a HELLoRAConfig (an SFTConfig with hellora_* fields), got {type(args).__name__}."
@@ -198,7 +220,7 @@ class HELLoRATrainer(SFTTrainer):
         self.hellora_selection_record: dict[str, Any] = {}
         self.hellora_timings: dict[str, float] = {}
         super().__init__(model, args, *pos, peft_config=None, **kwargs)
-        self.hellora_figures = HELLoRAFiguresCallback()
+        self.hellora_figures = HELLoRAFiguresCallback(lambda: self.callback_handler.callbacks)
         self.add_callback(self.hellora_figures)
         if args.hellora_dynamic_rank:
             self.add_callback(self._dynamic_rank_callback(peft_config.r))
@@ -490,6 +512,8 @@ class HELLoRATrainer(SFTTrainer):
         phase.report_to = []
         phase.dataset_kwargs = {**(self.args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         phase.packing = False  # the data is already processed (and packed, if packing was on)
+        # The phase reuses the main run's collator (padding-free included), which TRL refuses next to padding_free.
+        phase.padding_free = False
         # DeepSpeed: accelerate allows one plugin per process; the phase's Accelerator reuses the main one.
         phase.deepspeed_plugin = None
         return phase
@@ -589,6 +613,24 @@ class HELLoRATrainer(SFTTrainer):
             return stage.args.output_dir
 
     # ------------------------------------------------------------------------------------------ outputs
+    def _plotting(self) -> bool:
+        """``hellora_plots`` and matplotlib importable. A plain install has no matplotlib (the ``plots`` extra):
+        the figures are then skipped with one warning instead of failing the run after profiling."""
+        if not self.args.hellora_plots:
+            return False
+        if getattr(self, "_matplotlib_missing", None) is None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                self._matplotlib_missing = True
+                logger.warning(
+                    "HELLoRA: matplotlib is not installed, so the heatmap and profile figures are skipped "
+                    "(pip install 'hellora-trl[plots]', or set hellora_plots=False to silence this)."
+                )
+            else:
+                self._matplotlib_missing = False
+        return not self._matplotlib_missing
+
     def _write_profile_outputs(self) -> None:
         if not self.args.should_save:
             return
@@ -596,7 +638,7 @@ class HELLoRATrainer(SFTTrainer):
         if self.args.hellora_profile_path and not Path(self.args.hellora_profile_path).is_file():
             targets.append(Path(self.args.hellora_profile_path))
         save_plan(self.hellora_profile, self.hellora_hot_experts, self.hellora_selection_record, *targets)
-        if self.args.hellora_plots:
+        if self._plotting():
             from .recipes.reporting import plot_concentration, plot_heatmap  # matplotlib: only when plotting
 
             k = self.args.hellora_k or self.hellora_profile.experts_per_token
@@ -639,7 +681,7 @@ class HELLoRATrainer(SFTTrainer):
             conc = self.hellora_profile.concentration(min(self.hellora_profile.experts_per_token, self.hellora_profile.num_experts))
             metrics["hellora/concentration_mean"] = sum(conc) / len(conc)
         output.metrics.update(metrics)
-        if self.args.hellora_plots and self.args.should_save and profiling > 0:
+        if self.args.should_save and profiling > 0 and self._plotting():
             from .recipes.reporting import plot_overhead  # matplotlib: only when plotting
 
             path = plot_overhead({"profiling": profiling, "training": training}, Path(self.args.output_dir) / OVERHEAD_FILE)

@@ -430,3 +430,73 @@ def test_output_dir_is_marked_in_progress_until_the_final_adapter_is_saved(tmp_p
     assert marker.exists()
     with pytest.warns(UserWarning, match="did not save its final adapter"):
         load_hellora(tiny_model("olmoe"), tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------ TRL parity (#13 §4)
+def test_warmup_sub_run_ignores_eval_on_start_padding_free_and_trackers(tmp_path, tokenizer, dataset):
+    """Ecosystem review: under the default lora_warmup profiling, `eval_on_start=True` failed with 'evaluation
+    requires an eval_dataset' and `padding_free=True` with 'Passing a custom data collator is not supported'."""
+    args = make_args(
+        tmp_path, max_steps=2, hellora_profile_mode="lora_warmup", eval_on_start=True, eval_strategy="steps",
+        eval_steps=1, padding_free=True, max_length=None, per_device_eval_batch_size=4,
+    )
+    trainer = HELLoRATrainer(
+        model=tiny_model("olmoe"), args=args, train_dataset=dataset, eval_dataset=dataset.select(range(4)),
+        processing_class=tokenizer, peft_config=default_lora_config(**LORA),
+    )
+    phase = trainer._phase_args("hellora_warmup")
+    assert not phase.eval_on_start and not phase.padding_free and phase.report_to == []
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.hellora_profile.source["mode"] == "lora_warmup"
+    assert any("eval_loss" in log for log in trainer.state.log_history)
+
+
+def test_report_to_tensorboard_gets_scalars_and_figures(tmp_path, tokenizer, dataset):
+    """Ecosystem review: `report_to="tensorboard"` (every recipe YAML) crashed after profiling with
+    `'HELLoRAConfig' object has no attribute 'logging_dir'`."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=2, report_to=["tensorboard"], hellora_plots=True)
+    trainer.train()
+    runs = [p.parent for p in (tmp_path / "run" / "runs").rglob("events.out.tfevents.*")]
+    assert len(set(runs)) == 1  # figures and scalars in the Trainer's one run directory
+    board = EventAccumulator(str(runs[0]), size_guidance={"images": 0}).Reload()
+    assert {"hellora/expert_heatmap", "hellora/concentration", "hellora/overhead"} <= set(board.Tags()["images"])
+    assert "train/hellora/profile_seconds" in board.Tags()["scalars"]
+    assert set(trainer.hellora_figures.sent) >= {"hellora/expert_heatmap", "hellora/overhead"}
+
+
+def test_default_plots_without_matplotlib_warn_instead_of_failing(tmp_path, tokenizer, dataset, monkeypatch, caplog):
+    """Ecosystem review: a plain install (no `plots` extra) raised ImportError right after profiling, since
+    hellora_plots defaults to True."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=1, hellora_plots=True)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert "matplotlib is not installed" in caplog.text
+    assert (tmp_path / "run" / PROFILE_FILE).is_file() and not list((tmp_path / "run").glob("*.png"))
+
+
+def test_an_sft_config_is_converted_like_sft_trainer_converts_training_arguments(tmp_path, tokenizer, dataset):
+    """Ecosystem review: keeping an SFTConfig and swapping only the trainer class gave a TypeError."""
+    from trl import SFTConfig
+
+    sft_args = SFTConfig(
+        output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, learning_rate=5e-3,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=False, max_length=96, seed=3, disable_tqdm=True,
+    )
+    trainer = HELLoRATrainer(
+        model=tiny_model("olmoe"), args=sft_args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=default_lora_config(**LORA),
+    )
+    assert isinstance(trainer.args, HELLoRAConfig)
+    assert (trainer.args.learning_rate, trainer.args.max_length, trainer.args.seed) == (5e-3, 96, 3)
+    assert trainer.args.hellora_selection == "layer" and trainer.args.hellora_k is None
+    with pytest.raises(TypeError, match="needs a HELLoRAConfig"):
+        HELLoRATrainer(model=tiny_model("olmoe"), args={"output_dir": "x"}, train_dataset=dataset)
