@@ -165,3 +165,24 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert path.read_text() == "{}" and not list(tmp_path.glob(".p.json.*"))
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_lora_warmup_never_counts_padding_when_peft_bypasses_the_model_hooks(monkeypatch, task_type):
+    """Ecosystem review (Axolotl 0.19 env, PEFT 0.20): the warm-up counted padding (140 vs 102 tokens) because
+    PEFT's LoraModel called the transformers model's ``.forward`` directly, so the pre-hook that read the attention
+    mask never ran. Reproduced here by making the tuner call ``.forward`` as PEFT 0.20 did."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from hellora_trl import default_lora_config
+    from hellora_trl.integrations.warmup import lora_warmup_profile
+
+    monkeypatch.setattr(BaseTuner, "forward", lambda self, *args, **kwargs: self.model.forward(*args, **kwargs))
+    model = tiny_model("olmoe")
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 500, (n,), generator=generator).tolist()} for n in (5, 17, 9, 30)]
+    config = default_lora_config(r=2, lora_alpha=4, task_type=task_type)
+    profile = lora_warmup_profile(model, rows, config, epochs=1, batch_size=2, seed=0)
+    real = sum(len(r["input_ids"]) for r in rows)
+    assert profile.tokens_seen == real
+    assert (profile.counts.sum(dim=1) == real * model.config.num_experts_per_tok).all()
