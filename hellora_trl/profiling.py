@@ -216,6 +216,12 @@ class RoutingCounter:
         if tokens == 0:
             # No attention mask seen: each token makes top_k assignments in every layer.
             tokens = int(counts[0].sum()) // max(self.top_k, 1)
+        elif int(counts.sum()) == 0:
+            raise RuntimeError(
+                f"Profiling saw {tokens} tokens but recorded no routing in any MoE layer: this model's experts "
+                f"({type(self.layers[0].experts).__name__}) are not fed the routing the way family "
+                f"{self.family.name!r} expects. Register the family (hellora_trl.registry.register_family) or report it."
+            )
         base_config = getattr(self.layers[0].block, "config", None)
         return ExpertProfile(
             counts=counts,

@@ -227,7 +227,19 @@ class HELLoRATrainer(SFTTrainer):
         # Fail before any work when the model is not a MoE model the registry knows.
         self._moe_layers = find_moe_layers(self.model)
         expose_num_experts(self.model)  # TRL's router aux loss reads config.num_experts (GraniteMoE, PhiMoE lack it)
+        self._check_k_fits(self._moe_layers[0].num_experts)
         self._check_fsdp_sub_runs()
+
+    def _check_k_fits(self, num_experts: int) -> None:
+        """hellora_k / hellora_min_k / hellora_max_k against the model's experts, before any profiling work."""
+        args: HELLoRAConfig = self.args
+        for name in ("hellora_k", "hellora_min_k", "hellora_max_k"):
+            value = getattr(args, name)
+            if value is not None and value > num_experts:
+                raise ValueError(
+                    f"{name}={value} exceeds the {num_experts} experts per MoE layer of this model; use at most "
+                    f"{num_experts}."
+                )
 
     def _dynamic_rank_callback(self, r: int):
         from .experimental.dynamic_rank import DynamicRankCallback  # experimental: loaded only when asked for
@@ -464,6 +476,12 @@ class HELLoRATrainer(SFTTrainer):
             raise ValueError(
                 "HELLoRA samples its warm-up slice from a map-style Dataset; for an IterableDataset pass "
                 "hellora_profile_path with a profile taken beforehand (hellora profile ...)."
+            )
+        if len(self.train_dataset) == 0:
+            raise ValueError(
+                "The training set is empty after TRL's preparation: every row was dropped (rows whose completion is "
+                f"cut off entirely by max_length={args.max_length} have no trainable token). Raise max_length or "
+                "check the data."
             )
         warmup = warmup_slice(self.train_dataset, args.hellora_warmup_fraction, self._seed)
         source = {

@@ -78,3 +78,54 @@ def test_validate_hot_map_errors():
         validate_hot_map({"a.experts": [0, 9], "b.experts": [1]}, names, 4)
     with pytest.raises(ValueError, match="no hot experts"):
         validate_hot_map({"a.experts": [], "b.experts": [1]}, names, 4)
+
+
+# ----------------------------------------------------------------------------------- clear errors (#13, review W7)
+def _profile(counts, tokens=10):
+    from hellora_trl import ExpertProfile
+
+    counts = torch.as_tensor(counts)
+    return ExpertProfile(counts, [f"l{i}.experts" for i in range(len(counts))], counts.shape[1], 2, tokens_seen=tokens)
+
+
+def test_k_of_any_integer_type_is_accepted_and_bools_floats_strings_are_not():
+    """Review 2.21/2.26: k=True meant k=1; np.int64(2) was 'not an integer'."""
+    import numpy as np
+
+    from hellora_trl import select_hot_experts
+
+    profile = _profile([[5, 3, 1, 0], [0, 1, 7, 2]])
+    expected = select_hot_experts(profile, k=2)
+    assert select_hot_experts(profile, k=np.int64(2)) == expected == select_hot_experts(profile, k=torch.tensor(2))
+    for bad in (True, 2.0, 2.5, "2", float("inf")):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            select_hot_experts(profile, k=bad)
+
+
+def test_an_all_zero_profile_is_refused_for_count_based_selection():
+    """Review 3.15/3.28/W5: an all-zero profile (Llama4) selected experts 0..k-1 everywhere, silently."""
+    from hellora_trl import select_hot_experts
+
+    zero = _profile([[0, 0, 0, 0], [0, 0, 0, 0]], tokens=956)
+    for strategy in ("layer", "model", "cold", "mass"):
+        with pytest.raises(ValueError, match="no routing counts"):
+            select_hot_experts(zero, k=None if strategy == "mass" else 2, strategy=strategy)
+    assert all(len(v) == 2 for v in select_hot_experts(zero, k=2, strategy="random").values())
+
+
+def test_mass_selection_says_that_k_is_ignored(caplog):
+    """Review 2.11: `--strategy mass --k 3` ignored k without a word."""
+    from hellora_trl import select_hot_experts
+
+    select_hot_experts(_profile([[5, 3, 1, 0], [0, 1, 7, 2]]), k=3, strategy="mass")
+    assert "k=3 is ignored" in caplog.text
+
+
+@pytest.mark.parametrize("ids", [[1.7, 2], ["a", 1], [True, 2]])
+def test_hot_ids_must_be_whole_numbers(ids):
+    """Review 3.26/3.27: ids [1.7, 2] trained experts [1, 2] while the record kept 1.7; "a" gave a bare
+    'invalid literal for int()'."""
+    from hellora_trl.selection import validate_hot_map
+
+    with pytest.raises(ValueError, match=r"Layer 'l0\.experts'.*as whole numbers"):
+        validate_hot_map({"l0.experts": ids}, ["l0.experts"], 4)

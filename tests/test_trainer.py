@@ -500,3 +500,35 @@ def test_an_sft_config_is_converted_like_sft_trainer_converts_training_arguments
     assert trainer.args.hellora_selection == "layer" and trainer.args.hellora_k is None
     with pytest.raises(TypeError, match="needs a HELLoRAConfig"):
         HELLoRATrainer(model=tiny_model("olmoe"), args={"output_dir": "x"}, train_dataset=dataset)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"hellora_k": True}, "hellora_k must be a whole number"),
+        ({"hellora_k": 2.5}, "hellora_k must be a whole number"),
+        ({"hellora_k": "3"}, "hellora_k must be a whole number"),
+        ({"hellora_k": float("inf")}, "hellora_k must be a whole number"),
+        ({"hellora_min_k": 0}, "hellora_min_k must be a whole number >= 1"),
+        ({"hellora_min_k": 5, "hellora_max_k": 3}, "hellora_max_k must be a whole number >= hellora_min_k"),
+    ],
+)
+def test_bad_k_settings_fail_in_the_config(tmp_path, overrides, match):
+    """Review 2.20-2.24: float/inf/bool/str k and min_k > max_k passed HELLoRAConfig and failed after profiling."""
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("overrides", [{"hellora_k": 100}, {"hellora_selection": "mass", "hellora_max_k": 9}])
+def test_k_larger_than_the_experts_fails_before_profiling(tmp_path, tokenizer, dataset, overrides):
+    """Review 2.14/2.18: hellora_k=100 on 8 experts failed only after the whole LoRA warm-up sub-run."""
+    with pytest.raises(ValueError, match=r"exceeds the 8 experts per MoE layer"):
+        make_trainer(tmp_path, tokenizer, dataset, hellora_profile_mode="lora_warmup", **overrides)
+
+
+def test_an_empty_prepared_training_set_says_why(tmp_path, tokenizer, dataset):
+    """Review 4.14: rows all cut off by max_length gave 'sample_fraction got an empty dataset'."""
+    trainer = make_trainer(tmp_path, tokenizer, dataset)
+    trainer.train_dataset = trainer.train_dataset.select([])
+    with pytest.raises(ValueError, match="training set is empty after TRL's preparation"):
+        trainer.train()
