@@ -385,6 +385,8 @@ def test_resume_true_picks_this_runs_newest_checkpoint_among_another_runs(tmp_pa
     checkpointed(tmp_path, tokenizer, dataset, hellora_k=2, max_steps=6).train()  # run A: checkpoints 2, 4, 6
     run_b = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=2, save_steps=1)
     run_b.train()  # run B: checkpoints 1, 2 (its checkpoint-2 replaces A's)
+    # review 5.10: a fresh run beside another run's checkpoints is told (rotation would delete them)
+    assert "holds checkpoints of another run (checkpoint-6, checkpoint-4, checkpoint-2)" in caplog.text
     resumed = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=3, save_steps=1)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3  # resumed at B's step 2, not A's step 6 (0 steps)
