@@ -66,6 +66,13 @@ def counted(step: Callable[[], Any], model) -> Callable[[], Any]:
     return run
 
 
+def _counted(counter):
+    """The counter's profile with one count per expert: these timings run no forward, and selection refuses an
+    all-zero profile (it has nothing to rank); its cost does not depend on the values."""
+    counter.counts += 1
+    return counter.to_profile()
+
+
 def fixed_costs(routed, preset: Preset, batch, k: int, repeats: int) -> dict[str, float]:
     """Median seconds of the once-per-run work of each mode (selection included in both)."""
     from hellora_trl import RoutingCounter, find_moe_layers, select_hot_experts
@@ -77,14 +84,14 @@ def fixed_costs(routed, preset: Preset, batch, k: int, repeats: int) -> dict[str
         counter = RoutingCounter(routed)
         with counter:
             pass
-        select_hot_experts(counter.to_profile(), k=k)
+        select_hot_experts(_counted(counter), k=k)
         forward.append(time.perf_counter() - start)
         start = time.perf_counter()
         model = attach("hellora", shared_copy(routed), preset, every)
         counter = RoutingCounter(model)
         make_optimizer(model, preset.device)
         model.unload()
-        select_hot_experts(counter.to_profile(), k=k)
+        select_hot_experts(_counted(counter), k=k)
         warmup.append(time.perf_counter() - start)
     return {"forward": median(forward), "warmup": median(warmup)}
 

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -22,7 +23,7 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
 from .adapter_state import install_saver, restore_extras
-from .constants import COMPONENTS, DEFAULT_DENSITY, HOT_KEY, PEFT_PREFIX
+from .constants import COMPONENTS, DEFAULT_DENSITY, HOT_KEY, PEFT_PREFIX, RUN_MARKER_FILE
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
 from .profile import HotMap
 from .registry import MoEFamily, MoELayer, family_for, find_moe_layers
@@ -302,6 +303,13 @@ def load_hellora(
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"No adapter_config.json in {path}: not a saved PEFT/HELLoRA adapter directory.")
+    if (path / RUN_MARKER_FILE).is_file():
+        warnings.warn(
+            f"{path} holds {RUN_MARKER_FILE}: a training run started writing there and did not save its final "
+            "adapter (interrupted?). The adapter loaded now is from an earlier run, and the folder's "
+            "hellora_profile.json and figures may belong to the unfinished one.",
+            stacklevel=2,
+        )
     config = LoraConfig.from_pretrained(str(path))
     weights = load_peft_weights(str(path), device="cpu")
     family = family_for(model)

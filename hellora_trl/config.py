@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -139,7 +140,11 @@ class HELLoRAConfig(SFTConfig):
         },
     )
     hellora_plots: bool = field(
-        default=True, metadata={"help": "Write the expert-activation heatmap and profile figures (needs matplotlib)."}
+        default=True,
+        metadata={
+            "help": "Write the expert-activation heatmap and profile figures (skipped with a warning when matplotlib, "
+            "the `plots` extra, is not installed)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -158,6 +163,10 @@ def hellora_defaults() -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(HELLoRAConfig) if f.name.startswith("hellora_")}
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def validate_hellora_fields(args) -> None:
     """The checks of the ``hellora_*`` knobs, for any object that has them (``HELLoRAConfig``, the Axolotl args)."""
     checks = [
@@ -166,7 +175,10 @@ def validate_hellora_fields(args) -> None:
         (args.hellora_components in COMPONENTS, f"hellora_components must be one of {COMPONENTS}"),
         (0.0 < args.hellora_warmup_fraction <= 1.0, "hellora_warmup_fraction must be in (0, 1]"),
         (args.hellora_warmup_epochs > 0, "hellora_warmup_epochs must be > 0"),
-        (args.hellora_k is None or args.hellora_k >= 1, "hellora_k must be >= 1 (or None for the default)"),
+        (
+            args.hellora_k is None or (_whole(args.hellora_k) and args.hellora_k >= 1),
+            f"hellora_k must be a whole number >= 1 (or None for the default), got {args.hellora_k!r}",
+        ),
         (0.0 < args.hellora_mass <= 1.0, "hellora_mass must be in (0, 1]"),
         (args.hellora_variant in VARIANTS, f"hellora_variant must be one of {VARIANTS}"),
         (args.hellora_lori_scope in SCOPES, f"hellora_lori_scope must be one of {SCOPES}"),
@@ -178,8 +190,12 @@ def validate_hellora_fields(args) -> None:
         (args.hellora_dr_routing in DR_ROUTING, f"hellora_dr_routing must be one of {DR_ROUTING}"),
         (args.hellora_dr_interval >= 1 and args.hellora_dr_grow_step >= 1, "hellora_dr_interval/grow_step >= 1"),
         (0.0 < args.hellora_dr_grow_until <= 1.0, "hellora_dr_grow_until must be in (0, 1]"),
-        (args.hellora_min_k >= 1, "hellora_min_k must be >= 1"),
-        (args.hellora_max_k is None or args.hellora_max_k >= args.hellora_min_k, "hellora_max_k must be >= hellora_min_k"),
+        (_whole(args.hellora_min_k) and args.hellora_min_k >= 1, f"hellora_min_k must be a whole number >= 1, got {args.hellora_min_k!r}"),
+        (
+            args.hellora_max_k is None
+            or (_whole(args.hellora_max_k) and _whole(args.hellora_min_k) and args.hellora_max_k >= args.hellora_min_k),
+            f"hellora_max_k must be a whole number >= hellora_min_k, got {args.hellora_max_k!r}",
+        ),
         (
             args.hellora_profile_batch_size is None or args.hellora_profile_batch_size >= 1,
             "hellora_profile_batch_size must be >= 1",

@@ -41,6 +41,9 @@ VARIANT_FILE = "hellora_variant.json"
 MASKS_FILE = "hellora_masks.safetensors"
 RANKS_FILE = "hellora_dynamic_rank.json"
 SUMMARY_FILE = "hellora_summary.json"
+# Written into output_dir when a training run starts and removed when its final adapter is saved there: while it
+# exists, the folder's adapter, profile and figures may come from different runs (an interrupted rerun).
+RUN_MARKER_FILE = "hellora_run_in_progress.json"
 
 # Generated held-out problems use the run's seed plus this offset, so they never repeat the training problems.
 HELD_OUT_SEED_OFFSET = 10_000

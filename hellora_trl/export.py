@@ -37,7 +37,7 @@ from .adapter import hot_map_from_model, load_hellora
 from .constants import PEFT_PREFIX
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer, expert_factor_shapes
 from .registry import family_for, find_moe_layers
-from .utils import atomic_dir, load_causal_lm
+from .utils import atomic_dir, check_output_apart, load_causal_lm
 
 __all__ = [
     "ExportError",
@@ -64,8 +64,12 @@ def _load_base(base_model: ModelOrPath) -> nn.Module:
     return load_causal_lm(base_model)
 
 
-def _adapted_model(base_model: ModelOrPath, adapter_dir: str | os.PathLike | None, adapter_name: str) -> PeftModel:
-    """The HELLoRA PeftModel to export: given directly, or rebuilt from ``adapter_dir`` on the base model."""
+def _adapted_model(
+    base_model: ModelOrPath, adapter_dir: str | os.PathLike | None, adapter_name: str, out_dir: str | os.PathLike
+) -> PeftModel:
+    """The HELLoRA PeftModel to export: given directly, or rebuilt from ``adapter_dir`` on the base model.
+
+    ``out_dir`` is checked against the inputs before anything is loaded: it may not be, hold or lie inside them."""
     if not isinstance(base_model, (nn.Module, str, os.PathLike)):
         raise TypeError(f"base_model must be a model, a path or a hub id, got {type(base_model).__name__}.")
     if isinstance(base_model, PeftModel):
@@ -79,6 +83,7 @@ def _adapted_model(base_model: ModelOrPath, adapter_dir: str | os.PathLike | Non
         return base_model
     if adapter_dir is None:
         raise ValueError("adapter_dir is required unless base_model is an adapted PeftModel.")
+    check_output_apart(out_dir, (adapter_dir, base_model))
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"No adapter_config.json in {adapter_dir}: not a saved HELLoRA adapter directory.")
     return load_hellora(_load_base(base_model), adapter_dir, adapter_name=adapter_name)
@@ -101,13 +106,13 @@ def merge_adapter(
     base architecture. A model instance passed in is merged in place (as PEFT's ``merge_and_unload`` does).
     The merge runs in the base weights' dtype: a bf16 base loses the low bits of small updates, as any merge does.
     """
-    peft_model = _adapted_model(base_model, adapter_dir, adapter_name)
+    peft_model = _adapted_model(base_model, adapter_dir, adapter_name, out_dir)
     _check_mergeable(peft_model)
     merged = peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=[adapter_name])
     leftovers = [n for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
     if leftovers:
         raise ExportError(f"merge_and_unload left adapter layers behind: {leftovers[:3]}.")
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs=(adapter_dir, base_model)) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         _copy_tokenizer(base_model, tmp)
     return Path(out_dir)
@@ -403,7 +408,7 @@ def export_peft_target_parameters(
     become one rank-2r pair on ``gate_up_proj`` (exact: block-diagonal B). The hot map is kept in the
     safetensors metadata (``hellora_hot_experts``) for reference.
     """
-    peft_model = _adapted_model(base_model, adapter_dir, adapter_name)
+    peft_model = _adapted_model(base_model, adapter_dir, adapter_name, out_dir)
     source = peft_model.peft_config[adapter_name]
     if not isinstance(source, LoraConfig):
         raise ExportError(f"Adapter {adapter_name!r} is {type(source).__name__}, not LoRA.")
@@ -413,7 +418,7 @@ def export_peft_target_parameters(
     metadata = {"format": "pt", "hellora_hot_experts": json.dumps(hot_map_from_model(peft_model, adapter_name))}
     from safetensors.torch import save_file
 
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs=(adapter_dir, base_model)) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
     return Path(out_dir)

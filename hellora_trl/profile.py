@@ -7,6 +7,7 @@ both can depend on it and tools that only read profiles (reports, ``hellora sele
 from __future__ import annotations
 
 import json
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,17 @@ PROFILE_FORMAT_VERSION = 1
 HotMap = dict[str, list[int]]  # experts module name -> sorted hot expert ids
 
 
-def check_k(k: int, num_experts: int) -> None:
-    """A hot-set size must be an integer in [1, num_experts]."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > num_experts:
+def check_k(k: Any, num_experts: int) -> int:
+    """A hot-set size must be an integer in [1, num_experts]; returns it as an ``int``.
+
+    Any integer type counts (``numpy.int64``, a 0-d integer tensor); ``bool``, floats and strings do not."""
+    try:
+        value = None if isinstance(k, bool) else operator.index(k)
+    except TypeError:
+        value = None
+    if value is None or value < 1 or value > num_experts:
         raise ValueError(f"k must be an integer in [1, {num_experts}] (the number of experts), got {k!r}.")
+    return value
 
 
 def rank_experts(counts: torch.Tensor, descending: bool = True) -> torch.Tensor:
@@ -166,9 +174,18 @@ class ExpertProfile:
     def from_dict(cls, data: Mapping[str, Any]) -> "ExpertProfile":
         if not isinstance(data, Mapping) or data.get("format") != "hellora_trl.ExpertProfile":
             raise ValueError("Not a hellora_trl expert profile (missing format marker).")
+        version = data.get("version", PROFILE_FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= PROFILE_FORMAT_VERSION:
+            raise ValueError(
+                f"Unsupported profile format version {version!r}: this hellora_trl reads version "
+                f"{PROFILE_FORMAT_VERSION} (a newer release wrote it?)."
+            )
         try:
+            counts = torch.tensor(data["counts"])
+            if counts.dtype.is_floating_point or counts.dtype == torch.bool or counts.dtype.is_complex:
+                raise ValueError(f"counts must be whole numbers (got {counts.dtype} values, e.g. NaN or 1.5)")
             return cls(
-                counts=torch.tensor(data["counts"], dtype=torch.int64),
+                counts=counts.to(torch.int64),
                 layer_names=list(data["layer_names"]),
                 num_experts=int(data["num_experts"]),
                 experts_per_token=int(data["experts_per_token"]),
@@ -177,7 +194,7 @@ class ExpertProfile:
                 source=dict(data.get("source", {})),
                 has_shared_experts=bool(data.get("has_shared_experts", False)),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
             raise ValueError(f"Invalid expert profile: {err}") from err
 
     @classmethod
@@ -188,10 +205,17 @@ class ExpertProfile:
     def load_with_extra(cls, path: str | os.PathLike) -> tuple["ExpertProfile", dict[str, Any]]:
         """The profile and the whole JSON record, so fields saved with it (``hot_experts``...) need no second read."""
         path = Path(path)
+        if path.is_dir():  # FileNotFoundError: the file asked for is not there (callers report both alike)
+            raise FileNotFoundError(
+                f"Expert profile {path} is a directory, not a file; pass the profile JSON in it "
+                f"(e.g. {path / 'hellora_profile.json'})."
+            )
         if not path.is_file():
             raise FileNotFoundError(f"Expert profile not found: {path}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"Expert profile {path} is not UTF-8 JSON text ({err}). Re-run profiling.") from err
         except json.JSONDecodeError as err:
             raise ValueError(f"Expert profile {path} is not valid JSON ({err}). Re-run profiling.") from err
         try:

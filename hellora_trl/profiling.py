@@ -66,6 +66,7 @@ class RoutingCounter:
 
     def __init__(self, model: nn.Module, family: MoEFamily | None = None, *, per_row: bool = False) -> None:
         base = unwrap_model(model)
+        self.outer = model
         self.model = base
         self.family = family or family_for(base)
         self.layers: list[MoELayer] = find_moe_layers(base, self.family)
@@ -79,29 +80,67 @@ class RoutingCounter:
         self.per_row = per_row
         self.row_batches: list[torch.Tensor] = []
         self._seq_len = 0
+        self._depth = 0
+        self._shape: tuple[int, ...] | None = None
         self._handles: list[Any] = []
         self.enabled = True
         self.stop_early = False
         self._recorded = 0  # layers counted in the current forward
 
     def _model_hook(self, module, args, kwargs) -> None:
-        """Remember which tokens are real (not padding) for the MoE hooks of this forward."""
+        """Remember which tokens are real (not padding) for the MoE hooks of this forward.
+
+        Hooked on every level of the model (wrappers, the transformers model, its decoder): a wrapper may call the
+        next level's ``.forward`` directly, which skips that level's hooks (PEFT 0.20's ``LoraModel`` does), so the
+        batch is read at the outermost level that runs hooks and at each one below until a mask is found. Tokens
+        are counted once per forward, when the outermost hooked level returns."""
         if not self.enabled or _in_backward():
             return
-        self._recorded = 0
+        self._depth += 1
+        if self._depth == 1:  # a new forward: nothing recorded or read yet
+            self.token_mask, self._shape, self._recorded = None, None, 0
         mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]  # model(input_ids, attention_mask) called positionally
         ids = kwargs.get("input_ids", args[0] if args else None)
         shaped = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if self.token_mask is None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
             self.token_mask = mask.reshape(-1).bool()
-            self.tokens_seen += int(self.token_mask.sum())
-        else:
-            self.token_mask = None
-            if isinstance(shaped, torch.Tensor):
-                self.tokens_seen += int(shaped.shape[0] * shaped.shape[1]) if shaped.dim() >= 2 else shaped.numel()
-        if self.per_row and isinstance(shaped, torch.Tensor) and shaped.dim() >= 2:
-            batch, self._seq_len = int(shaped.shape[0]), int(shaped.shape[1])
-            self.row_batches.append(torch.zeros(batch, len(self.layers), self.num_experts, dtype=torch.int32))
+        if self._shape is None and isinstance(shaped, torch.Tensor):
+            self._shape = tuple(shaped.shape[:2]) if shaped.dim() >= 2 else (shaped.numel(),)
+            if self.per_row and shaped.dim() >= 2:
+                batch, self._seq_len = int(shaped.shape[0]), int(shaped.shape[1])
+                self.row_batches.append(torch.zeros(batch, len(self.layers), self.num_experts, dtype=torch.int32))
+
+    def _model_done(self, module, args, kwargs, output) -> None:
+        if not self.enabled or _in_backward() or self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            if self.token_mask is not None:
+                self.tokens_seen += int(self.token_mask.sum())
+            elif self._shape is not None:
+                self.tokens_seen += math.prod(self._shape)
+
+    def _mask_levels(self, model: nn.Module) -> list[nn.Module]:
+        """The model as given, each wrapper level below it, the transformers model and its decoder."""
+        levels, current = [], model
+        while isinstance(current, nn.Module) and current not in levels:
+            levels.append(current)
+            if hasattr(current, "module") and isinstance(current.module, nn.Module):
+                current = current.module
+            elif hasattr(current, "get_base_model"):
+                current = current.get_base_model()
+            elif isinstance(getattr(current, "model", None), nn.Module) and hasattr(current, "peft_config"):
+                current = current.model  # PEFT's LoraModel (tuner) around the transformers model
+            else:
+                break
+        base = self.model
+        decoder = getattr(base, getattr(base, "base_model_prefix", "") or "model", None)
+        for level in (base, decoder):
+            if isinstance(level, nn.Module) and level not in levels:
+                levels.append(level)
+        return levels
 
     def _record(self, layer_idx: int, index: torch.Tensor) -> None:
         if not self.enabled or _in_backward():
@@ -141,7 +180,10 @@ class RoutingCounter:
         return torch.cat(self.row_batches)
 
     def attach(self) -> "RoutingCounter":
-        self._handles.append(self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True))
+        self._depth = 0
+        for level in self._mask_levels(self.outer):
+            self._handles.append(level.register_forward_pre_hook(self._model_hook, with_kwargs=True))
+            self._handles.append(level.register_forward_hook(self._model_done, with_kwargs=True, always_call=True))
         for i, layer in enumerate(self.layers):
             if self.family.layout == "fused":
                 handle = layer.experts.register_forward_pre_hook(self._experts_hook(i), with_kwargs=True)
@@ -187,6 +229,12 @@ class RoutingCounter:
         if tokens == 0:
             # No attention mask seen: each token makes top_k assignments in every layer.
             tokens = int(counts[0].sum()) // max(self.top_k, 1)
+        elif int(counts.sum()) == 0:
+            raise RuntimeError(
+                f"Profiling saw {tokens} tokens but recorded no routing in any MoE layer: this model's experts "
+                f"({type(self.layers[0].experts).__name__}) are not fed the routing the way family "
+                f"{self.family.name!r} expects. Register the family (hellora_trl.registry.register_family) or report it."
+            )
         base_config = getattr(self.layers[0].block, "config", None)
         return ExpertProfile(
             counts=counts,

@@ -6,6 +6,7 @@ means adding one :class:`MoEFamily` entry, never an ``if model_type == ...`` els
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -68,6 +69,10 @@ register_family(MoEFamily("qwen3_moe", ("qwen3_moe", "qwen3_next", "qwen3_vl_moe
 register_family(MoEFamily("deepseek_v2", ("deepseek_v2",), shared_expert_attrs=("shared_experts",)))
 register_family(MoEFamily("deepseek_v3", ("deepseek_v3", "glm4_moe", "kimi_k2"), shared_expert_attrs=("shared_experts",)))
 register_family(MoEFamily("gpt_oss", ("gpt_oss",), router_attr="router", eager_accepts_sentinel=False))
+# IBM Granite MoE (`block_sparse_moe.router` + fused experts) and Phi-3.5-MoE (`mlp.router`, sparsemixer routing):
+# the fused layout with the experts fed (hidden, top_k_index, top_k_weights), like OLMoE.
+register_family(MoEFamily("granitemoe", ("granitemoe",), router_attr="router"))
+register_family(MoEFamily("phimoe", ("phimoe",), router_attr="router"))
 # Older Mixtral-style remote code: `block_sparse_moe.gate` is an nn.Linear, experts are per-expert w1/w2/w3.
 register_family(
     MoEFamily(
@@ -84,27 +89,63 @@ register_family(
 )
 
 
+def supported_model_types() -> list[str]:
+    """Every ``config.model_type`` a registered family claims."""
+    return sorted({t for family in FAMILIES.values() for t in family.model_types})
+
+
 def family_for(model: nn.Module) -> MoEFamily:
-    """Pick the family entry for a model by ``config.model_type``; fall back to structural detection."""
+    """Pick the family entry for a model by ``config.model_type``; fall back to structural detection.
+
+    An unregistered model is accepted only when its MoE blocks have the fused layout HELLoRA's expert layer
+    adapts (3-D expert stacks fed ``(hidden, top_k_index, top_k_weights)``); anything else is refused here, before
+    any work, with the supported model types.
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    # Unknown model type: a fused experts module is self-describing, so accept it generically.
-    for _, block in _iter_candidate_blocks(model, FAMILIES["olmoe"]):
-        return MoEFamily(f"generic:{model_type}", (model_type,), router_attr=_router_attr_of(block))
-    for _, block in _iter_candidate_blocks(model, FAMILIES["gpt_oss"]):
-        return MoEFamily(f"generic:{model_type}", (model_type,), router_attr="router")
+    # Unknown model type: a fused experts module fed the routing is self-describing, so accept it generically.
+    for router_attr in ("gate", "router"):
+        for name, block in _iter_candidate_blocks(model, MoEFamily("probe", (), router_attr=router_attr)):
+            experts = getattr(block, "experts")
+            if not takes_routing(experts):
+                raise ValueError(
+                    f"{type(model).__name__} (model_type={model_type!r}) is not supported: its experts module "
+                    f"{name}.experts ({type(unwrap_layer(experts)).__name__}) runs every expert on pre-routed inputs "
+                    "instead of receiving (hidden_states, top_k_index, top_k_weights), so routing cannot be counted "
+                    f"nor hot experts adapted. Supported model types: {supported_model_types()}."
+                )
+            return MoEFamily(f"generic:{model_type}", (model_type,), router_attr=router_attr)
     raise ValueError(
         f"No MoE layers found in {type(model).__name__} (model_type={model_type!r}). HELLoRA needs a "
         "Mixture-of-Experts model whose MoE blocks have an `experts` module and a `gate`/`router`; "
-        f"known families: {sorted(FAMILIES)}. Register a new one with hellora_trl.registry.register_family()."
+        f"supported model types: {supported_model_types()}. Register a new family with "
+        "hellora_trl.registry.register_family()."
     )
 
 
-def _router_attr_of(block: nn.Module) -> str:
-    return "router" if hasattr(block, "router") else "gate"
+def takes_routing(experts: nn.Module) -> bool:
+    """Whether a fused experts module's forward receives the routing (``hidden, top_k_index, top_k_weights``)."""
+    try:
+        params = inspect.signature(unwrap_layer(experts).forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def expose_num_experts(model: nn.Module) -> None:
+    """Give configs that name their expert count only ``num_local_experts`` (GraniteMoE, PhiMoE) a ``num_experts``
+    too: TRL's fused loss reads ``config.num_experts`` for the router auxiliary loss and fails without it."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None or not hasattr(cfg, "output_router_logits") or getattr(cfg, "num_experts", None) is not None:
+            continue
+        count = getattr(cfg, "num_local_experts", None)
+        if count is not None:
+            cfg.num_experts = count
 
 
 def _iter_candidate_blocks(model: nn.Module, family: MoEFamily) -> Iterator[tuple[str, nn.Module]]:

@@ -7,6 +7,7 @@ The trainer, the Axolotl plugin and ``hellora select`` all go through :func:`pla
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,8 +64,7 @@ def _select_random(profile: ExpertProfile, k: int, *, seed: int, **_: Any) -> Ho
 def _select_mass(profile: ExpertProfile, k: int | None, *, mass: float, min_k: int, max_k: int, **_: Any) -> HotMap:
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}.")
-    check_k(min_k, profile.num_experts)
-    check_k(max_k, profile.num_experts)
+    min_k, max_k = check_k(min_k, profile.num_experts), check_k(max_k, profile.num_experts)
     if min_k > max_k:
         raise ValueError(f"min_k ({min_k}) must not exceed max_k ({max_k}).")
 
@@ -111,9 +111,17 @@ def select_hot_experts(
     if selector is None:
         raise ValueError(f"Unknown selection strategy {strategy!r}; choose one of {STRATEGIES}.")
     E = profile.num_experts
-    if strategy != "mass":
-        k = default_k(profile) if k is None else k
-        check_k(k, E)
+    if strategy != "random" and int(profile.counts.sum()) == 0:
+        raise ValueError(
+            f"The profile has no routing counts (all zero, {profile.tokens_seen} tokens seen), so '{strategy}' "
+            "selection has nothing to rank: the profiling recorded no routing. Profile again (and check that the "
+            "model's family is supported)."
+        )
+    if strategy == "mass":
+        if k is not None:
+            logger.warning("HELLoRA: the 'mass' selection sizes each layer's hot set itself; k=%s is ignored.", k)
+    else:
+        k = check_k(default_k(profile) if k is None else k, E)
     return selector(profile, k, seed=seed, mass=mass, min_k=min_k, max_k=max_k if max_k is not None else E)
 
 
@@ -130,10 +138,13 @@ def validate_hot_map(hot_experts: HotMap, layer_names: list[str], num_experts: i
             f"{'...' if len(extra) > 3 else ''}. Keys must be the experts module names, e.g. {layer_names[0]!r}."
         )
     for name, ids in hot_experts.items():
-        if len(ids) == 0:
-            raise ValueError(f"Layer {name!r} has no hot experts; k must be >= 1.")
-        if len(set(ids)) != len(ids) or any(not 0 <= int(e) < num_experts for e in ids):
-            raise ValueError(f"Layer {name!r}: hot experts {ids} must be distinct ids in [0, {num_experts}).")
+        if not isinstance(ids, (list, tuple)) or len(ids) == 0:
+            raise ValueError(f"Layer {name!r} has no hot experts (a list of expert ids); k must be >= 1.")
+        whole = all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in ids)
+        if not whole or len(set(ids)) != len(ids) or any(not 0 <= e < num_experts for e in ids):
+            raise ValueError(
+                f"Layer {name!r}: hot experts {ids} must be distinct ids in [0, {num_experts}), as whole numbers."
+            )
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline
@@ -215,7 +226,5 @@ def save_plan(profile: ExpertProfile, hot: HotMap, record: dict[str, Any], *path
 
 def load_plan(path: str | os.PathLike) -> tuple[ExpertProfile, HotMap | None, dict[str, Any]]:
     """A saved profile, its stored hot map (None when it has none) and its selection record ({} when none)."""
-    if Path(path).is_dir():
-        raise IsADirectoryError(f"{path} is a directory; pass the profile JSON file (e.g. {Path(path) / 'hellora_profile.json'}).")
     profile, data = ExpertProfile.load_with_extra(path)
     return profile, data.get("hot_experts"), dict(data.get("selection") or {})

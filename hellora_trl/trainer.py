@@ -9,36 +9,99 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
+import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch.utils.data import DataLoader
-from transformers import TrainerCallback
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.utils import logging
 from trl import SFTTrainer
 
 from .adapter import apply_hellora, default_lora_config, hot_map_from_model
 from .baselines import all_experts_hot
 from .config import HELLoRAConfig
-from .constants import CONCENTRATION_FILE, HEATMAP_FILE, MASKS_FILE, OVERHEAD_FILE, PROFILE_FILE, STAGING_DIR
+from .constants import (
+    CONCENTRATION_FILE,
+    HEATMAP_FILE,
+    MASKS_FILE,
+    OVERHEAD_FILE,
+    PROFILE_FILE,
+    RUN_MARKER_FILE,
+    STAGING_DIR,
+)
 from .distributed import gathered_adapter_state, register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
 from .profile import ExpertProfile, HotMap
 from .profiling import RoutingCounter, profile_experts, warmup_slice
-from .registry import find_moe_layers
+from .registry import expose_num_experts, find_moe_layers
 from .selection import SelectionSettings, load_plan, plan_hot_experts, save_plan, validate_hot_map
-from .utils import publish_staged
+from .utils import atomic_write_text, publish_staged, unwrap_model
 from .variants import copy_lora_A, load_masks, lori_s_from_lori_d
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["HELLoRAFiguresCallback", "HELLoRATrainer", "PROFILE_FILE", "STAGING_DIR", "HEATMAP_FILE"]
+__all__ = [
+    "HELLoRAFiguresCallback",
+    "HELLoRATrainer",
+    "PROFILE_FILE",
+    "STAGING_DIR",
+    "HEATMAP_FILE",
+    "checkpoint_problem",
+    "run_differences",
+]
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# hellora_* options that change neither the hot map nor the adapter's training: not part of a run's fingerprint.
+_RUN_NEUTRAL = ("hellora_plots", "hellora_profile_batch_size")
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be resumed from (missing, torn by a kill mid-save, not HELLoRA's), or None when it can.
+
+    The Trainer writes ``trainer_state.json`` last, after the adapter (published from staging) and the optimizer,
+    so a checkpoint without a readable one was interrupted while saving.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} does not exist" if not path.exists() else f"{path} is not a directory"
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "incomplete: no trainer_state.json (the save was interrupted; the Trainer writes it last)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"incomplete: trainer_state.json is unreadable ({err})"
+    if not (path / "adapter_config.json").is_file():
+        return "incomplete: no adapter_config.json"
+    if not (path / PROFILE_FILE).is_file():
+        return f"not written by HELLoRATrainer: no {PROFILE_FILE}, so its hot experts are unknown"
+    return None
+
+
+def run_differences(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """The fingerprint entries (``section.key``) where a checkpoint's run and this run differ, as readable lines."""
+    if not stored:
+        return []
+    lines = []
+    for section in sorted(set(stored) | set(current)):
+        old, new = stored.get(section) or {}, current.get(section) or {}
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new:
+                lines.append(f"{section}: {old!r} (checkpoint) != {new!r} (this run)")
+            continue
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                lines.append(f"{section}.{key}: {old.get(key)!r} (checkpoint) != {new.get(key)!r} (this run)")
+    return lines
 
 
 class HELLoRAFiguresCallback(TrainerCallback):
@@ -46,11 +109,13 @@ class HELLoRAFiguresCallback(TrainerCallback):
     (TensorBoard, W&B); the PNG files themselves stay in ``output_dir``.
 
     Figures queued with :meth:`add` are sent at the next ``on_train_begin`` or ``on_log``, i.e. once the trackers
-    exist."""
+    exist. TensorBoard images go through the writer of transformers' ``TensorBoardCallback`` (``callbacks`` returns
+    the trainer's callbacks), so they land in the same run directory as the scalars."""
 
-    def __init__(self) -> None:
+    def __init__(self, callbacks: Callable[[], list] | None = None) -> None:
         self.pending: dict[str, Path] = {}
         self.sent: list[str] = []
+        self._callbacks = callbacks or (lambda: [])
 
     def add(self, figures: dict[str, Path]) -> None:
         self.pending.update(figures)
@@ -69,7 +134,7 @@ class HELLoRAFiguresCallback(TrainerCallback):
         if "wandb" in report_to:
             _send_wandb(figures)
         if "tensorboard" in report_to:
-            _send_tensorboard(figures, getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs"))
+            _send_tensorboard(figures, self._callbacks(), args, state.global_step)
         self.sent += list(figures)
 
 
@@ -82,16 +147,29 @@ def _send_wandb(figures: dict[str, Path]) -> None:
         wandb.log({name: wandb.Image(str(path)) for name, path in figures.items()})
 
 
-def _send_tensorboard(figures: dict[str, Path], log_dir: str) -> None:
+def _send_tensorboard(figures: dict[str, Path], callbacks: list, args, step: int) -> None:
     try:
         import numpy as np
         from PIL import Image
+    except ImportError:
+        return
+    images = {name: np.asarray(Image.open(path).convert("RGB")) for name, path in figures.items()}
+    board = next((cb for cb in callbacks if getattr(cb, "tb_writer", None) is not None), None)
+    if board is not None:  # transformers' TensorBoardCallback: its writer, its run directory
+        for name, image in images.items():
+            board.tb_writer.add_image(name, image, step, dataformats="HWC")
+        board.tb_writer.flush()
+        return
+    try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return
-    with SummaryWriter(log_dir=log_dir) as writer:
-        for name, path in figures.items():
-            writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+    # No live writer (the callback closed it at train end): the directory it uses, never a removed TrainingArguments
+    # field (transformers 5 dropped ``logging_dir``).
+    log_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs")
+    with SummaryWriter(log_dir=os.path.expanduser(log_dir)) as writer:
+        for name, image in images.items():
+            writer.add_image(name, image, step, dataformats="HWC")
 
 
 class HELLoRATrainer(SFTTrainer):
@@ -106,6 +184,13 @@ class HELLoRATrainer(SFTTrainer):
     def __init__(self, model, args: HELLoRAConfig | None = None, *pos, peft_config: PeftConfig | None = None, **kwargs):
         if args is None:
             args = HELLoRAConfig(output_dir="hellora-sft")
+        if isinstance(args, TrainingArguments) and not isinstance(args, HELLoRAConfig):
+            # As SFTTrainer does with a TrainingArguments: keep every value, add the hellora_* defaults.
+            values = args.to_dict()
+            # to_dict masks every *_token field (hub_token, and SFTConfig's eos_token/pad_token): the real values
+            values.update({name: getattr(args, name) for name in values if name.endswith("_token")})
+            logger.info("HELLoRA: converting %s to HELLoRAConfig (hellora_* fields at their defaults).", type(args).__name__)
+            args = HELLoRAConfig(**values)
         if not isinstance(args, HELLoRAConfig):
             raise TypeError(
                 f"HELLoRATrainer needs a HELLoRAConfig (an SFTConfig with hellora_* fields), got {type(args).__name__}."
@@ -135,13 +220,26 @@ class HELLoRATrainer(SFTTrainer):
         self.hellora_selection_record: dict[str, Any] = {}
         self.hellora_timings: dict[str, float] = {}
         super().__init__(model, args, *pos, peft_config=None, **kwargs)
-        self.hellora_figures = HELLoRAFiguresCallback()
+        self.hellora_figures = HELLoRAFiguresCallback(lambda: self.callback_handler.callbacks)
         self.add_callback(self.hellora_figures)
         if args.hellora_dynamic_rank:
             self.add_callback(self._dynamic_rank_callback(peft_config.r))
         # Fail before any work when the model is not a MoE model the registry knows.
         self._moe_layers = find_moe_layers(self.model)
+        expose_num_experts(self.model)  # TRL's router aux loss reads config.num_experts (GraniteMoE, PhiMoE lack it)
+        self._check_k_fits(self._moe_layers[0].num_experts)
         self._check_fsdp_sub_runs()
+
+    def _check_k_fits(self, num_experts: int) -> None:
+        """hellora_k / hellora_min_k / hellora_max_k against the model's experts, before any profiling work."""
+        args: HELLoRAConfig = self.args
+        for name in ("hellora_k", "hellora_min_k", "hellora_max_k"):
+            value = getattr(args, name)
+            if value is not None and value > num_experts:
+                raise ValueError(
+                    f"{name}={value} exceeds the {num_experts} experts per MoE layer of this model; use at most "
+                    f"{num_experts}."
+                )
 
     def _dynamic_rank_callback(self, r: int):
         from .experimental.dynamic_rank import DynamicRankCallback  # experimental: loaded only when asked for
@@ -183,10 +281,15 @@ class HELLoRATrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------- phases
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         start = time.perf_counter()
-        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
+        if isinstance(resume_from_checkpoint, bool):
+            resume_from_checkpoint = self._last_checkpoint_of_this_run() if resume_from_checkpoint else None
+        elif resume_from_checkpoint is not None:
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+        if resume_from_checkpoint is None:
+            self._warn_about_other_runs()
+        self._mark_in_progress()
         if not isinstance(self.model, PeftModel):
             hot = self._hot_map(resume_from_checkpoint)
             self._install_adapter(hot, resume_from_checkpoint)
@@ -200,6 +303,116 @@ class HELLoRATrainer(SFTTrainer):
         self._report_overhead(output)
         return output
 
+    # ------------------------------------------------------------------------------------------ runs
+    def run_fingerprint(self) -> dict[str, Any]:
+        """What makes two trainings the same run: the model's MoE shape, the prepared training data and every
+        setting that decides the hot map or the adapter. Saved in each profile record (``selection.run``); resuming
+        from a checkpoint with another fingerprint is refused."""
+        args: HELLoRAConfig = self.args
+        config = getattr(unwrap_model(self.model), "config", None)
+        layers = self._moe_layers
+        model = {
+            "model_type": getattr(config, "model_type", None),
+            "moe_layers": len(layers),
+            "num_experts": layers[0].num_experts,
+            "hidden_size": getattr(config, "hidden_size", None),
+            "vocab_size": getattr(config, "vocab_size", None),
+        }
+        hellora = {
+            name: value
+            for name, value in sorted(vars(args).items())
+            if name.startswith("hellora_") and name not in _RUN_NEUTRAL
+        }
+        hellora["hellora_seed"] = self._seed
+        lora = self.hellora_peft_config
+        targets = lora.target_modules
+        adapter = {
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "use_rslora": lora.use_rslora,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        }
+        return {"model": model, "data": self._data_fingerprint(), "hellora": hellora, "adapter": adapter}
+
+    def _data_fingerprint(self) -> dict[str, Any] | None:
+        data = self.train_dataset
+        if data is None or not hasattr(data, "__len__"):
+            return None
+        rows = len(data)
+        digest = hashlib.sha256(str(rows).encode())
+        for i in sorted({round(j * (rows - 1) / 15) for j in range(16)}) if rows else []:
+            row = data[i]
+            digest.update(json.dumps(row.get("input_ids", row), default=str, sort_keys=True).encode())
+        return {"rows": rows, "sha256": digest.hexdigest()[:16]}
+
+    def _checkpoints(self) -> list[Path]:
+        """``checkpoint-N`` folders of output_dir, newest step first."""
+        out = Path(self.args.output_dir)
+        if not out.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def _checkpoint_run_differences(self, checkpoint: Path) -> list[str]:
+        try:
+            _, _, record = load_plan(checkpoint / PROFILE_FILE)
+        except (OSError, ValueError) as err:
+            return [f"unreadable {PROFILE_FILE} ({err})"]
+        return run_differences(record.get("run"), self.run_fingerprint())
+
+    def _last_checkpoint_of_this_run(self) -> str:
+        """``resume_from_checkpoint=True``: the newest complete checkpoint of *this* run. Torn checkpoints (a kill
+        mid-save) and other runs' checkpoints in a reused output_dir are skipped, each with the reason."""
+        skipped = []
+        for checkpoint in self._checkpoints():
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                differences = self._checkpoint_run_differences(checkpoint)
+                if differences:
+                    problem = "from another run (" + "; ".join(differences[:4]) + ")"
+            if problem is None:
+                for name, why in skipped:
+                    logger.warning("HELLoRA: not resuming from %s: %s.", name, why)
+                return str(checkpoint)
+            skipped.append((checkpoint.name, problem))
+        if not skipped:
+            raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
+        raise ValueError(
+            f"No checkpoint of this run in output_dir ({self.args.output_dir}) to resume from: {reasons}. Train "
+            "without resume_from_checkpoint (or in another output_dir), or pass the checkpoint path and the settings "
+            "it was trained with."
+        )
+
+    def _warn_about_other_runs(self) -> None:
+        """A fresh run in an output_dir that holds another run's checkpoints: say so, since checkpoint rotation
+        (save_total_limit) deletes them and ``resume_from_checkpoint=True`` will never pick them."""
+        if not self.args.should_save:
+            return
+        others = [c.name for c in self._checkpoints() if checkpoint_problem(c) is None and self._checkpoint_run_differences(c)]
+        if others:
+            rotation = (
+                f" save_total_limit={self.args.save_total_limit} will delete them as this run saves."
+                if self.args.save_total_limit
+                else ""
+            )
+            logger.warning(
+                "HELLoRA: output_dir %s holds checkpoints of another run (%s).%s Use a fresh output_dir to keep runs "
+                "apart.", self.args.output_dir, ", ".join(others[:5]), rotation,
+            )
+
+    def _mark_in_progress(self) -> None:
+        """Mark output_dir as holding an unfinished run until its final adapter is saved there (save_model)."""
+        if not self.args.should_save:
+            return
+        marker = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "note": "A HELLoRA training run is writing here; removed when its final adapter is saved. If the run "
+            "was interrupted, the adapter in this folder is from an earlier run and the profile/figures may not be.",
+            "run": self.run_fingerprint(),
+        }
+        atomic_write_text(Path(self.args.output_dir) / RUN_MARKER_FILE, json.dumps(marker, indent=1, default=str))
+
     def _hot_map(self, checkpoint: str | None) -> HotMap:
         """From a checkpoint (never re-profile on resume), a supplied profile, or a new profiling run."""
         args: HELLoRAConfig = self.args
@@ -212,6 +425,14 @@ class HELLoRATrainer(SFTTrainer):
             self.hellora_profile, hot, self.hellora_selection_record = load_plan(path)
             if hot is None:
                 raise ValueError(f"{path} holds no hot_experts map, so the checkpoint's adapter cannot be rebuilt.")
+            differences = run_differences(self.hellora_selection_record.get("run"), self.run_fingerprint())
+            if differences:
+                raise ValueError(
+                    f"{checkpoint} belongs to another run: " + "; ".join(differences) + ". Resume with the settings, "
+                    "model and data it was trained with, or train from scratch in a fresh output_dir."
+                )
+            if "run" not in self.hellora_selection_record:
+                logger.warning("HELLoRA: %s records no run fingerprint (older version); not checked.", checkpoint)
             self.hellora_profile.check_matches(self.model)
             validate_hot_map(hot, self.hellora_profile.layer_names, self.hellora_profile.num_experts)
             self.hellora_hot_experts = hot
@@ -229,6 +450,7 @@ class HELLoRATrainer(SFTTrainer):
         hot, self.hellora_selection_record = plan_hot_experts(
             self.hellora_profile, settings, stored, origin=str(args.hellora_profile_path)
         )
+        self.hellora_selection_record["run"] = self.run_fingerprint()
         self.hellora_hot_experts = hot
         self._write_profile_outputs()
         return hot
@@ -254,6 +476,12 @@ class HELLoRATrainer(SFTTrainer):
             raise ValueError(
                 "HELLoRA samples its warm-up slice from a map-style Dataset; for an IterableDataset pass "
                 "hellora_profile_path with a profile taken beforehand (hellora profile ...)."
+            )
+        if len(self.train_dataset) == 0:
+            raise ValueError(
+                "The training set is empty after TRL's preparation: every row was dropped (rows whose completion is "
+                f"cut off entirely by max_length={args.max_length} have no trainable token). Raise max_length or "
+                "check the data."
             )
         warmup = warmup_slice(self.train_dataset, args.hellora_warmup_fraction, self._seed)
         source = {
@@ -302,6 +530,8 @@ class HELLoRATrainer(SFTTrainer):
         phase.report_to = []
         phase.dataset_kwargs = {**(self.args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         phase.packing = False  # the data is already processed (and packed, if packing was on)
+        # The phase reuses the main run's collator (padding-free included), which TRL refuses next to padding_free.
+        phase.padding_free = False
         # DeepSpeed: accelerate allows one plugin per process; the phase's Accelerator reuses the main one.
         phase.deepspeed_plugin = None
         return phase
@@ -401,6 +631,24 @@ class HELLoRATrainer(SFTTrainer):
             return stage.args.output_dir
 
     # ------------------------------------------------------------------------------------------ outputs
+    def _plotting(self) -> bool:
+        """``hellora_plots`` and matplotlib importable. A plain install has no matplotlib (the ``plots`` extra):
+        the figures are then skipped with one warning instead of failing the run after profiling."""
+        if not self.args.hellora_plots:
+            return False
+        if getattr(self, "_matplotlib_missing", None) is None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                self._matplotlib_missing = True
+                logger.warning(
+                    "HELLoRA: matplotlib is not installed, so the heatmap and profile figures are skipped "
+                    "(pip install 'hellora-trl[plots]', or set hellora_plots=False to silence this)."
+                )
+            else:
+                self._matplotlib_missing = False
+        return not self._matplotlib_missing
+
     def _write_profile_outputs(self) -> None:
         if not self.args.should_save:
             return
@@ -408,7 +656,7 @@ class HELLoRATrainer(SFTTrainer):
         if self.args.hellora_profile_path and not Path(self.args.hellora_profile_path).is_file():
             targets.append(Path(self.args.hellora_profile_path))
         save_plan(self.hellora_profile, self.hellora_hot_experts, self.hellora_selection_record, *targets)
-        if self.args.hellora_plots:
+        if self._plotting():
             from .recipes.reporting import plot_concentration, plot_heatmap  # matplotlib: only when plotting
 
             k = self.args.hellora_k or self.hellora_profile.experts_per_token
@@ -437,6 +685,9 @@ class HELLoRATrainer(SFTTrainer):
             if self.hellora_profile is not None:
                 save_plan(self.hellora_profile, self.hellora_hot_experts, self.hellora_selection_record, staging / PROFILE_FILE)
             publish_staged(staging, target)
+            marker = target / RUN_MARKER_FILE
+            if target.resolve() == Path(self.args.output_dir).resolve() and marker.exists():
+                marker.unlink()  # this run's adapter is now the folder's: the run's outputs are complete
         self.accelerator.wait_for_everyone()
 
     def _report_overhead(self, output) -> None:
@@ -448,7 +699,7 @@ class HELLoRATrainer(SFTTrainer):
             conc = self.hellora_profile.concentration(min(self.hellora_profile.experts_per_token, self.hellora_profile.num_experts))
             metrics["hellora/concentration_mean"] = sum(conc) / len(conc)
         output.metrics.update(metrics)
-        if self.args.hellora_plots and self.args.should_save and profiling > 0:
+        if self.args.should_save and profiling > 0 and self._plotting():
             from .recipes.reporting import plot_overhead  # matplotlib: only when plotting
 
             path = plot_overhead({"profiling": profiling, "training": training}, Path(self.args.output_dir) / OVERHEAD_FILE)

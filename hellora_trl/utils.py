@@ -57,9 +57,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def check_output_apart(out_dir: str | os.PathLike, inputs: Iterable[Any] = ()) -> None:
+    """Refuse an output folder that is, contains or lies inside one of ``inputs`` (local paths; other values such
+    as hub ids or model objects are ignored): replacing it would delete what is being read."""
+    out = Path(out_dir).expanduser().resolve()
+    for item in inputs:
+        if not isinstance(item, (str, os.PathLike)) or not os.path.exists(item):
+            continue
+        source = Path(item).expanduser().resolve()
+        if out == source or out in source.parents or source in out.parents:
+            relation = "is" if out == source else ("contains" if out in source.parents else "lies inside")
+            raise ValueError(
+                f"Output folder {out_dir} {relation} the input {item}; writing there would delete the input. "
+                "Choose an output folder outside the inputs."
+            )
+
+
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Write into a hidden sibling directory, then rename it into place: readers never see half a folder."""
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, inputs: Iterable[Any] = ()) -> Iterator[Path]:
+    """Write into a hidden sibling directory, then rename it into place: readers never see half a folder.
+
+    ``inputs`` (paths the caller reads from) may not be, contain or lie inside ``out_dir``, ``overwrite`` or not.
+    """
+    check_output_apart(out_dir, inputs)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory.")

@@ -49,3 +49,11 @@ def test_grid_runs_end_to_end_on_the_tiny_model(tmp_path):
     # cold experts get fewer routed tokens than hot ones, so their adapters cost fewer FLOPs per token
     assert cold["adapter_gflops_per_token"] < lora["adapter_gflops_per_token"]
     assert all(r["final_loss"] is not None and r["metric"] == "gsm8k/accuracy" for r in rows)
+
+
+def test_a_non_number_in_a_numeric_axis_names_the_flag():
+    """Review 7.31: `hellora ablate --ks abc` said only "invalid literal for int() with base 10: 'abc'"."""
+    with pytest.raises(ValueError, match=r"--ks '2,abc': every comma-separated value must be a int"):
+        grid_rows(AblationArguments(ks="2,abc"), BASE)
+    with pytest.raises(ValueError, match=r"--warmup_fractions 'x'"):
+        grid_rows(AblationArguments(warmup_fractions="x"), BASE)

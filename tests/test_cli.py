@@ -115,7 +115,7 @@ def test_select_writes_hot_map_and_prints_table(profiled, tmp_path, capsys):
     assert data["hot_experts"] == expected and data["selection"]["k"] == 3
     assert ExpertProfile.load(out_path).counts.equal(ExpertProfile.load(profiled / "p.json").counts)
     first = expected["model.layers.0.mlp.experts"]
-    assert f"L0         3" in out and ", ".join(map(str, first)) in out
+    assert "L0         3" in out and ", ".join(map(str, first)) in out
 
 
 def test_select_rejects_a_profile_of_another_model(profiled, capsys):

@@ -302,3 +302,11 @@ def test_real_codealpaca_and_saferpaca(tokenizer):
         )
         masked = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
         assert tokenizer.decode(masked) == messages[1]["content"] + tokenizer.eos_token
+
+
+def test_a_column_mixing_types_names_the_row_and_column(tmp_path):
+    """Review 4.4: an int in a string column gave a 69-line pyarrow ArrowTypeError before the row checks ran."""
+    rows = [{"question": "a", "answer": "#### 1"}, {"question": "b", "answer": "#### 2"}, {"question": 123, "answer": "#### 3"}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(ValueError, match=r"mixed\.jsonl: column 'question' mixes value types: row 0 has str, row 2 has int"):
+        load_gsm8k(path)

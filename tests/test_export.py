@@ -231,3 +231,29 @@ def test_size_report_matches_files_and_olmoe_numbers(tmp_path):
     # PEFT: every expert, gate_up as one rank-64 pair (64*(2048+2048)) plus down 32*(1024+2048).
     assert olmoe["peft_target_parameters"] == 16 * (4 * 32 * 4096 + 32 * 2112 + 64 * (64 * 4096 + 32 * 3072))
     assert 6.9e9 < olmoe["merged_model"] < 7.0e9
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+@pytest.mark.parametrize("kind", ["merge", "peft"])
+def test_output_dir_overlapping_the_inputs_is_refused_even_with_overwrite(tmp_path, where, kind):
+    """Issue 13 / review 7.29: `merge --output_dir <adapter dir> --overwrite` deleted the adapter and checkpoints."""
+    peft_model, _ = hellora_model("olmoe")
+    run = tmp_path / "run"
+    adapter = saved(run, peft_model, name="checkpoint-5")
+    (run / "hellora_summary.json").write_text("{}")
+    out = {"same": adapter, "parent": run, "inside": adapter / "merged"}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    export = merge_adapter if kind == "merge" else export_peft_target_parameters
+    with pytest.raises(ValueError, match="would delete the input"):
+        export(tiny_model("olmoe"), adapter, out, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_output_dir_holding_a_base_model_path_is_refused(tmp_path):
+    peft_model, _ = hellora_model("olmoe")
+    adapter = saved(tmp_path, peft_model)
+    base = tmp_path / "models" / "base"
+    tiny_model("olmoe").save_pretrained(base)
+    with pytest.raises(ValueError, match="contains the input"):
+        merge_adapter(str(base), adapter, tmp_path / "models", overwrite=True)
+    assert (base / "config.json").is_file()

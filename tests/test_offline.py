@@ -19,7 +19,7 @@ from hellora_trl.offline import (
     tiny_moe_config,
     tiny_moe_model,
 )
-from hellora_trl.registry import FAMILIES, config_value
+from hellora_trl.registry import FAMILIES, config_value, find_moe_layers
 
 # --------------------------------------------------------------------------------------------------------------
 # Math problems
@@ -232,6 +232,8 @@ _LAYOUTS = {
         {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)},
         ("shared_experts",),
     ),
+    "granitemoe": ("router", "GraniteMoeExperts", {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)}, ()),
+    "phimoe": ("router", "PhimoeExperts", {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)}, ()),
     "gpt_oss": (
         "router",
         "GptOssExperts",
@@ -267,7 +269,7 @@ def test_tiny_family_builds_runs_and_has_fused_experts(family):
     router_attr, experts_class, shapes, shared_attrs = _LAYOUTS[family]
     assert len(model.model.layers) == 2
     for layer in model.model.layers:
-        block = layer.mlp
+        block = layer.block_sparse_moe if family == "granitemoe" else layer.mlp
         assert type(block.experts).__name__ == experts_class
         for name, shape in shapes.items():
             assert tuple(getattr(block.experts, name).shape) == shape, (family, name)
@@ -281,9 +283,10 @@ def test_tiny_family_builds_runs_and_has_fused_experts(family):
     assert out.logits.shape == (2, 16, config.vocab_size)
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    experts = model.model.layers[0].mlp.experts
+    experts = find_moe_layers(model)[0].experts
     assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
-    assert getattr(model.model.layers[-1].mlp, router_attr).weight.grad is not None
+    last = model.model.layers[-1]
+    assert getattr(getattr(last, "mlp", None) or last.block_sparse_moe, router_attr).weight.grad is not None
 
 
 def test_tiny_moe_model_is_seeded_and_overridable():

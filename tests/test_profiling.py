@@ -214,3 +214,77 @@ def test_counter_outside_profile_experts_never_stops_a_forward(olmoe):
         olmoe(**batch, labels=batch["input_ids"]).loss.backward()
     handle.remove()
     assert not counter.stop_early and calls == [1] and counter.counts.sum() > 0
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_lora_warmup_never_counts_padding_when_peft_bypasses_the_model_hooks(monkeypatch, task_type):
+    """Ecosystem review (Axolotl 0.19 env, PEFT 0.20): the warm-up counted padding (140 vs 102 tokens) because
+    PEFT's LoraModel called the transformers model's ``.forward`` directly, so the pre-hook that read the attention
+    mask never ran. Reproduced here by making the tuner call ``.forward`` as PEFT 0.20 did."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from hellora_trl import default_lora_config
+    from hellora_trl.integrations.warmup import lora_warmup_profile
+
+    monkeypatch.setattr(BaseTuner, "forward", lambda self, *args, **kwargs: self.model.forward(*args, **kwargs))
+    model = tiny_model("olmoe")
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 500, (n,), generator=generator).tolist()} for n in (5, 17, 9, 30)]
+    config = default_lora_config(r=2, lora_alpha=4, task_type=task_type)
+    profile = lora_warmup_profile(model, rows, config, epochs=1, batch_size=2, seed=0)
+    real = sum(len(r["input_ids"]) for r in rows)
+    assert profile.tokens_seen == real
+    assert (profile.counts.sum(dim=1) == real * model.config.num_experts_per_tok).all()
+
+
+# ----------------------------------------------------------------------------------- clear errors (#13, review W7)
+def _saved_profile(tmp_path, olmoe, **changes):
+    profile = profile_experts(olmoe, [random_batch(olmoe)], progress=False)
+    data = json.loads(profile.save(tmp_path / "good.json").read_text())
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("nan", r"bad\.json: Invalid expert profile: counts must be whole numbers"),
+        ("float", r"counts must be whole numbers"),
+        ("version", r"bad\.json: Unsupported profile format version 99"),
+        ("binary", r"Expert profile .*bad\.json is not UTF-8 JSON text"),
+        ("directory", r"is a directory, not a file; pass the profile JSON in it"),
+    ],
+)
+def test_broken_profile_files_give_one_clear_line(tmp_path, olmoe, case, match):
+    """Review 3.12-3.16: NaN counts (raw RuntimeError), non-UTF8 files (no file name), version 99 (accepted),
+    a directory ('not found')."""
+    from hellora_trl.selection import load_plan
+
+    path = tmp_path / "bad.json"
+    data = _saved_profile(tmp_path, olmoe)
+    if case == "nan":
+        data["counts"][0][0] = float("nan")
+        path.write_text(json.dumps(data))  # json writes NaN
+    elif case == "float":
+        data["counts"][0][0] = 1.5
+        path.write_text(json.dumps(data))
+    elif case == "version":
+        data["version"] = 99
+        path.write_text(json.dumps(data))
+    elif case == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        path = tmp_path
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        ExpertProfile.load(path)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_plan(path)
+
+
+def test_profiling_that_records_no_routing_fails_instead_of_writing_zeros(olmoe, monkeypatch):
+    """Review 1.12/W5: a family whose experts never saw the routing profiled to all zeros with rc 0."""
+    from hellora_trl.profiling import RoutingCounter
+
+    monkeypatch.setattr(RoutingCounter, "_record", lambda self, layer_idx, index: None)
+    with pytest.raises(RuntimeError, match="recorded no routing in any MoE layer"):
+        profile_experts(olmoe, [random_batch(olmoe)], progress=False)

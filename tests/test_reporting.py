@@ -173,3 +173,13 @@ def test_write_report_skips_overlap_across_models(tmp_path):
     write_report({"small": random_profile(4, 8), "big": random_profile(4, 16)}, tmp_path, k=2)
     assert not (tmp_path / "jaccard.png").exists()
     assert "different models" in (tmp_path / "report.md").read_text()
+
+
+def test_report_refuses_a_k_beyond_every_profile_and_an_invalid_stored_hot_map(tmp_path):
+    """Review 3.35/3.36: `report --k 100` printed 'top-100' while using 16; a stored hot id 99 was drawn unchecked."""
+    profile = random_profile(layers=2, experts=16)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 16\]"):
+        write_report({"p": profile}, tmp_path / "r1", k=100)
+    bad = {name: [0, 99] for name in profile.layer_names}
+    with pytest.raises(ValueError, match=r"hot experts \[0, 99\] must be distinct ids in \[0, 16\)"):
+        write_report({"p": profile}, tmp_path / "r2", hot_maps={"p": bad})

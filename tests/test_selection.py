@@ -127,7 +127,7 @@ def test_save_and_load_plan_round_trip(tmp_path):
     for path in paths:
         loaded, stored, rec = load_plan(path)
         assert loaded.counts.equal(p.counts) and stored == hot and rec == record
-    with pytest.raises(IsADirectoryError, match="profile JSON file"):
+    with pytest.raises(FileNotFoundError, match="is a directory"):
         load_plan(tmp_path)
     p.save(tmp_path / "bare.json")
     assert load_plan(tmp_path / "bare.json")[1:] == (None, {})
@@ -143,3 +143,54 @@ def test_profile_top_k_matches_layer_selection_and_check_k():
     for bad in (0, 5, 2.0, True):
         with pytest.raises(ValueError, match="k must be an integer"):
             check_k(bad, 4)
+
+
+# ----------------------------------------------------------------------------------- clear errors (#13, review W7)
+def _profile(counts, tokens=10):
+    from hellora_trl import ExpertProfile
+
+    counts = torch.as_tensor(counts)
+    return ExpertProfile(counts, [f"l{i}.experts" for i in range(len(counts))], counts.shape[1], 2, tokens_seen=tokens)
+
+
+def test_k_of_any_integer_type_is_accepted_and_bools_floats_strings_are_not():
+    """Review 2.21/2.26: k=True meant k=1; np.int64(2) was 'not an integer'."""
+    import numpy as np
+
+    from hellora_trl import select_hot_experts
+
+    profile = _profile([[5, 3, 1, 0], [0, 1, 7, 2]])
+    expected = select_hot_experts(profile, k=2)
+    assert select_hot_experts(profile, k=np.int64(2)) == expected == select_hot_experts(profile, k=torch.tensor(2))
+    for bad in (True, 2.0, 2.5, "2", float("inf")):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            select_hot_experts(profile, k=bad)
+
+
+def test_an_all_zero_profile_is_refused_for_count_based_selection():
+    """Review 3.15/3.28/W5: an all-zero profile (Llama4) selected experts 0..k-1 everywhere, silently."""
+    from hellora_trl import select_hot_experts
+
+    zero = _profile([[0, 0, 0, 0], [0, 0, 0, 0]], tokens=956)
+    for strategy in ("layer", "model", "cold", "mass"):
+        with pytest.raises(ValueError, match="no routing counts"):
+            select_hot_experts(zero, k=None if strategy == "mass" else 2, strategy=strategy)
+    assert all(len(v) == 2 for v in select_hot_experts(zero, k=2, strategy="random").values())
+
+
+def test_mass_selection_says_that_k_is_ignored(caplog):
+    """Review 2.11: `--strategy mass --k 3` ignored k without a word."""
+    from hellora_trl import select_hot_experts
+
+    select_hot_experts(_profile([[5, 3, 1, 0], [0, 1, 7, 2]]), k=3, strategy="mass")
+    assert "k=3 is ignored" in caplog.text
+
+
+@pytest.mark.parametrize("ids", [[1.7, 2], ["a", 1], [True, 2]])
+def test_hot_ids_must_be_whole_numbers(ids):
+    """Review 3.26/3.27: ids [1.7, 2] trained experts [1, 2] while the record kept 1.7; "a" gave a bare
+    'invalid literal for int()'."""
+    from hellora_trl.selection import validate_hot_map
+
+    with pytest.raises(ValueError, match=r"Layer 'l0\.experts'.*as whole numbers"):
+        validate_hot_map({"l0.experts": ids}, ["l0.experts"], 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -170,10 +171,7 @@ def test_resume_reuses_hot_map_and_never_reprofiles(tmp_path, tokenizer, dataset
         raise AssertionError("resume must not profile again")
 
     monkeypatch.setattr(HELLoRATrainer, "run_profiling", no_profiling)
-    # another hellora_seed would pick another warm-up slice: the checkpoint's hot map must win
-    resumed = make_trainer(
-        tmp_path, tokenizer, dataset, max_steps=4, save_strategy="steps", save_steps=2, hellora_seed=7
-    )
+    resumed = make_trainer(tmp_path, tokenizer, dataset, max_steps=4, save_strategy="steps", save_steps=2)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.hot_experts == first.hot_experts
     assert resumed.state.global_step == 4
@@ -357,6 +355,182 @@ def test_resume_from_a_checkpoint_without_hot_map_fails_clearly(tmp_path, tokeni
 
     checkpoint = tmp_path / "checkpoint-1"
     profile_experts(olmoe, [random_batch(olmoe)], progress=False).save(checkpoint / PROFILE_FILE)  # counts only
+    for name in ("trainer_state.json", "adapter_config.json"):  # otherwise complete
+        (checkpoint / name).write_text("{}")
     trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=1)
     with pytest.raises(ValueError, match="holds no hot_experts map"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ------------------------------------------------------------------------------------- output folders (#13 §2)
+def checkpointed(tmp_path, tokenizer, dataset, **overrides):
+    kwargs = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    kwargs.update(overrides)
+    return make_trainer(tmp_path, tokenizer, dataset, **kwargs)
+
+
+def test_resume_true_never_takes_another_runs_checkpoint(tmp_path, tokenizer, dataset):
+    """Review W2/5.9: `--resume_from_checkpoint true` in a reused output_dir took run A's checkpoint-4, trained 0
+    steps and published A's k=2 adapter over run B (k=3)."""
+    checkpointed(tmp_path, tokenizer, dataset, hellora_k=2).train()  # run A: checkpoint-2, checkpoint-4
+    run_b = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=6)
+    with pytest.raises(ValueError, match=r"No checkpoint of this run.*checkpoint-4: from another run \(hellora\.hellora_k: 2 \(checkpoint\) != 3"):
+        run_b.train(resume_from_checkpoint=True)
+    # an explicit path of another run (review 5.11: --hellora_k 4 silently trained k=2) is refused too
+    with pytest.raises(ValueError, match=r"belongs to another run: hellora\.hellora_k: 2 \(checkpoint\) != 3"):
+        checkpointed(tmp_path, tokenizer, dataset, hellora_k=3).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+
+def test_resume_true_picks_this_runs_newest_checkpoint_among_another_runs(tmp_path, tokenizer, dataset, caplog):
+    checkpointed(tmp_path, tokenizer, dataset, hellora_k=2, max_steps=6).train()  # run A: checkpoints 2, 4, 6
+    run_b = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=2, save_steps=1)
+    run_b.train()  # run B: checkpoints 1, 2 (its checkpoint-2 replaces A's)
+    # review 5.10: a fresh run beside another run's checkpoints is told (rotation would delete them)
+    assert "holds checkpoints of another run (checkpoint-6, checkpoint-4, checkpoint-2)" in caplog.text
+    resumed = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=3, save_steps=1)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3  # resumed at B's step 2, not A's step 6 (0 steps)
+    assert all(len(ids) == 3 for ids in resumed.hot_experts.values())
+    assert "not resuming from checkpoint-6: from another run (hellora.hellora_k: 2 (checkpoint) != 3" in caplog.text
+
+
+def test_torn_checkpoint_is_skipped_with_the_reason(tmp_path, tokenizer, dataset, caplog):
+    """Review W6/5.3-5.6: a kill mid-save left checkpoint-4 torn; resume said 'not written by HELLoRATrainer'
+    (or a raw Errno 2) instead of taking checkpoint-2."""
+    checkpointed(tmp_path, tokenizer, dataset).train()
+    torn = tmp_path / "run" / "checkpoint-4"
+    (torn / "trainer_state.json").unlink()  # the Trainer writes it last: killed before that
+    (torn / PROFILE_FILE).unlink()
+    with pytest.raises(ValueError, match="checkpoint-4: incomplete: no trainer_state.json"):
+        checkpointed(tmp_path, tokenizer, dataset).train(resume_from_checkpoint=str(torn))
+    resumed = checkpointed(tmp_path, tokenizer, dataset, max_steps=5)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 5  # from checkpoint-2
+    assert "checkpoint-4: incomplete: no trainer_state.json" in caplog.text
+    # review 5.13: a checkpoint path that does not exist says so
+    with pytest.raises(ValueError, match="nope/checkpoint-5 does not exist"):
+        checkpointed(tmp_path, tokenizer, dataset).train(resume_from_checkpoint=str(tmp_path / "nope" / "checkpoint-5"))
+
+
+def test_output_dir_is_marked_in_progress_until_the_final_adapter_is_saved(tmp_path, tokenizer, dataset):
+    """Review 5.8/8.3: an interrupted rerun left the previous adapter next to the new profile, unmarked."""
+    from hellora_trl import load_hellora
+    from hellora_trl.constants import RUN_MARKER_FILE
+
+    first = make_trainer(tmp_path, tokenizer, dataset, max_steps=1)
+    first.train()
+    marker = tmp_path / "run" / RUN_MARKER_FILE
+    assert json.loads(marker.read_text())["run"]["hellora"]["hellora_k"] == 2
+    first.save_model()
+    assert not marker.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_hellora(tiny_model("olmoe"), tmp_path / "run")  # no warning for a finished folder
+
+    rerun = make_trainer(tmp_path, tokenizer, dataset, max_steps=1, hellora_k=3)
+    rerun.train()  # "interrupted" before save_model: the folder now holds run 1's adapter and run 2's profile
+    assert marker.exists()
+    with pytest.warns(UserWarning, match="did not save its final adapter"):
+        load_hellora(tiny_model("olmoe"), tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------ TRL parity (#13 §4)
+def test_warmup_sub_run_ignores_eval_on_start_padding_free_and_trackers(tmp_path, tokenizer, dataset):
+    """Ecosystem review: under the default lora_warmup profiling, `eval_on_start=True` failed with 'evaluation
+    requires an eval_dataset' and `padding_free=True` with 'Passing a custom data collator is not supported'."""
+    args = make_args(
+        tmp_path, max_steps=2, hellora_profile_mode="lora_warmup", eval_on_start=True, eval_strategy="steps",
+        eval_steps=1, padding_free=True, max_length=None, per_device_eval_batch_size=4,
+    )
+    trainer = HELLoRATrainer(
+        model=tiny_model("olmoe"), args=args, train_dataset=dataset, eval_dataset=dataset.select(range(4)),
+        processing_class=tokenizer, peft_config=default_lora_config(**LORA),
+    )
+    phase = trainer._phase_args("hellora_warmup")
+    assert not phase.eval_on_start and not phase.padding_free and phase.report_to == []
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.hellora_profile.source["mode"] == "lora_warmup"
+    assert any("eval_loss" in log for log in trainer.state.log_history)
+
+
+def test_report_to_tensorboard_gets_scalars_and_figures(tmp_path, tokenizer, dataset):
+    """Ecosystem review: `report_to="tensorboard"` (every recipe YAML) crashed after profiling with
+    `'HELLoRAConfig' object has no attribute 'logging_dir'`."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=2, report_to=["tensorboard"], hellora_plots=True)
+    trainer.train()
+    runs = [p.parent for p in (tmp_path / "run" / "runs").rglob("events.out.tfevents.*")]
+    assert len(set(runs)) == 1  # figures and scalars in the Trainer's one run directory
+    board = EventAccumulator(str(runs[0]), size_guidance={"images": 0}).Reload()
+    assert {"hellora/expert_heatmap", "hellora/concentration", "hellora/overhead"} <= set(board.Tags()["images"])
+    assert "train/hellora/profile_seconds" in board.Tags()["scalars"]
+    assert set(trainer.hellora_figures.sent) >= {"hellora/expert_heatmap", "hellora/overhead"}
+
+
+def test_default_plots_without_matplotlib_warn_instead_of_failing(tmp_path, tokenizer, dataset, monkeypatch, caplog):
+    """Ecosystem review: a plain install (no `plots` extra) raised ImportError right after profiling, since
+    hellora_plots defaults to True."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=1, hellora_plots=True)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert "matplotlib is not installed" in caplog.text
+    assert (tmp_path / "run" / PROFILE_FILE).is_file() and not list((tmp_path / "run").glob("*.png"))
+
+
+def test_an_sft_config_is_converted_like_sft_trainer_converts_training_arguments(tmp_path, tokenizer, dataset):
+    """Ecosystem review: keeping an SFTConfig and swapping only the trainer class gave a TypeError."""
+    from trl import SFTConfig
+
+    sft_args = SFTConfig(
+        output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, learning_rate=5e-3,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=False, max_length=96, seed=3, disable_tqdm=True,
+    )
+    trainer = HELLoRATrainer(
+        model=tiny_model("olmoe"), args=sft_args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=default_lora_config(**LORA),
+    )
+    assert isinstance(trainer.args, HELLoRAConfig)
+    assert (trainer.args.learning_rate, trainer.args.max_length, trainer.args.seed) == (5e-3, 96, 3)
+    assert trainer.args.hellora_selection == "layer" and trainer.args.hellora_k is None
+    with pytest.raises(TypeError, match="needs a HELLoRAConfig"):
+        HELLoRATrainer(model=tiny_model("olmoe"), args={"output_dir": "x"}, train_dataset=dataset)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"hellora_k": True}, "hellora_k must be a whole number"),
+        ({"hellora_k": 2.5}, "hellora_k must be a whole number"),
+        ({"hellora_k": "3"}, "hellora_k must be a whole number"),
+        ({"hellora_k": float("inf")}, "hellora_k must be a whole number"),
+        ({"hellora_min_k": 0}, "hellora_min_k must be a whole number >= 1"),
+        ({"hellora_min_k": 5, "hellora_max_k": 3}, "hellora_max_k must be a whole number >= hellora_min_k"),
+    ],
+)
+def test_bad_k_settings_fail_in_the_config(tmp_path, overrides, match):
+    """Review 2.20-2.24: float/inf/bool/str k and min_k > max_k passed HELLoRAConfig and failed after profiling."""
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("overrides", [{"hellora_k": 100}, {"hellora_selection": "mass", "hellora_max_k": 9}])
+def test_k_larger_than_the_experts_fails_before_profiling(tmp_path, tokenizer, dataset, overrides):
+    """Review 2.14/2.18: hellora_k=100 on 8 experts failed only after the whole LoRA warm-up sub-run."""
+    with pytest.raises(ValueError, match=r"exceeds the 8 experts per MoE layer"):
+        make_trainer(tmp_path, tokenizer, dataset, hellora_profile_mode="lora_warmup", **overrides)
+
+
+def test_an_empty_prepared_training_set_says_why(tmp_path, tokenizer, dataset):
+    """Review 4.14: rows all cut off by max_length gave 'sample_fraction got an empty dataset'."""
+    trainer = make_trainer(tmp_path, tokenizer, dataset)
+    trainer.train_dataset = trainer.train_dataset.select([])
+    with pytest.raises(ValueError, match="training set is empty after TRL's preparation"):
+        trainer.train()

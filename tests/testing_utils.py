@@ -12,7 +12,7 @@ import pytest
 import torch
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-FUSED_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+FUSED_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe"]
 IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
 # tests/gpu: "cuda" when torch sees a GPU; HELLORA_GPU_TESTS_ON_CPU=1 runs the suite's logic on the CPU instead
 # (a check of the tests themselves, not of CUDA); otherwise its tests skip with this reason.

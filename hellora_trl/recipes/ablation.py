@@ -49,17 +49,20 @@ class AblationArguments:
     )
 
 
-def _values(text: str, cast) -> list:
-    return [cast(v.strip()) for v in text.split(",") if v.strip()]
+def _values(text: str, cast, flag: str = "") -> list:
+    try:
+        return [cast(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise ValueError(f"--{flag} {text!r}: every comma-separated value must be a {cast.__name__} ({err}).") from err
 
 
 def grid_rows(ablation: AblationArguments, baseline: dict[str, Any]) -> list[dict[str, Any]]:
     """The settings to run: one-at-a-time around ``baseline`` (the paper's tables) or the full product."""
     axes = {
         "selection": _values(ablation.selections, str),
-        "k": _values(ablation.ks, int) or [baseline["k"]],
+        "k": _values(ablation.ks, int, "ks") or [baseline["k"]],
         "components": _values(ablation.components, str),
-        "warmup_fraction": _values(ablation.warmup_fractions, float),
+        "warmup_fraction": _values(ablation.warmup_fractions, float, "warmup_fractions"),
         "variant": _values(ablation.variants, str),
     }
     for name, values in axes.items():

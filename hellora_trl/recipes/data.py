@@ -81,7 +81,7 @@ def _read_local(path: Path) -> Dataset:
         if len(rows) == 1 and lists and all(isinstance(r, dict) for r in lists[0]):
             rows = lists[0]
         elif lists and len(lists) == len(rows) and len({len(v) for v in lists}) == 1:
-            return Dataset.from_dict(rows)
+            return _columns_to_dataset(path, rows)
         else:
             raise ValueError(
                 f"{path}: expected a JSON list of objects or an object of equal-length column lists; "
@@ -95,7 +95,27 @@ def _read_local(path: Path) -> Dataset:
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
-    return Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns})
+    return _columns_to_dataset(path, {c: [row.get(c) for row in rows] for c in columns})
+
+
+def _columns_to_dataset(path: Path, columns: dict[str, list]) -> Dataset:
+    """``Dataset.from_dict``, with a message naming the row and column when a column mixes value types (pyarrow
+    otherwise raises e.g. ``ArrowTypeError: Expected bytes, got a 'int' object``)."""
+    import pyarrow as pa
+
+    try:
+        return Dataset.from_dict(columns)
+    except (pa.ArrowException, TypeError, ValueError) as err:
+        for name, values in columns.items():
+            kinds = [(i, type(v).__name__) for i, v in enumerate(values) if v is not None]
+            first = kinds[0] if kinds else None
+            odd = next(((i, kind) for i, kind in kinds if kind != first[1]), None) if first else None
+            if odd is not None:
+                raise ValueError(
+                    f"{path}: column {name!r} mixes value types: row {first[0]} has {first[1]}, row {odd[0]} has "
+                    f"{odd[1]}. Every row must use the same type in a column (e.g. strings for text fields)."
+                ) from err
+        raise ValueError(f"{path}: the rows cannot be read as a table ({err}).") from err
 
 
 def _resolve_local(source: PathOrId, split: str) -> Path | None:

@@ -444,6 +444,9 @@ _FAMILY_SETTINGS: dict[str, tuple[str, dict]] = {
             "mlp_only_layers": [],
         },
     ),
+    "granitemoe": ("GraniteMoeConfig", {"num_local_experts": 8, "num_experts_per_tok": 2}),
+    # router_jitter_noise 0: sparsemixer jitter would make the tiny model stochastic in train mode.
+    "phimoe": ("PhimoeConfig", {"num_local_experts": 8, "num_experts_per_tok": 2, "router_jitter_noise": 0.0}),
     "deepseek_v2": ("DeepseekV2Config", dict(_DEEPSEEK_MLA)),
     "deepseek_v3": ("DeepseekV3Config", dict(_DEEPSEEK_MLA)),
     "gpt_oss": (

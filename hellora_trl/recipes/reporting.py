@@ -11,9 +11,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..profile import ExpertProfile, HotMap
+from ..profile import ExpertProfile, HotMap, check_k
 from ..profiling import profile_rows, warmup_indices  # noqa: F401  (profile_rows: part of this module's API)
-from ..selection import default_k, select_hot_experts
+from ..selection import default_k, select_hot_experts, validate_hot_map
 from ..utils import atomic_write, atomic_write_text
 
 PAPER_FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.5)
@@ -334,6 +334,8 @@ def write_report(
     hot_maps = hot_maps or {}
     first = next(iter(profiles.values()), None)
     k = k or (default_k(first) if first is not None else stability["k"])
+    if profiles:  # k may exceed a smaller model's E (clipped per profile), never every profile's
+        check_k(k, max(p.num_experts for p in profiles.values()))
     figures: dict[str, Path] = {}
     rows = []
     for label, profile in profiles.items():
@@ -370,6 +372,7 @@ def write_report(
 def _boxes(profile: ExpertProfile, stored: HotMap | None, k: int, strategy: str) -> tuple[HotMap, str]:
     """The hot map to draw and a note saying where it came from."""
     if stored:
+        validate_hot_map(stored, profile.layer_names, profile.num_experts)
         sizes = sorted({len(v) for v in stored.values()})
         ks = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
         return stored, f"stored hot map (k={ks})"
