@@ -1,0 +1,1 @@
+"""Application recipes built on the HELLoRA library (SFT job, lab model, corpora)."""
