@@ -705,6 +705,15 @@ def cmd_ablate(argv: Sequence[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def cmd_pretrain(argv: Sequence[str]) -> int:
+    """Delegates to hellora_trl.recipes.lab.main(argv): build (or reuse) the cached lab model."""
+    from .recipes import lab
+
+    with _program_name("hellora pretrain"):
+        lab.main(list(argv))
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -723,6 +732,7 @@ COMMANDS: dict[str, Command] = {
         Command("merge", "base + adapter -> plain transformers checkpoint", cmd_merge),
         Command("export", "adapter -> merged checkpoint or stock-PEFT layout", cmd_export),
         Command("ablate", "ablation runs (hellora_trl.ablation)", cmd_ablate),
+        Command("pretrain", "pretrain (or reuse the cached) small lab MoE with learned routing", cmd_pretrain),
     )
 }
 

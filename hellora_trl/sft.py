@@ -1,8 +1,9 @@
 """The SFT recipe behind ``examples/sft_*.py`` and ``hellora train``: parse, load, profile + train, evaluate.
 
-One function per step so the examples stay a few lines and every step can be tested. With no model and no
-dataset given, the recipe runs the embedded offline default: a tiny OLMoE-architecture model built from a config,
-a tokenizer trained locally and generated GSM8K-style word problems (no network, a few minutes on 2 CPU cores).
+One function per step so the examples stay a few lines and every step can be tested. With no model given, the
+recipe fine-tunes the lab model (:mod:`hellora_trl.recipes.lab`: a small OLMoE pretrained in-project, cached after
+the first run); with no dataset either, the target task is generated one-step arithmetic word problems that the
+lab model never saw in pretraining, and the summary reports base vs adapted held-out loss and exact match.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ PAPER_DEFAULTS: dict[str, Any] = dict(lora_r=32, lora_alpha=64, lora_dropout=0.0
 OFFLINE_MODEL = dict(
     hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_experts=16, num_experts_per_tok=2
 )
-OFFLINE_TRAIN_ROWS = 384
+OFFLINE_TRAIN_ROWS = 1200
 OFFLINE_EVAL_ROWS = 32
 OFFLINE_DEFAULTS: dict[str, Any] = dict(
     output_dir="outputs/sft_gsm8k_offline",
+    eval_max_new_tokens=24,
     num_train_epochs=2.0,
     per_device_train_batch_size=8,
     learning_rate=5e-3,
@@ -73,6 +75,13 @@ class HELLoRAScriptArguments:
     )
     benign_eval_path: str | None = field(
         default=None, metadata={"help": "saferpaca: benign instructions for the over-refusal rate."}
+    )
+    lab_recipe: str = field(
+        default_factory=lambda: os.environ.get("HELLORA_LAB_RECIPE", "default"),
+        metadata={
+            "help": "With no model: the lab model recipe to fine-tune (default, small, tiny; env HELLORA_LAB_RECIPE). "
+            "It is pretrained once and cached (see `hellora pretrain`)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -122,15 +131,15 @@ def lora_config_from(model_args) -> LoraConfig:
     )
 
 
-def build_model_and_tokenizer(model_args, training_args: HELLoRAConfig):
-    """The offline tiny OLMoE + local tokenizer, or a hub/local checkpoint through transformers."""
+def build_model_and_tokenizer(model_args, training_args: HELLoRAConfig, lab_recipe: str | None = None):
+    """The cached lab model (no model given; built on first use), or a hub/local checkpoint through transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_args.model_name_or_path is None:
-        from .offline import build_tokenizer, tiny_moe_model
+        from .recipes.lab import load_lab_model
 
-        return tiny_moe_model("olmoe", seed=training_args.seed, **OFFLINE_MODEL), build_tokenizer()
+        return load_lab_model(lab_recipe or os.environ.get("HELLORA_LAB_RECIPE", "default"))
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     remote = bool(getattr(model_args, "trust_remote_code", False) or getattr(training_args, "trust_remote_code", False))
     model = AutoModelForCausalLM.from_pretrained(
@@ -154,11 +163,12 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
 
     if script_args.task == "gsm8k":
         fmt = "messages" if script_args.chat_format else "prompt_completion"
-        if script_args.dataset_name is None:
-            from .offline import generate_math_problems
+        if script_args.dataset_name is None:  # the lab target task: never in the pretraining corpus
+            from .recipes.lab_corpus import arithmetic_splits
 
-            train = data.synthetic_gsm8k(script_args.train_limit or OFFLINE_TRAIN_ROWS, seed=seed, fmt=fmt)
-            held_out = generate_math_problems(max(script_args.eval_limit, 1), seed=seed + 10_000)
+            rows, held_out = arithmetic_splits(script_args.train_limit or OFFLINE_TRAIN_ROWS,
+                                               max(script_args.eval_limit, 1), seed=seed)
+            train = data._format_gsm8k([r["question"] for r in rows], [r["answer"] for r in rows], fmt)
             return train, held_out
         train = data.load_gsm8k(script_args.dataset_name, script_args.dataset_train_split, fmt=fmt, limit=script_args.train_limit)
         held_out = None
@@ -209,7 +219,7 @@ def build_trainer(script_args: HELLoRAScriptArguments, training_args: HELLoRACon
     """(trainer, tokenizer, held-out rows) for one run of the recipe; shared with ``hellora ablate``."""
     from .trainer import HELLoRATrainer
 
-    model, tokenizer = build_model_and_tokenizer(model_args, training_args)
+    model, tokenizer = build_model_and_tokenizer(model_args, training_args, script_args.lab_recipe)
     train_dataset, held_out = load_task_data(script_args, seed=training_args.seed)
     trainer = HELLoRATrainer(
         model=model,
@@ -224,6 +234,7 @@ def build_trainer(script_args: HELLoRAScriptArguments, training_args: HELLoRACon
 def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args) -> dict[str, Any]:
     """Profile -> select -> attach -> train -> save -> evaluate; returns the metrics it wrote."""
     trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
+    lab = _lab_before(trainer, tokenizer, script_args, held_out, training_args, model_args)
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "last"):  # `--resume_from_checkpoint true`: the newest checkpoint in output_dir
         resume = True
@@ -233,6 +244,8 @@ def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model
     if trainer.is_world_process_zero():
         results = evaluate(trainer.model, tokenizer, script_args, held_out, training_args)
         summary.update(results)
+        if lab is not None:
+            summary["lab"] = _lab_after(lab, trainer, tokenizer, held_out, results)
         if results:
             from .eval import write_results
 
@@ -240,6 +253,38 @@ def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model
         _write_summary(summary, Path(training_args.output_dir))
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+# ---- lab model: base vs adapted on held-out target rows, routing concentration (see hellora_trl.recipes.lab)
+def _lab_before(trainer, tokenizer, script_args, held_out, training_args, model_args) -> dict | None:
+    """Base-model numbers, taken before training, when the run fine-tunes the lab model on the arithmetic task."""
+    if not (is_offline_default(script_args, model_args) and script_args.task == "gsm8k" and held_out):
+        return None
+    if not trainer.is_world_process_zero() or script_args.chat_format:
+        return None
+    from .recipes.lab_quality import completion_loss
+
+    base = {"base_heldout_loss": completion_loss(trainer.model, tokenizer, held_out)}
+    if script_args.eval_limit:
+        result = evaluate(trainer.model, tokenizer, script_args, held_out, training_args)
+        base["base_exact_match"] = result["gsm8k"]["accuracy"]
+    return base
+
+
+def _lab_after(base: dict, trainer, tokenizer, held_out, results: dict) -> dict:
+    from .recipes.lab_quality import completion_loss
+
+    lab = dict(base)
+    lab["adapted_heldout_loss"] = completion_loss(trainer.model, tokenizer, held_out)
+    if "gsm8k" in results:
+        lab["adapted_exact_match"] = results["gsm8k"]["accuracy"]
+    profile = getattr(trainer, "hellora_profile", None)
+    if profile is not None:
+        shares = profile.concentration()
+        lab["routing_uniform_top_k_share"] = profile.experts_per_token / profile.num_experts
+        lab.update({f"routing_top_k_share_layer{i}": round(x, 4) for i, x in enumerate(shares)})
+        lab["routing_min_top_k_share_over_uniform"] = min(shares) / lab["routing_uniform_top_k_share"]
+    return lab
 
 
 def _without_records(results: dict) -> dict:
@@ -254,7 +299,8 @@ def _write_summary(summary: dict, out: Path) -> None:
         "profile_seconds": summary["train"].get("hellora/profile_seconds"),
         "profile_share": summary["train"].get("hellora/profile_share"),
     }
-    for task, result in _without_records({k: v for k, v in summary.items() if k != "train"}).items():
+    lines.update({f"lab/{k}": v for k, v in summary.get("lab", {}).items()})
+    for task, result in _without_records({k: v for k, v in summary.items() if k not in ("train", "lab")}).items():
         lines.update({f"{task}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
     atomic_write_text(out / "hellora_summary.json", json.dumps(lines, indent=2))
     print("HELLoRA run summary:", json.dumps(lines, indent=2))

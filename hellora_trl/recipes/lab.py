@@ -74,11 +74,15 @@ class LabRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-# Named recipes: the default (acceptance numbers, docs/lab.md) and a smaller one for the slow test suite.
+# Named recipes: the default (acceptance numbers, docs/lab.md), a smaller one for the slow test suite, and a tiny
+# one (seconds, routing barely trained) that the default test suite uses through HELLORA_LAB_RECIPE=tiny.
 LAB_RECIPES: dict[str, LabRecipe] = {
     "default": LabRecipe(),
     "small": LabRecipe(hidden_size=96, intermediate_size=96, num_hidden_layers=4, num_experts=16, steps=200,
                        docs_per_domain=1200, vocab_size=1024),
+    "tiny": LabRecipe(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_experts=8, vocab_size=512, seq_len=64, batch_size=8, steps=20, warmup_steps=2,
+                      docs_per_domain=60),
 }
 
 
@@ -278,7 +282,7 @@ def pretrain_lab_model(
     train_seconds = time.perf_counter() - started
 
     model.eval()
-    heldout = heldout_domain_texts(64, seed=recipe.seed, domains=tuple(corpus))
+    heldout = heldout_domain_texts(min(64, recipe.docs_per_domain), seed=recipe.seed, domains=tuple(corpus))
     heldout_loss = {d: round(_domain_loss(model, tokenizer, texts, recipe.seq_len), 4) for d, texts in heldout.items()}
     concentration = {}
     for domain, texts in heldout.items():
