@@ -204,7 +204,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="quality", help="results file stem in bench/results")
     parser.add_argument("--resume", action="store_true", help="keep existing results, skip what is done")
+    parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the existing JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads((RESULTS / f"{args.name}.json").read_text())
+        (RESULTS / f"{args.name}.md").write_text(markdown(results))
+        print(markdown(results))
+        return results
     torch.set_num_threads(args.threads)
 
     from hellora_trl.recipes import lab

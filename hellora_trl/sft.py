@@ -31,6 +31,7 @@ OFFLINE_EVAL_ROWS = 32
 OFFLINE_DEFAULTS: dict[str, Any] = dict(
     output_dir="outputs/sft_gsm8k_offline",
     eval_max_new_tokens=24,
+    eval_limit=64,
     num_train_epochs=2.0,
     per_device_train_batch_size=8,
     learning_rate=5e-3,

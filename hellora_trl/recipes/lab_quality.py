@@ -151,9 +151,12 @@ def routing_profile(model, tokenizer, rows: Sequence[dict], batch_size: int = 32
 
 
 def score(model, tokenizer, held_out: Sequence[dict], domains: dict[str, list[str]], settings: FineTuneSettings) -> dict:
+    em = None
+    if settings.generate_rows:
+        em = exact_match(model, tokenizer, held_out[: settings.generate_rows], settings.max_new_tokens)
     return {
         "target_loss": completion_loss(model, tokenizer, held_out),
-        "exact_match": exact_match(model, tokenizer, held_out[: settings.generate_rows], settings.max_new_tokens),
+        "exact_match": em,
         "domain_loss": domain_losses(model, tokenizer, domains),
     }
 
