@@ -16,6 +16,7 @@ from hellora_trl.recipes.lab_corpus import (
     generated_corpus,
     heldout_domain_texts,
     shared_corpus,
+    shared_heldout,
 )
 
 TINY = lab.LAB_RECIPES["tiny"]
@@ -133,3 +134,6 @@ def test_shared_corpus_reads_the_real_text_and_keeps_gsm8k_tail_out():
     full = shared_corpus(root)
     tail = [json.loads(x) for x in (Path(root) / "gsm8k" / "train.jsonl").read_text().splitlines()[6000:6010]]
     assert not any(r["question"] in d for r in tail for d in full["math"])
+    held = shared_heldout(root, n=8)
+    assert not set(held["code"]) & set(full["code"]) and not set(held["safety"]) & set(full["safety"])
+    assert not set(held["math"]) & set(full["math"])

@@ -231,7 +231,7 @@ def pretrain_lab_model(
 
     from ..offline import build_tokenizer
     from ..profiling import profile_experts
-    from .lab_corpus import heldout_domain_texts
+    from .lab_corpus import heldout_domain_texts, shared_heldout
 
     recipe = recipe or LabRecipe()
     out = Path(output_dir) if output_dir is not None else lab_cache_dir() / recipe.key()
@@ -282,7 +282,10 @@ def pretrain_lab_model(
     train_seconds = time.perf_counter() - started
 
     model.eval()
-    heldout = heldout_domain_texts(min(64, recipe.docs_per_domain), seed=recipe.seed, domains=tuple(corpus))
+    if recipe.data_dir is None:
+        heldout = heldout_domain_texts(min(64, recipe.docs_per_domain), seed=recipe.seed, domains=tuple(corpus))
+    else:
+        heldout = shared_heldout(recipe.data_dir)
     heldout_loss = {d: round(_domain_loss(model, tokenizer, texts, recipe.seq_len), 4) for d, texts in heldout.items()}
     concentration = {}
     for domain, texts in heldout.items():
@@ -303,7 +306,7 @@ def pretrain_lab_model(
         "parameters": sum(p.numel() for p in model.parameters()),
         "corpus": {
             "source": "generated in-project (hellora_trl.recipes.lab_corpus.generated_corpus)"
-            if recipe.data_dir is None else f"{recipe.data_dir}: GSM8K train[:6000], CodeAlpaca 2k, Saferpaca",
+            if recipe.data_dir is None else f"{recipe.data_dir}: GSM8K train[:6000], CodeAlpaca 2k and Saferpaca minus their last 64 rows",
             "documents": {d: len(t) for d, t in corpus.items()},
             "tokens": domain_tokens,
         },

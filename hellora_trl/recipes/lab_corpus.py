@@ -33,6 +33,7 @@ __all__ = [
     "generated_corpus",
     "heldout_domain_texts",
     "shared_corpus",
+    "shared_heldout",
 ]
 
 DOMAINS: tuple[str, ...] = ("math", "code", "safety", "prose")
@@ -217,8 +218,8 @@ def generated_corpus(docs_per_domain: int, seed: int = 0) -> dict[str, list[str]
 
 
 def heldout_domain_texts(n: int, seed: int = 0, domains: tuple[str, ...] = DOMAINS) -> dict[str, list[str]]:
-    """``n`` generated documents per domain from seeds pretraining never uses, minus any exact pretraining duplicate
-    is not checked here (templates repeat); use them for held-out loss (forgetting), not for novelty claims."""
+    """``n`` generated documents per domain from seeds pretraining never uses. Templates repeat, so a short
+    document can coincide with a pretraining one; use them for held-out loss (forgetting), not novelty claims."""
     return {d: _GENERATORS[d](n, _HELDOUT_OFFSET + seed * 1000 + DOMAINS.index(d)) for d in domains}
 
 
@@ -283,12 +284,10 @@ def _alpaca_doc(row: dict) -> str:
     return f"### Instruction:\n{prompt}\n### Response:\n{str(row.get('output', '')).strip()}"
 
 
-def shared_corpus(data_dir: str | Path, docs_per_domain: int | None = None) -> dict[str, list[str]]:
-    """GSM8K train rows [0, :data:`SHARED_GSM8K_PRETRAIN_ROWS`), CodeAlpaca (2k) and Saferpaca from ``data_dir``.
+SHARED_HELDOUT_DOCS = 64  # the last CodeAlpaca / Saferpaca rows are held out of pretraining (GSM8K: its test split)
 
-    Domains ``math``, ``code`` and ``safety`` (no prose: the shared data has none). File order is kept, so the
-    corpus is deterministic; ``docs_per_domain`` keeps the first N of each.
-    """
+
+def _shared_files(data_dir: str | Path) -> dict[str, Path]:
     root = Path(data_dir)
     files = {
         "math": root / "gsm8k" / "train.jsonl",
@@ -298,12 +297,35 @@ def shared_corpus(data_dir: str | Path, docs_per_domain: int | None = None) -> d
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"--data_dir {root} lacks {missing}; expected the layout of ../shared/datasets.")
+    return files
+
+
+def shared_corpus(data_dir: str | Path, docs_per_domain: int | None = None) -> dict[str, list[str]]:
+    """GSM8K train rows [0, :data:`SHARED_GSM8K_PRETRAIN_ROWS`), CodeAlpaca (2k) and Saferpaca from ``data_dir``,
+    minus the last :data:`SHARED_HELDOUT_DOCS` rows of CodeAlpaca and Saferpaca (see :func:`shared_heldout`).
+
+    Domains ``math``, ``code`` and ``safety`` (no prose: the shared data has none). File order is kept, so the
+    corpus is deterministic; ``docs_per_domain`` keeps the first N of each.
+    """
+    files = _shared_files(data_dir)
     gsm = _read_json_rows(files["math"])[:SHARED_GSM8K_PRETRAIN_ROWS]
     corpus = {
         "math": [_math_doc(r) for r in gsm],
-        "code": [_alpaca_doc(r) for r in _read_json_rows(files["code"])],
-        "safety": [_alpaca_doc(r) for r in _read_json_rows(files["safety"])],
+        "code": [_alpaca_doc(r) for r in _read_json_rows(files["code"])[:-SHARED_HELDOUT_DOCS]],
+        "safety": [_alpaca_doc(r) for r in _read_json_rows(files["safety"])[:-SHARED_HELDOUT_DOCS]],
     }
     if docs_per_domain is not None:
         corpus = {d: docs[:docs_per_domain] for d, docs in corpus.items()}
     return corpus
+
+
+def shared_heldout(data_dir: str | Path, n: int = SHARED_HELDOUT_DOCS) -> dict[str, list[str]]:
+    """Real documents pretraining never reads: GSM8K test rows, the held-out tail of CodeAlpaca and Saferpaca."""
+    files = _shared_files(data_dir)
+    n = min(n, SHARED_HELDOUT_DOCS)
+    test = _read_json_rows(Path(data_dir) / "gsm8k" / "test.jsonl")[:n]
+    return {
+        "math": [_math_doc(r) for r in test],
+        "code": [_alpaca_doc(r) for r in _read_json_rows(files["code"])[-n:]],
+        "safety": [_alpaca_doc(r) for r in _read_json_rows(files["safety"])[-n:]],
+    }
