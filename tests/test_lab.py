@@ -69,8 +69,9 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_lab(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("lab-cache")
+def tiny_lab():
+    """The tiny lab model in the session cache (conftest sets HELLORA_LAB_CACHE), shared with the example tests."""
+    cache = lab.lab_cache_dir()
     return cache, lab.lab_model_path(TINY, cache_dir=cache, progress=False)
 
 
@@ -92,7 +93,7 @@ def test_pretrain_writes_checkpoint_tokenizer_card_and_curve(tiny_lab):
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary build left behind
 
 
-def test_cache_is_reused_and_rebuilt_on_request(tiny_lab, monkeypatch):
+def test_cache_is_reused_and_rebuilt_on_request(tiny_lab, monkeypatch, tmp_path):
     cache, path = tiny_lab
     built = []
 
@@ -103,8 +104,8 @@ def test_cache_is_reused_and_rebuilt_on_request(tiny_lab, monkeypatch):
     monkeypatch.setattr(lab, "pretrain_lab_model", fake_pretrain)
     assert lab.lab_model_path(TINY, cache_dir=cache) == path and built == []  # cached: not rebuilt
     other = dataclasses.replace(TINY, seed=5)
-    assert lab.lab_model_path(other, cache_dir=cache) == cache / other.key() and built == [other.key()]
-    lab.lab_model_path(other, cache_dir=cache, rebuild=True)
+    assert lab.lab_model_path(other, cache_dir=tmp_path) == tmp_path / other.key() and built == [other.key()]
+    lab.lab_model_path(other, cache_dir=tmp_path, rebuild=True)
     assert built == [other.key(), other.key()]
 
 
@@ -116,7 +117,7 @@ def test_pretrain_command(tiny_lab, tmp_path, capsys):
                      str(tmp_path / "copy")]) == 0
     out = capsys.readouterr().out
     assert "HELLoRA lab model" in out and (tmp_path / "copy" / "lab_card.json").is_file()
-    assert cli.main(["pretrain", "--recipe", "nope", "--cache_dir", str(cache)]) == 1
+    assert cli.main(["pretrain", "--recipe", "nope"]) == 1
 
 
 def test_unknown_recipe_is_refused():
@@ -137,3 +138,23 @@ def test_shared_corpus_reads_the_real_text_and_keeps_gsm8k_tail_out():
     held = shared_heldout(root, n=8)
     assert not set(held["code"]) & set(full["code"]) and not set(held["safety"]) & set(full["safety"])
     assert not set(held["math"]) & set(full["math"])
+
+
+def test_quality_helpers_on_the_tiny_lab_model(tiny_lab):
+    import math
+
+    from peft import LoraConfig
+
+    from hellora_trl.accounting import trainable_parameter_report
+    from hellora_trl.recipes import lab_quality as q
+
+    _, path = tiny_lab
+    model, tokenizer = q._load(path)
+    rows = arithmetic_problems(6, seed=1)
+    loss = q.completion_loss(model, tokenizer, rows, batch_size=4)
+    assert math.isfinite(loss) and loss > 0
+    profile = q.routing_profile(model, tokenizer, rows)
+    assert len(profile.concentration()) == TINY.num_hidden_layers and profile.tokens_seen > 0
+    floor = q.attention_router_only(model, LoraConfig(r=2, lora_alpha=4))
+    parts = trainable_parameter_report(floor)["by_component"]
+    assert parts["experts"] == 0 and parts["router"] > 0 and parts["attention"] > 0

@@ -19,10 +19,12 @@ def test_small_lab_model_routes_by_domain_and_hot_experts_beat_cold_and_random(t
 
     torch.set_num_threads(1)
     recipe = lab.LAB_RECIPES["small"]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     path = lab.lab_model_path(recipe, cache_dir=tmp_path / "cache", progress=False)
-    pretrain_seconds = time.perf_counter() - started
-    assert pretrain_seconds < 180, f"pretraining the small lab model took {pretrain_seconds:.0f}s (budget 180s)"
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    print(f"small lab model: pretrained in {wall:.0f}s wall, {cpu:.0f}s CPU; card {lab.read_card(path)['routing_concentration']}")
+    # CPU time of this one-thread process: what a quiet machine would need, robust to other jobs on a shared box
+    assert cpu < 180, f"pretraining the small lab model took {cpu:.0f}s of CPU (budget 180s; {wall:.0f}s wall)"
 
     settings = q.FineTuneSettings(steps=80, eval_rows=64, generate_rows=0, domain_rows=8, train_rows=640)
     k, experts = recipe.num_experts_per_tok, recipe.num_experts
@@ -39,4 +41,5 @@ def test_small_lab_model_routes_by_domain_and_hot_experts_beat_cold_and_random(t
         for selection in ("layer", "cold", "random"):
             config = q.QualityConfig(selection, k=k, selection=selection)
             loss[selection] = q.finetune(config, path, train, settings, seed, profile_path, held_out, {})["target_loss"]
+        print(f"seed {seed}: top-k share {[round(x, 3) for x in shares]}, target loss {loss}")
         assert loss["layer"] < loss["cold"] and loss["layer"] < loss["random"], (seed, loss)
