@@ -79,6 +79,11 @@ def _fmt(values: list[float], spec: str = ".4f") -> str:
     return f"{mean:{spec}} ± {sd:{spec}}" if len(values) > 1 else f"{mean:{spec}}"
 
 
+def step_time_key(runs: list[dict]) -> str:
+    """CPU seconds per step when every run has them (robust on a shared machine), else wall seconds."""
+    return "cpu_sec_per_step" if runs and all("cpu_sec_per_step" in r["metrics"] for r in runs) else "sec_per_step"
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Per-configuration aggregates, paired deltas against the reference and the acceptance checks."""
     runs, base = results["runs"], results["base"]
@@ -91,7 +96,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         rows = [(s, by[(name, s)]) for s in seeds if (name, s) in by]
         forgetting = [statistics.mean(m["domain_loss"][d] - base[str(s)]["domain_loss"][d] for d in UNTRAINED)
                       for s, m in rows]
-        ratio = [m["sec_per_step"] / by[(floor, s)]["sec_per_step"] for s, m in rows if (floor, s) in by]
+        near = [m["domain_loss"]["math"] - base[str(s)]["domain_loss"]["math"] for s, m in rows]
+        key = step_time_key(runs)
+        ratio = [m[key] / by[(floor, s)][key] for s, m in rows if (floor, s) in by]
         delta = [m["target_loss"] - by[(REFERENCE, s)]["target_loss"] for s, m in rows if (REFERENCE, s) in by]
         table.append({
             "name": name, "seeds": [s for s, _ in rows],
@@ -99,6 +106,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "target_loss": [m["target_loss"] for _, m in rows],
             "exact_match": [m["exact_match"] for _, m in rows],
             "forgetting": forgetting,
+            "math_change": near,
             "step_ratio": ratio,
             "delta_vs_hellora": delta if name != REFERENCE else [],
         })
@@ -152,20 +160,23 @@ def markdown(results: dict[str, Any]) -> str:
         f"experts, top-{results['k']}), fine-tuned on held-out one-step arithmetic word problems: r={s['lora_r']}, "
         f"{s['steps']} steps x batch {s['batch_size']}, lr {s['learning_rate']}, seeds {results['seeds_done']}. "
         f"Target loss: completion tokens of {s['eval_rows']} held-out rows; exact match: greedy, {s['generate_rows']} "
-        f"rows; forgetting: change in held-out loss on code / safety / prose (lower is better); step ratio: seconds "
-        f"per step / the floor's (same process, shared 2-core CPU, noisy); Δ vs HELLoRA: paired within seed, "
+        f"rows; forgetting: change in held-out loss on code / safety / prose (lower is better); math Δ: the same on "
+        f"held-out math word problems, the domain nearest the target; step ratio: "
+        + ("process CPU seconds" if step_time_key(results["runs"]) == "cpu_sec_per_step" else
+           "wall seconds (noisy: a shared 2-core CPU with other jobs running)")
+        + f" per step / the floor's; Δ vs HELLoRA: paired within seed, "
         f"mean ± sd over seeds (positive = worse than HELLoRA). Base model: target loss "
         f"{_fmt([b['target_loss'] for b in results['base'].values()])}, exact match "
         f"{_fmt([b['exact_match'] for b in results['base'].values()], '.3f')}.",
         "",
-        "| configuration | trainable % | target loss | exact match | forgetting | step ratio | Δ target loss vs HELLoRA |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | trainable % | target loss | exact match | forgetting | math Δ | step ratio | Δ target loss vs HELLoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary["table"]:
         delta = _fmt(row["delta_vs_hellora"], "+.4f") if row["delta_vs_hellora"] else "—"
         lines.append(
             f"| {row['name']} | {row['trainable_percent']:.3f} | {_fmt(row['target_loss'])} | "
-            f"{_fmt(row['exact_match'], '.3f')} | {_fmt(row['forgetting'], '+.4f')} | "
+            f"{_fmt(row['exact_match'], '.3f')} | {_fmt(row['forgetting'], '+.4f')} | {_fmt(row['math_change'], '+.3f')} | "
             f"{_fmt(row['step_ratio'], '.2f') if row['step_ratio'] else '—'} | {delta} |"
         )
     yes = {True: "met", False: "**missed**"}
@@ -205,7 +216,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default="quality", help="results file stem in bench/results")
     parser.add_argument("--resume", action="store_true", help="keep existing results, skip what is done")
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the existing JSON")
+    parser.add_argument("--merge", nargs="*", default=None,
+                        help="results stems to fold into --name (runs of the same lab model, e.g. rows run in a "
+                             "second process), then rewrite the markdown; the merged files are left in place")
     args = parser.parse_args(argv)
+    if args.merge:
+        results = json.loads((RESULTS / f"{args.name}.json").read_text())
+        have = {(r["name"], r["seed"]) for r in results["runs"]}
+        for stem in args.merge:
+            other = json.loads((RESULTS / f"{stem}.json").read_text())
+            if other["lab_key"] != results["lab_key"] or other["settings"] != results["settings"]:
+                raise SystemExit(f"{stem} was measured on another lab model or with other settings.")
+            results["runs"] += [r for r in other["runs"] if (r["name"], r["seed"]) not in have]
+            results["command"] += f" && {other['command']}"
+        results["seeds_done"] = sorted({r["seed"] for r in results["runs"]})
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+        args.render = True
     if args.render:
         results = json.loads((RESULTS / f"{args.name}.json").read_text())
         (RESULTS / f"{args.name}.md").write_text(markdown(results))

@@ -242,9 +242,9 @@ def finetune(
             peft_model = (attention_router_only if config.kind == "floor" else apply_peft_all_experts)(model, _lora(settings))
             trainer = SFTTrainer(model=peft_model, args=_args(work, settings, seed), train_dataset=train,
                                  processing_class=tokenizer)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         output = trainer.train()
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         trained = trainer.model
         report = trainable_parameter_report(trained)
         hot = getattr(trainer, "hellora_hot_experts", None)
@@ -254,6 +254,9 @@ def finetune(
             "train_loss": output.metrics.get("train_loss"),
             "sec_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
             "seconds": seconds,
+            # process CPU time per step (profiling included for HELLoRA rows' own selection, which is cheap here):
+            # other jobs on a shared machine disturb it far less than wall time
+            "cpu_sec_per_step": cpu_seconds / max(trainer.state.global_step, 1),
             "hot_experts": hot,
             **score(trained, tokenizer, held_out, domains, settings),
         }
