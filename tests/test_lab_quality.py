@@ -26,7 +26,7 @@ def test_small_lab_model_routes_by_domain_and_hot_experts_beat_cold_and_random(t
     # CPU time of this one-thread process: what a quiet machine would need, robust to other jobs on a shared box
     assert cpu < 180, f"pretraining the small lab model took {cpu:.0f}s of CPU (budget 180s; {wall:.0f}s wall)"
 
-    settings = q.FineTuneSettings(steps=80, eval_rows=64, generate_rows=0, domain_rows=8, train_rows=640)
+    settings = q.FineTuneSettings(steps=100, eval_rows=64, generate_rows=0, domain_rows=8, train_rows=640)
     k, experts = recipe.num_experts_per_tok, recipe.num_experts
     model, tokenizer = q._load(path)
     for seed in SEEDS:

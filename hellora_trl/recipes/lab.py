@@ -78,7 +78,7 @@ class LabRecipe:
 # one (seconds, routing barely trained) that the default test suite uses through HELLORA_LAB_RECIPE=tiny.
 LAB_RECIPES: dict[str, LabRecipe] = {
     "default": LabRecipe(),
-    "small": LabRecipe(hidden_size=96, intermediate_size=96, num_hidden_layers=4, num_experts=16, steps=200,
+    "small": LabRecipe(hidden_size=96, intermediate_size=96, num_hidden_layers=4, num_experts=16, steps=300,
                        docs_per_domain=1200, vocab_size=1024),
     "tiny": LabRecipe(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_experts=8, vocab_size=512, seq_len=64, batch_size=8, steps=20, warmup_steps=2,
