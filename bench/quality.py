@@ -310,8 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             metrics = q.finetune(config, path, train, settings, seed, profile_path, held_out, domains)
             results["runs"].append({"name": config.name, "seed": seed, "metrics": metrics,
                                     "wall_seconds": time.perf_counter() - started})
+            em = "-" if metrics["exact_match"] is None else f"{metrics['exact_match']:.3f}"
             print(f"seed {seed} {config.name}: target loss {metrics['target_loss']:.4f}, exact match "
-                  f"{metrics['exact_match']:.3f}, trainable {metrics['trainable_percent']:.3f}%, "
+                  f"{em}, trainable {metrics['trainable_percent']:.3f}%, "
                   f"{time.perf_counter() - started:.0f}s", flush=True)
             save()
     save()
