@@ -1,7 +1,8 @@
 """HELLoRA SFT on GSM8K: profile routing, adapt the hot experts only, train, evaluate.
 
-With no arguments it runs the embedded offline default (tiny OLMoE-architecture model, local tokenizer,
-generated GSM8K-style problems; a few minutes on 2 CPU cores) and writes everything to outputs/.
+With no arguments it runs the embedded offline default: the lab model (a small OLMoE pretrained in-project on a
+generated multi-domain corpus, cached after the first run) fine-tuned on generated arithmetic problems it never
+saw, with base vs adapted numbers in the summary (minutes on 2 CPU cores), and writes everything to outputs/.
 
     accelerate launch examples/sft_gsm8k.py --config configs/<recipe>.yaml [--any_HELLoRAConfig_field value]
 
@@ -19,6 +20,7 @@ from hellora_trl.distributed import end_distributed
 from hellora_trl.recipes.sft import (
     build_model_and_tokenizer,
     evaluate_and_write,
+    lab_baseline,
     load_task_data,
     lora_config_from,
     parse_args,
@@ -27,8 +29,9 @@ from hellora_trl.recipes.sft import (
 
 
 def main(script_args, training_args, model_args):
-    # Model and data: a checkpoint (--model_name_or_path) or the offline tiny OLMoE; GSM8K or generated problems
-    model, tokenizer = build_model_and_tokenizer(model_args, training_args)
+    # Model and data: a checkpoint (--model_name_or_path) or the cached lab model (pretrained in-project on first
+    # use); GSM8K, or generated arithmetic problems the lab model never saw
+    model, tokenizer = build_model_and_tokenizer(model_args, training_args, script_args.lab_recipe)
     train_dataset, held_out = load_task_data(script_args, seed=training_args.seed)
 
     # The trainer profiles routing (LoRA warm-up), selects the hot experts, attaches HELLoRA and trains
@@ -39,11 +42,12 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=lora_config_from(model_args),
     )
+    lab = lab_baseline(trainer, tokenizer, script_args, held_out, model_args)  # lab model: base numbers first
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
 
     # Held-out accuracy on every rank (sharded), then eval/results.{json,md} and hellora_summary.json
-    evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics)
+    evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics, lab)
 
 
 if __name__ == "__main__":

@@ -203,12 +203,12 @@ def apply_hellora(
     validate_hot_map(hot_experts, [layer.name for layer in layers], layers[0].num_experts)
     config = copy.deepcopy(lora_config)
     config.target_modules = resolve_targets(model, hot_experts, lora_config, components, include_shared_experts, family)
-    peft_model = _inject(model, config, hot_experts, family, layers, fuse_gate_up, adapter_name, autocast_adapter_dtype)
+    peft_model = inject_adapter(model, config, hot_experts, family, layers, fuse_gate_up, adapter_name, autocast_adapter_dtype)
     prepare_variant(peft_model, variant, masks=masks, density=density, adapter_name=adapter_name)
     return peft_model
 
 
-def _inject(
+def inject_adapter(
     model: nn.Module,
     config: LoraConfig,
     hot_experts: HotMap,
@@ -218,6 +218,8 @@ def _inject(
     adapter_name: str,
     autocast_adapter_dtype: bool = True,
 ) -> PeftModel:
+    """Let PEFT build ``config``'s adapter on ``model`` with our expert and router layers as custom modules (the
+    one injection path of apply_hellora, load_hellora and the baselines)."""
     mapping: dict[type, Any] = {}
     if family.layout == "fused":
         mapping[type(layers[0].experts)] = _HotExpertFactory(hot_experts, fuse_gate_up, family.eager_accepts_sentinel)
@@ -323,7 +325,7 @@ def load_hellora(
     validate_hot_map(hot, [layer.name for layer in layers], layers[0].num_experts)
     fuse = any(".lora_gate_up_A" in k for k in weights)
     config.inference_mode = not is_trainable
-    peft_model = _inject(model, config, hot, family, layers, fuse, adapter_name)
+    peft_model = inject_adapter(model, config, hot, family, layers, fuse, adapter_name)
     result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:

@@ -8,7 +8,7 @@ import copy
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .adapter import default_lora_config, explicit_v5_targets, resolve_targets
+from .adapter import default_lora_config, explicit_v5_targets, inject_adapter, resolve_targets
 from .profile import HotMap
 from .registry import family_for, find_moe_layers
 from .utils import unwrap_model
@@ -82,3 +82,16 @@ def apply_peft_dora(
     config.target_parameters = None
     with explicit_v5_targets():
         return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def apply_attention_router_only(model: nn.Module, lora_config: LoraConfig | None = None) -> PeftModel:
+    """The floor every expert placement is measured against: LoRA on attention and the routers (our router layer
+    for custom router modules), no expert adapter at all."""
+    config = copy.deepcopy(lora_config if lora_config is not None else default_lora_config())
+    family = family_for(model)
+    layers = find_moe_layers(model, family)
+    none_hot = {layer.name: [] for layer in layers}
+    targets = resolve_targets(model, none_hot, config, "all", True, family)
+    config.target_modules = [t for t in targets if t not in none_hot]
+    return inject_adapter(model, config, none_hot, family, layers, False, "default")
+

@@ -15,6 +15,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # training step take seconds instead of milliseconds. Subprocesses (examples) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# The main job fine-tunes the lab model when given no model. Tests (and the example subprocesses they start) use
+# the seconds-sized "tiny" lab recipe in a per-session cache, never the multi-minute default or the user's cache.
+os.environ.setdefault("HELLORA_LAB_RECIPE", "tiny")
+if "HELLORA_LAB_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["HELLORA_LAB_CACHE"] = tempfile.mkdtemp(prefix="hellora-lab-cache-")
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The `hellora` command line, run in-process on the offline tiny OLMoE (`--tiny olmoe`), plus one real subprocess."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -306,10 +307,14 @@ def test_train_then_eval_merge_and_report_end_to_end(tmp_path, capsys):
                         "--disable_tqdm", "true", "--hellora_plots", "false"], capsys)
     assert code == 0, err
     assert (run_dir / "adapter_config.json").is_file() and (run_dir / "hellora_profile.json").is_file()
-    code, _, err = run(["eval", "--adapter", run_dir, "--tiny", "olmoe", "--limit", 2, "--max_new_tokens", 4,
+    from hellora_trl.recipes.lab import lab_model_path
+
+    base = str(lab_model_path(os.environ["HELLORA_LAB_RECIPE"]))  # `hellora train` with no model: the lab model
+    code, _, err = run(["eval", "--adapter", run_dir, "--model_name_or_path", base, "--limit", 2, "--max_new_tokens", 4,
                         "--output_dir", tmp_path / "eval", "--disable_tqdm"], capsys)
     assert code == 0, err
-    code, _, err = run(["merge", "--adapter", run_dir, "--tiny", "olmoe", "--output_dir", tmp_path / "merged"], capsys)
+    code, _, err = run(["merge", "--adapter", run_dir, "--model_name_or_path", base, "--output_dir", tmp_path / "merged"],
+                       capsys)
     assert code == 0, err
     code, _, err = run(["eval", "--model_name_or_path", tmp_path / "merged", "--limit", 2, "--max_new_tokens", 4,
                         "--output_dir", tmp_path / "eval_merged", "--disable_tqdm"], capsys)

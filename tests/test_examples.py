@@ -53,6 +53,10 @@ def test_gsm8k_example_offline_default_end_to_end(tmp_path):
     )
     summary = json.loads((out / "hellora_summary.json").read_text())
     assert summary["gsm8k/total"] == 4 and 0 <= summary["gsm8k/accuracy"] <= 1
+    # no model given: the lab model, with base vs adapted numbers and the routing concentration in the summary
+    for key in ("lab/base_heldout_loss", "lab/adapted_heldout_loss", "lab/base_exact_match", "lab/adapted_exact_match",
+                "lab/routing_top_k_share_layer0", "lab/routing_min_top_k_share_over_uniform"):
+        assert key in summary, key
     for name in ("adapter_model.safetensors", "hellora_profile.json", "hellora_expert_heatmap.png", "eval/results.json"):
         assert (out / name).is_file(), name
 

@@ -48,6 +48,7 @@ COMMANDS: dict[str, Command] = {
         Command("merge", "base + adapter -> plain transformers checkpoint"),
         Command("export", "adapter -> merged checkpoint or stock-PEFT layout"),
         Command("ablate", "ablation grid: selection / k / components / warm-up / variant"),
+        Command("pretrain", "pretrain (or reuse the cached) small lab MoE with learned routing"),
     )
 }
 

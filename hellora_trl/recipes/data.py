@@ -206,7 +206,7 @@ def _apply_limit(ds: Dataset, limit: int | None) -> Dataset:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _format_gsm8k(questions: Sequence[str], answers: Sequence[str], fmt: str) -> Dataset:
+def format_gsm8k(questions: Sequence[str], answers: Sequence[str], fmt: str) -> Dataset:
     """Prompt-completion uses the same prompt as evaluation (:func:`gsm8k_prompt`)."""
     if fmt == "prompt_completion":
         # The leading space keeps "Answer:" and the answer on separate tokens, so the prompt tokenizes the same
@@ -237,7 +237,7 @@ def load_gsm8k(
     ds = load_source(source, split, hub_config="main")
     _check_columns(ds, _GSM8K_COLUMNS, source, "GSM8K")
     ds = _apply_limit(ds, limit)
-    return _format_gsm8k(_strings(ds, "question", source), _strings(ds, "answer", source), fmt)
+    return format_gsm8k(_strings(ds, "question", source), _strings(ds, "answer", source), fmt)
 
 
 def synthetic_gsm8k(n: int, seed: int = 0, fmt: str = "prompt_completion") -> Dataset:
@@ -246,7 +246,7 @@ def synthetic_gsm8k(n: int, seed: int = 0, fmt: str = "prompt_completion") -> Da
     if n < 1:
         raise ValueError(f"synthetic_gsm8k needs n >= 1 rows, got {n}.")
     problems = generate_math_problems(n, seed=seed)
-    return _format_gsm8k([p["question"] for p in problems], [p["answer"] for p in problems], fmt)
+    return format_gsm8k([p["question"] for p in problems], [p["answer"] for p in problems], fmt)
 
 
 # --------------------------------------------------------------------------------------------------------------

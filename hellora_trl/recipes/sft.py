@@ -1,8 +1,9 @@
 """The SFT recipe behind ``examples/sft_*.py`` and ``hellora train``: parse, load, profile + train, evaluate.
 
-One function per step so the examples stay a few lines and every step can be tested. With no model and no
-dataset given, the recipe runs the embedded offline default: a tiny OLMoE-architecture model built from a config,
-a tokenizer trained locally and generated GSM8K-style word problems (no network, a few minutes on 2 CPU cores).
+One function per step so the examples stay a few lines and every step can be tested. With no model given, the
+recipe fine-tunes the lab model (:mod:`hellora_trl.recipes.lab`: a small OLMoE pretrained in-project, cached after
+the first run); with no dataset either, the target task is generated one-step arithmetic word problems that the
+lab model never saw in pretraining, and the summary reports base vs adapted held-out loss and exact match.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from typing import Any, Sequence
 from peft import LoraConfig
 
 from ..config import HELLoRAConfig
-from ..constants import HELD_OUT_SEED_OFFSET, SUMMARY_FILE, TASKS
+from ..constants import SUMMARY_FILE, TASKS
 from ..distributed import is_main_process
 from ..utils import atomic_write_text
 from .models import OFFLINE_MODEL, ModelSource, load_model, load_tokenizer  # noqa: F401  (OFFLINE_MODEL: re-exported)
 
 PAPER_DEFAULTS: dict[str, Any] = dict(lora_r=32, lora_alpha=64, lora_dropout=0.0, output_dir="outputs/hellora-sft")
 
-OFFLINE_TRAIN_ROWS = 384
+OFFLINE_TRAIN_ROWS = 1200
 OFFLINE_DEFAULTS: dict[str, Any] = dict(
     output_dir="outputs/sft_gsm8k_offline",
+    eval_max_new_tokens=24,
+    eval_limit=64,
     num_train_epochs=2.0,
     per_device_train_batch_size=8,
     learning_rate=5e-3,
@@ -77,6 +80,13 @@ class HELLoRAScriptArguments:
     )
     benign_eval_path: str | None = field(
         default=None, metadata={"help": "saferpaca: benign instructions for the over-refusal rate."}
+    )
+    lab_recipe: str = field(
+        default_factory=lambda: os.environ.get("HELLORA_LAB_RECIPE", "default"),
+        metadata={
+            "help": "With no model: the lab model recipe to fine-tune (default, small, tiny; env HELLORA_LAB_RECIPE). "
+            "It is pretrained once and cached (see `hellora pretrain`)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -187,8 +197,12 @@ def model_source(model_args, training_args: HELLoRAConfig) -> ModelSource:
     )
 
 
-def build_model_and_tokenizer(model_args, training_args: HELLoRAConfig):
-    """The offline tiny OLMoE + local tokenizer, or a hub/local checkpoint through transformers."""
+def build_model_and_tokenizer(model_args, training_args: HELLoRAConfig, lab_recipe: str | None = None):
+    """The cached lab model (no model given; built on first use), or a hub/local checkpoint through transformers."""
+    if model_args.model_name_or_path is None:
+        from .lab import load_lab_model
+
+        return load_lab_model(lab_recipe or os.environ.get("HELLORA_LAB_RECIPE", "default"))
     source = model_source(model_args, training_args)
     return load_model(source), load_tokenizer(source)
 
@@ -199,11 +213,12 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
 
     if script_args.task == "gsm8k":
         fmt = "messages" if script_args.chat_format else "prompt_completion"
-        if script_args.dataset_name is None:
-            from .offline import generate_math_problems
+        if script_args.dataset_name is None:  # the lab target task: never in the pretraining corpus
+            from .lab_corpus import arithmetic_splits
 
-            train = data.synthetic_gsm8k(script_args.train_limit or OFFLINE_TRAIN_ROWS, seed=seed, fmt=fmt)
-            held_out = generate_math_problems(max(script_args.eval_limit, 1), seed=seed + HELD_OUT_SEED_OFFSET)
+            rows, held_out = arithmetic_splits(script_args.train_limit or OFFLINE_TRAIN_ROWS,
+                                               max(script_args.eval_limit, 1), seed=seed)
+            train = data.format_gsm8k([r["question"] for r in rows], [r["answer"] for r in rows], fmt)
             return train, held_out
         train = data.load_gsm8k(script_args.dataset_name, script_args.dataset_train_split, fmt=fmt, limit=script_args.train_limit)
         held_out = None
@@ -261,7 +276,7 @@ def build_trainer(script_args: HELLoRAScriptArguments, training_args: HELLoRACon
     """(trainer, tokenizer, held-out rows) for one run of the recipe; shared with ``hellora ablate``."""
     from ..trainer import HELLoRATrainer
 
-    model, tokenizer = build_model_and_tokenizer(model_args, training_args)
+    model, tokenizer = build_model_and_tokenizer(model_args, training_args, script_args.lab_recipe)
     train_dataset, held_out = load_task_data(script_args, seed=training_args.seed)
     trainer = HELLoRATrainer(
         model=model,
@@ -292,23 +307,63 @@ def write_run_outputs(train_metrics: dict, results: dict, output_dir: str | os.P
 def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args) -> dict[str, Any]:
     """Profile -> select -> attach -> train -> save -> evaluate; returns the metrics it wrote."""
     trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
+    lab = lab_baseline(trainer, tokenizer, script_args, held_out, model_args)
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
-    return evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics)
+    return evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics, lab)
 
 
-def evaluate_and_write(trainer, tokenizer, script_args: HELLoRAScriptArguments, held_out, train_metrics: dict) -> dict:
+def evaluate_and_write(
+    trainer, tokenizer, script_args: HELLoRAScriptArguments, held_out, train_metrics: dict, lab: dict | None = None
+) -> dict:
     """Evaluate on every rank, write ``eval/`` and the summary on the main process; every rank returns the summary.
 
     Every rank takes part because under ZeRO-3 and FSDP a forward needs all ranks: generation shards the prompts
     over the ranks and runs them in lockstep (:func:`hellora_trl.recipes.eval.generate_batched`). Evaluating on
-    rank 0 alone made rank 0 wait forever for weights the others, parked at a barrier, never sent."""
+    rank 0 alone made rank 0 wait forever for weights the others, parked at a barrier, never sent. ``lab`` (from
+    :func:`lab_baseline`) adds base vs adapted numbers of the lab model."""
     results = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)
+    if lab is not None:
+        results = {**results, "lab": _lab_after(lab, trainer, tokenizer, held_out, results)}
     summary: dict[str, Any] = {"train": train_metrics, **results}
     if trainer.is_world_process_zero():
         summary = write_run_outputs(train_metrics, results, trainer.args.output_dir)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+# ---- lab model: base vs adapted on held-out target rows, routing concentration (see hellora_trl.recipes.lab)
+def lab_baseline(trainer, tokenizer, script_args, held_out, model_args) -> dict | None:
+    """Base-model numbers, taken before training, when a single-process run fine-tunes the lab model on the
+    arithmetic task (None otherwise: multi-process runs skip the comparison, whose base forwards would run
+    before any engine exists)."""
+    if not (is_offline_default(script_args, model_args) and script_args.task == "gsm8k" and held_out):
+        return None
+    if trainer.accelerator.num_processes > 1 or script_args.chat_format:
+        return None
+    from .lab_quality import completion_loss
+
+    base = {"base_heldout_loss": completion_loss(trainer.model, tokenizer, held_out)}
+    if script_args.eval_limit:
+        result = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)
+        base["base_exact_match"] = result["gsm8k"]["accuracy"]
+    return base
+
+
+def _lab_after(base: dict, trainer, tokenizer, held_out, results: dict) -> dict:
+    from .lab_quality import completion_loss
+
+    lab = dict(base)
+    lab["adapted_heldout_loss"] = completion_loss(trainer.model, tokenizer, held_out)
+    if "gsm8k" in results:
+        lab["adapted_exact_match"] = results["gsm8k"]["accuracy"]
+    profile = getattr(trainer, "hellora_profile", None)
+    if profile is not None:
+        shares = profile.concentration()
+        lab["routing_uniform_top_k_share"] = profile.experts_per_token / profile.num_experts
+        lab.update({f"routing_top_k_share_layer{i}": round(x, 4) for i, x in enumerate(shares)})
+        lab["routing_min_top_k_share_over_uniform"] = min(shares) / lab["routing_uniform_top_k_share"]
+    return lab
 
 
 def _without_records(results: dict) -> dict:

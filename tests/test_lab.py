@@ -1,0 +1,160 @@
+"""The lab model: its corpus, held-out target task, pretraining, cache and command (tiny recipe, seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from hellora_trl.recipes import lab
+from hellora_trl.recipes.lab_corpus import (
+    DOMAINS,
+    arithmetic_problems,
+    arithmetic_splits,
+    generated_corpus,
+    heldout_domain_texts,
+    shared_corpus,
+    shared_heldout,
+)
+
+TINY = lab.LAB_RECIPES["tiny"]
+
+
+def test_generated_corpus_is_deterministic_and_domains_differ():
+    a, b, c = generated_corpus(20, seed=0), generated_corpus(20, seed=0), generated_corpus(20, seed=1)
+    assert a == b and a != c
+    assert set(a) == set(DOMAINS) and all(len(docs) == 20 for docs in a.values())
+    assert all(d.startswith("Question:") and "####" in d for d in a["math"])
+    assert all("```python" in d for d in a["code"])
+    assert all(d.startswith("User:") and "\nAssistant:" in d for d in a["safety"])
+    assert not any("####" in d or "```" in d for d in a["prose"])
+
+
+def test_target_task_is_held_out_from_pretraining_and_its_own_training_rows():
+    train, held_out = arithmetic_splits(300, 100, seed=0)
+    assert len(train) == 300 and len(held_out) == 100
+    assert not {r["question"] for r in train} & {r["question"] for r in held_out}
+    corpus = "\n".join(t for docs in generated_corpus(200, seed=0).values() for t in docs)
+    assert not any(r["question"] in corpus for r in train + held_out)  # the target format is never pretrained on
+    for row in held_out:
+        expr, value = row["answer"].split(" = ")[0], int(row["answer"].rsplit("#### ", 1)[1])
+        assert eval(expr) == value  # noqa: S307 - generated "a+b" / "a-b" / "a*b"
+    assert arithmetic_problems(5, seed=3) == arithmetic_problems(5, seed=3)
+
+
+def test_heldout_domain_texts_use_other_seeds_than_pretraining():
+    pretrain = generated_corpus(50, seed=0)
+    held = heldout_domain_texts(50, seed=0)
+    assert set(held) == set(DOMAINS)
+    assert held["math"] != pretrain["math"][:50] and held["code"] != pretrain["code"][:50]
+
+
+def test_recipe_key_depends_on_every_field():
+    assert TINY.key() == dataclasses.replace(TINY).key()
+    assert len({TINY.key(), dataclasses.replace(TINY, steps=21).key(), dataclasses.replace(TINY, seed=1).key(),
+                dataclasses.replace(TINY, data_dir="x").key()}) == 4
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("HELLORA_LAB_CACHE", raising=False)
+    monkeypatch.delenv("HELLORA_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert lab.lab_cache_dir() == tmp_path / "xdg" / "hellora" / "lab"
+    monkeypatch.setenv("HELLORA_HOME", str(tmp_path / "home"))
+    assert lab.lab_cache_dir() == tmp_path / "home" / "lab"
+    monkeypatch.setenv("HELLORA_LAB_CACHE", str(tmp_path / "explicit"))
+    assert lab.lab_cache_dir() == tmp_path / "explicit"
+
+
+@pytest.fixture(scope="module")
+def tiny_lab():
+    """The tiny lab model in the session cache (conftest sets HELLORA_LAB_CACHE), shared with the example tests."""
+    cache = lab.lab_cache_dir()
+    return cache, lab.lab_model_path(TINY, cache_dir=cache, progress=False)
+
+
+def test_pretrain_writes_checkpoint_tokenizer_card_and_curve(tiny_lab):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache, path = tiny_lab
+    assert path == cache / TINY.key()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "lab_card.json", "README.md", "loss_curve.png"):
+        assert (path / name).is_file(), name
+    card = lab.read_card(path)
+    assert card["steps"] == TINY.steps and len(card["losses"]) == TINY.steps
+    assert set(card["corpus"]["tokens"]) == set(DOMAINS) and card["tokens_trained"] == 20 * 8 * 64
+    assert card["loss_last"] < card["loss_first"]
+    assert set(card["routing_concentration"]) == set(DOMAINS) and set(card["heldout_loss"]) == set(DOMAINS)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "olmoe" and model.config.num_experts == TINY.num_experts
+    assert AutoTokenizer.from_pretrained(path).chat_template
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary build left behind
+
+
+def test_cache_is_reused_and_rebuilt_on_request(tiny_lab, monkeypatch, tmp_path):
+    cache, path = tiny_lab
+    built = []
+
+    def fake_pretrain(recipe, out, progress=True):
+        built.append(recipe.key())
+        (Path(out) / lab.CARD_NAME).write_text("{}")
+
+    monkeypatch.setattr(lab, "pretrain_lab_model", fake_pretrain)
+    assert lab.lab_model_path(TINY, cache_dir=cache) == path and built == []  # cached: not rebuilt
+    other = dataclasses.replace(TINY, seed=5)
+    assert lab.lab_model_path(other, cache_dir=tmp_path) == tmp_path / other.key() and built == [other.key()]
+    lab.lab_model_path(other, cache_dir=tmp_path, rebuild=True)
+    assert built == [other.key(), other.key()]
+
+
+def test_pretrain_command(tiny_lab, tmp_path, capsys):
+    from hellora_trl import cli
+
+    cache, _ = tiny_lab
+    assert cli.main(["pretrain", "--recipe", "tiny", "--cache_dir", str(cache), "--output_dir",
+                     str(tmp_path / "copy")]) == 0
+    out = capsys.readouterr().out
+    assert "HELLoRA lab model" in out and (tmp_path / "copy" / "lab_card.json").is_file()
+    assert cli.main(["pretrain", "--recipe", "nope"]) == 1
+
+
+def test_unknown_recipe_is_refused():
+    with pytest.raises(ValueError, match="unknown lab recipe"):
+        lab.lab_model_path("huge")
+
+
+@pytest.mark.data
+def test_shared_corpus_reads_the_real_text_and_keeps_gsm8k_tail_out():
+    from testing_utils import shared_dataset
+
+    root = shared_dataset()
+    corpus = shared_corpus(root, docs_per_domain=50)
+    assert set(corpus) == {"math", "code", "safety"} and all(len(v) == 50 for v in corpus.values())
+    full = shared_corpus(root)
+    tail = [json.loads(x) for x in (Path(root) / "gsm8k" / "train.jsonl").read_text().splitlines()[6000:6010]]
+    assert not any(r["question"] in d for r in tail for d in full["math"])
+    held = shared_heldout(root, n=8)
+    assert not set(held["code"]) & set(full["code"]) and not set(held["safety"]) & set(full["safety"])
+    assert not set(held["math"]) & set(full["math"])
+
+
+def test_quality_helpers_on_the_tiny_lab_model(tiny_lab):
+    import math
+
+    from peft import LoraConfig
+
+    from hellora_trl.accounting import trainable_parameter_report
+    from hellora_trl.recipes import lab_quality as q
+
+    _, path = tiny_lab
+    model, tokenizer = q._load(path)
+    rows = arithmetic_problems(6, seed=1)
+    loss = q.completion_loss(model, tokenizer, rows, batch_size=4)
+    assert math.isfinite(loss) and loss > 0
+    profile = q.routing_profile(model, tokenizer, rows)
+    assert len(profile.concentration()) == TINY.num_hidden_layers and profile.tokens_seen > 0
+    floor = q.attention_router_only(model, LoraConfig(r=2, lora_alpha=4))
+    parts = trainable_parameter_report(floor)["by_component"]
+    assert parts["experts"] == 0 and parts["router"] > 0 and parts["attention"] > 0
