@@ -323,3 +323,18 @@ def test_train_then_eval_merge_and_report_end_to_end(tmp_path, capsys):
                         "--output_dir", tmp_path / "report"], capsys)
     assert code == 0, err
     assert "stored hot map" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_os_errors_and_broken_yaml_are_one_line_errors(tmp_path, capsys):
+    """Review 5.19 / 7.16: an output path that is a folder, and a --config YAML that does not parse, printed
+    tracebacks."""
+    (tmp_path / "dir.json").mkdir()
+    assert cli.main(["profile", "--tiny", "olmoe", "--limit", "4", "--disable_tqdm", "true",
+                     "--output", str(tmp_path / "dir.json")]) == 1
+    err = capsys.readouterr().err
+    assert "hellora profile: error:" in err and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("k: [unclosed\n")
+    assert cli.main(["select", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "does not parse" in err and "Traceback" not in err

@@ -77,8 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = argv[0]
     try:
         return COMMANDS[name].run(argv[1:])
-    except (CLIError, FileNotFoundError, ValueError, ImportError) as err:
+    except (CLIError, OSError, ValueError, ImportError) as err:  # OSError: missing, read-only, a folder for a file
         if os.environ.get("HELLORA_TRACEBACK"):
             raise
         print(f"hellora {name}: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "yaml" or os.environ.get("HELLORA_TRACEBACK"):
+            raise
+        print(f"hellora {name}: error: the --config YAML does not parse: {err}", file=sys.stderr)
         return 1
