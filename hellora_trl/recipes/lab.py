@@ -23,11 +23,12 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..utils import atomic_dir
 
 __all__ = [
     "LAB_RECIPES",
@@ -229,9 +230,9 @@ def pretrain_lab_model(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from .offline import build_tokenizer
     from ..profiling import profile_experts
     from .lab_corpus import heldout_domain_texts, shared_heldout
+    from .offline import build_tokenizer
 
     recipe = recipe or LabRecipe()
     out = Path(output_dir) if output_dir is not None else lab_cache_dir() / recipe.key()
@@ -353,16 +354,8 @@ def lab_model_path(
     final = root / recipe.key()
     if (final / CARD_NAME).is_file() and not rebuild:
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.key()}-", dir=root))
-    try:
+    with atomic_dir(final, overwrite=True) as tmp:  # a stale or half-built folder is replaced whole
         pretrain_lab_model(recipe, tmp, progress=progress)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
