@@ -44,10 +44,10 @@ def main(script_args, training_args, model_args):
     )
     lab = lab_baseline(trainer, tokenizer, script_args, held_out, model_args)  # lab model: base numbers first
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
-    trainer.save_model(training_args.output_dir)
 
     # Held-out accuracy on every rank (sharded), then eval/results.{json,md} and hellora_summary.json
     evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics, lab)
+    trainer.save_model(training_args.output_dir)  # last: it clears the folder's in-progress marker
 
 
 if __name__ == "__main__":

@@ -338,3 +338,19 @@ def test_os_errors_and_broken_yaml_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["select", "--config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "does not parse" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--max_length", "--batch_size"])
+def test_zero_sizes_are_refused_instead_of_meaning_no_limit(tmp_path, capsys, flag):
+    """Review 4.22/4.23: --limit 0 profiled every row; --max_length 0 ended in 'empty dataset'."""
+    assert cli.main(["profile", "--tiny", "olmoe", flag, "0", "--output", str(tmp_path / "p.json")]) == 1
+    err = capsys.readouterr().err
+    assert f"{flag} must be at least 1" in err and not (tmp_path / "p.json").exists()
+
+
+def test_a_missing_or_file_model_path_is_named(tmp_path, capsys):
+    """Review 7.13/7.14: a local path that does not exist (or is a file) gave the hub's 'Repo id must be...'."""
+    (tmp_path / "model.bin").write_text("")
+    for path, what in ((tmp_path / "nope", "does not exist"), (tmp_path / "model.bin", "is a file")):
+        assert cli.main(["profile", "--model_name_or_path", str(path), "--output", str(tmp_path / "p.json")]) == 1
+        assert what in capsys.readouterr().err

@@ -80,3 +80,28 @@ def test_task_sft_trains_with_modules_to_save_end_to_end(tmp_path):
 
     saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert any("lm_head" in k and "lora_" not in k for k in saved)
+
+
+def test_a_run_interrupted_while_evaluating_leaves_its_folder_marked_in_progress(tmp_path, monkeypatch):
+    """Review (hardening) note: the final save cleared the in-progress marker before evaluation, so a kill while
+    evaluating left a new adapter beside the previous run's results, unmarked. Results now come first."""
+    import hellora_trl.recipes.sft as sft
+    from hellora_trl.constants import RUN_MARKER_FILE
+
+    torch.set_num_threads(1)
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" {i}"}) + "\n" for i in range(8)))
+    args = parse_args([
+        "--task", "sft", "--dataset_name", str(path), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+        "--per_device_train_batch_size", "4", "--lora_r", "2", "--lora_alpha", "4", "--report_to", "none",
+        "--hellora_profile_mode", "forward", "--hellora_plots", "false", "--disable_tqdm", "true",
+    ])  # fmt: skip
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args)
+    out = tmp_path / "out"
+    assert (out / RUN_MARKER_FILE).is_file() and not (out / "adapter_model.safetensors").exists()

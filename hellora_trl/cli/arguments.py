@@ -87,6 +87,13 @@ class DataArguments:
     max_batches: int | None = field(default=None, metadata={"help": "Stop after this many batches."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
 
+    def __post_init__(self) -> None:
+        # 0 used to mean "no limit" (`limit or N`) or to end in "empty dataset" deep inside profiling.
+        for name in ("limit", "max_length", "batch_size", "max_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CLIError(f"--{name} must be at least 1 (got {value}); leave it out for no limit.")
+
 
 def parse_command(name: str, types: Sequence[type], argv: Sequence[str], description: str) -> tuple:
     """``TrlParser`` over ``types`` named ``hellora <name>``, with ``--config`` support; ``--help`` exits like any

@@ -37,6 +37,15 @@ def check_model_source(model_args: ModelArguments) -> None:
         raise CLIError("Give either --model_name_or_path or --tiny, not both.")
     if not model_args.given():
         raise CLIError("No model: pass --model_name_or_path (directory or hub id) or --tiny olmoe.")
+    name = model_args.model_name_or_path
+    if name and _looks_local(str(name)) and not Path(name).is_dir():
+        what = "is a file, not a model directory" if Path(name).exists() else "does not exist"
+        raise CLIError(f"--model_name_or_path {name} {what}: pass a saved model folder or a hub id (org/name).")
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id: absolute, relative (./, ../, ~), or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def model_source(model_args: ModelArguments):

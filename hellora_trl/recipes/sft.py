@@ -309,8 +309,11 @@ def run(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model
     trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
     lab = lab_baseline(trainer, tokenizer, script_args, held_out, model_args)
     output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    # Evaluation and summary first, the final adapter last: saving it clears the folder's in-progress marker, so a
+    # run killed while evaluating never leaves a new adapter beside the previous run's results unmarked.
+    summary = evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics, lab)
     trainer.save_model(training_args.output_dir)
-    return evaluate_and_write(trainer, tokenizer, script_args, held_out, output.metrics, lab)
+    return summary
 
 
 def evaluate_and_write(
