@@ -1195,7 +1195,9 @@ def _generate_sharded(model, tokenizer, texts, world, rank, max_new_tokens, batc
 
 def _sharded_weights(model) -> bool:
     """ZeRO-3 partitioned or FSDP (DTensor) parameters: every rank must take part in every forward."""
-    return any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+    from ..utils import is_zero3_param
+
+    return any(is_zero3_param(p) or type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
                for p in model.parameters())
 
 
