@@ -33,11 +33,13 @@ FLOORS = [
     # the application layer
     ["recipes", "recipes.offline"],
     ["recipes.models"],
+    ["recipes.prepare"],
     ["recipes.data"],
     ["recipes.eval", "recipes.reporting"],
-    ["recipes.lab_corpus"],
-    ["recipes.lab"],
-    ["recipes.lab_quality"],
+    ["recipes.lab.corpus"],
+    ["recipes.lab.model"],
+    ["recipes.lab.quality"],
+    ["recipes.lab"],  # the face the SFT recipe uses
     ["recipes.sft"],
     ["recipes.ablation"],
     ["integrations", "integrations.warmup"],

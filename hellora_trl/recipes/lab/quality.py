@@ -5,7 +5,7 @@ test. Every configuration of one seed starts from the same lab checkpoint, train
 order for the same steps, and HELLoRA rows select from one routing profile taken once per seed (the paper's LoRA
 warm-up), so differences between rows are the adapter placement, not the data or the profile.
 
-Metrics, all on data pretraining never saw (see :mod:`hellora_trl.recipes.lab_corpus`):
+Metrics, all on data pretraining never saw (see :mod:`hellora_trl.recipes.lab.corpus`):
 
 - ``target_loss``: mean loss on the completion tokens (answer and end-of-sequence) of held-out target rows;
 - ``exact_match``: greedy generation, final answer equal to the gold one (GSM8K's ``#### n`` rule);
@@ -75,15 +75,15 @@ class QualityConfig:
 # ------------------------------------------------------------------------------------------------------ data
 def target_data(settings: FineTuneSettings, seed: int = 0):
     """(train ``Dataset`` in prompt-completion format, held-out rows) of the arithmetic target task."""
-    from .data import format_gsm8k
-    from .lab_corpus import arithmetic_splits
+    from ..data import format_gsm8k
+    from .corpus import arithmetic_splits
 
     train, held_out = arithmetic_splits(settings.train_rows, settings.eval_rows, seed=seed)
     return format_gsm8k([r["question"] for r in train], [r["answer"] for r in train], "prompt_completion"), held_out
 
 
 def domain_texts(settings: FineTuneSettings, seed: int = 0, domains: Sequence[str] | None = None) -> dict[str, list[str]]:
-    from .lab_corpus import DOMAINS, heldout_domain_texts
+    from .corpus import DOMAINS, heldout_domain_texts
 
     return heldout_domain_texts(settings.domain_rows, seed=seed, domains=tuple(domains or DOMAINS))
 
@@ -91,7 +91,7 @@ def domain_texts(settings: FineTuneSettings, seed: int = 0, domains: Sequence[st
 # --------------------------------------------------------------------------------------------------- metrics
 def completion_loss(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> float:
     """Mean loss over the completion tokens (`` answer<eos>``) of GSM8K-format rows, prompt tokens unscored."""
-    from .eval import gsm8k_prompt
+    from ..eval import gsm8k_prompt
 
     model.eval()
     total, count = 0.0, 0
@@ -120,7 +120,7 @@ def completion_loss(model, tokenizer, rows: Sequence[dict], batch_size: int = 32
 
 def domain_losses(model, tokenizer, texts: dict[str, list[str]], seq_len: int = 192) -> dict[str, float]:
     """Held-out document loss per domain (whole documents, bos/eos included)."""
-    from .lab import domain_loss
+    from .model import domain_loss
 
     was_training = model.training
     result = {d: domain_loss(model, tokenizer, t, seq_len) for d, t in texts.items()}
@@ -130,7 +130,7 @@ def domain_losses(model, tokenizer, texts: dict[str, list[str]], seq_len: int = 
 
 def exact_match(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 24) -> float:
     """Greedy exact-match accuracy of the final answer (GSM8K rule) on ``rows``."""
-    from .eval import evaluate_gsm8k
+    from ..eval import evaluate_gsm8k
 
     return evaluate_gsm8k(model, tokenizer, list(rows), max_new_tokens=max_new_tokens, batch_size=32,
                           progress=False)["accuracy"]
@@ -140,8 +140,8 @@ def routing_profile(model, tokenizer, rows: Sequence[dict], batch_size: int = 32
     """Forward-only routing counts over prompt + answer of GSM8K-format rows."""
     from datasets import Dataset
 
-    from .eval import gsm8k_prompt
-    from ..profiling import profile_experts
+    from ..eval import gsm8k_prompt
+    from ...profiling import profile_experts
 
     texts = [f"{tokenizer.bos_token}{gsm8k_prompt(r['question'])} {r['answer'].strip()}{tokenizer.eos_token}"
              for r in rows]
@@ -163,13 +163,13 @@ def score(model, tokenizer, held_out: Sequence[dict], domains: dict[str, list[st
 # ------------------------------------------------------------------------------------------------- adapters
 def attention_router_only(model, lora_config):
     """The floor: LoRA on attention and the routers, no expert adapters at all."""
-    from ..baselines import apply_attention_router_only
+    from ...baselines import apply_attention_router_only
 
     return apply_attention_router_only(model, lora_config)
 
 
 def _args(out: Path, settings: FineTuneSettings, seed: int, **hellora):
-    from ..config import HELLoRAConfig
+    from ...config import HELLoRAConfig
 
     return HELLoRAConfig(
         output_dir=str(out), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
@@ -196,7 +196,7 @@ def _load(model_path: str | Path):
 def take_profile(model_path: str | Path, train, settings: FineTuneSettings, seed: int, path: Path, mode: str = "lora_warmup"):
     """The routing profile of one seed (paper's LoRA warm-up on a seeded 10% slice, or forward-only), saved to
     ``path`` without a hot map so that every row selects from its counts with its own k and strategy."""
-    from ..trainer import HELLoRATrainer
+    from ...trainer import HELLoRATrainer
 
     model, tokenizer = _load(model_path)
     work = Path(tempfile.mkdtemp(prefix="hellora-lab-profile-"))
@@ -217,9 +217,9 @@ def finetune(
     """Train one configuration from the lab checkpoint and score it; returns the row's metrics for this seed."""
     from trl import SFTTrainer
 
-    from ..accounting import trainable_parameter_report
-    from ..trainer import HELLoRATrainer
-    from ..baselines import apply_peft_all_experts
+    from ...accounting import trainable_parameter_report
+    from ...trainer import HELLoRATrainer
+    from ...baselines import apply_peft_all_experts
 
     torch.manual_seed(seed)
     model, tokenizer = _load(model_path)

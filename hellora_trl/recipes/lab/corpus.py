@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from .offline import generate_math_problems
+from ..offline import generate_math_problems
 
 __all__ = [
     "DOMAINS",
