@@ -40,6 +40,7 @@ FLOORS = [
     ["recipes.lab.model"],
     ["recipes.lab.quality"],
     ["recipes.lab"],  # the face the SFT recipe uses
+    ["recipes.lab_corpus", "recipes.lab_quality"],  # moved paths (FutureWarning; removed in 0.3.0)
     ["recipes.sft"],
     ["recipes.ablation"],
     ["integrations", "integrations.warmup"],
