@@ -93,6 +93,7 @@ def test_profile_writes_a_profile_of_the_model(profiled):
     assert profile.tokens_seen > 24 * 10
     assert (profile.counts.sum(dim=1) == profile.tokens_seen * profile.experts_per_token).all()
     assert profile.source["task"] == "gsm8k" and profile.source["rows"] == 24 and profile.source["model"].startswith("tiny:")
+    assert profile.source["dataset"] == "offline:lab_arithmetic" and profile.source["max_length"] == 96
     assert (profiled / "model" / "config.json").is_file() and (profiled / "model" / "tokenizer.json").is_file()
 
 
@@ -138,6 +139,17 @@ def test_profile_slice_has_the_trainers_warmup_tokens(profiled, tmp_path, monkey
     assert max(len(ids) for ids in rows["input_ids"]) <= 40  # the trainer's truncation
     if not chat_format:  # prompt-completion rows end with EOS, as the trainer appends it
         assert all(ids[-1] == tokenizer.eos_token_id for ids in rows["input_ids"] if len(ids) < 40)
+
+
+def test_profile_max_length_defaults_to_the_trainers(tmp_path):
+    """Without --max_length the profile truncates where `hellora train` (given a model) does, not at its own 512."""
+    from hellora_trl.cli.arguments import DataArguments
+    from hellora_trl.cli.loading import max_length_of
+    from hellora_trl.recipes.sft import parse_args
+
+    _, training_args, _ = parse_args(["--model_name_or_path", "some/model", "--output_dir", str(tmp_path)])
+    assert max_length_of(DataArguments()) == training_args.max_length
+    assert max_length_of(DataArguments(max_length=64)) == 64
 
 
 def test_select_writes_hot_map_and_prints_table(profiled, tmp_path, capsys):

@@ -71,8 +71,9 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None: generated "
-            "GSM8K-style problems (task gsm8k only, as `hellora train` offline)."
+            "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None: the lab's "
+            "generated one-step arithmetic problems in GSM8K format (task gsm8k only, as `hellora train` with no "
+            "dataset)."
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to read."})

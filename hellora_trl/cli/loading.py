@@ -129,7 +129,7 @@ def prepared_rows(data_args: DataArguments, tokenizer):
 def data_source(data_args: DataArguments, model_args: ModelArguments, rows: int) -> dict[str, Any]:
     """The ``source`` record of a profile taken on ``data_args``."""
     return {
-        "task": data_args.task, "dataset": data_args.dataset_name or "offline:synthetic_gsm8k",
+        "task": data_args.task, "dataset": data_args.dataset_name or "offline:lab_arithmetic",
         "split": data_args.dataset_split, "rows": rows, "fraction": data_args.fraction, "seed": data_args.seed,
         "max_length": max_length_of(data_args), "model": model_args.describe(),
     }
