@@ -340,7 +340,7 @@ def test_prepare_refuses_what_needs_the_model_or_is_not_prepared():
     from hellora_trl.recipes.prepare import prepare_dataset, sft_arguments
 
     rows = Dataset.from_list([{"text": "a b c"}])
-    with pytest.raises(ValueError, match="Not SFTConfig fields"):
+    with pytest.raises(ValueError, match="Not HELLoRAConfig / SFTConfig fields"):
         sft_arguments(max_lenght=8)
     with pytest.raises(ValueError, match="embeddings"):
         prepare_dataset(rows, build_tokenizer(), sft_arguments(chat_template_path="x.jinja"))

@@ -101,13 +101,13 @@ def adapter_base(adapter: str | None, model_args: ModelArguments) -> None:
 
 # ------------------------------------------------------------------------------------------------ data
 def max_length_of(data_args: DataArguments) -> int:
-    """``--max_length``, else the trainer's default (TRL ``SFTConfig.max_length``, which `hellora train` keeps
-    unless told otherwise)."""
+    """``--max_length``, else the trainer's default (``HELLoRAConfig.max_length``, TRL's SFTConfig default, which
+    `hellora train` keeps unless told otherwise)."""
     if data_args.max_length is not None:
         return data_args.max_length
-    from trl import SFTConfig
+    from ..recipes.prepare import sft_arguments
 
-    return SFTConfig.__dataclass_fields__["max_length"].default
+    return sft_arguments().max_length
 
 
 def prepared_rows(data_args: DataArguments, tokenizer):

@@ -18,24 +18,23 @@ __all__ = ["prepare_dataset", "sft_arguments", "warmup_rows"]
 
 
 def sft_arguments(**overrides: Any):
-    """TRL ``SFTConfig``'s field defaults with ``overrides`` on top, as a plain namespace for
-    :func:`prepare_dataset`: the preparation options without ``TrainingArguments``' device and precision checks
-    (building an ``SFTConfig`` on a CPU box fails on its bf16 default). A real ``SFTConfig`` / ``HELLoRAConfig``
-    works too."""
+    """The trainer's field defaults (:class:`~hellora_trl.config.HELLoRAConfig`, an ``SFTConfig``) with
+    ``overrides`` on top, as a plain namespace for :func:`prepare_dataset`: the preparation options without
+    ``TrainingArguments``' device and precision checks. A real ``SFTConfig`` / ``HELLoRAConfig`` works too."""
     import dataclasses
     from types import SimpleNamespace
 
-    from trl import SFTConfig
+    from ..config import HELLoRAConfig
 
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(SFTConfig):
+    for f in dataclasses.fields(HELLoRAConfig):
         if f.default is not dataclasses.MISSING:
             values[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             values[f.name] = f.default_factory()
     unknown = set(overrides) - set(values)
     if unknown:
-        raise ValueError(f"Not SFTConfig fields: {sorted(unknown)}.")
+        raise ValueError(f"Not HELLoRAConfig / SFTConfig fields: {sorted(unknown)}.")
     return SimpleNamespace(**{**values, **overrides})
 
 
