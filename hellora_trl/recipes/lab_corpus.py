@@ -7,7 +7,8 @@ import warnings
 from .lab import corpus as _module
 
 warnings.warn(
-    "hellora_trl.recipes.lab_corpus moved to hellora_trl.recipes.lab.corpus; the old path is removed in hellora-trl 0.3.0.",
+    "hellora_trl.recipes.lab_corpus moved to hellora_trl.recipes.lab.corpus; "
+    "the old path is removed in hellora-trl 0.3.0.",
     FutureWarning,
     stacklevel=2,
 )

@@ -7,7 +7,8 @@ import warnings
 from .lab import quality as _module
 
 warnings.warn(
-    "hellora_trl.recipes.lab_quality moved to hellora_trl.recipes.lab.quality; the old path is removed in hellora-trl 0.3.0.",
+    "hellora_trl.recipes.lab_quality moved to hellora_trl.recipes.lab.quality; "
+    "the old path is removed in hellora-trl 0.3.0.",
     FutureWarning,
     stacklevel=2,
 )

@@ -54,7 +54,7 @@ def prepare_dataset(dataset, processing_class, args):
     if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
         raise ValueError("dataset_kwargs.skip_prepare_dataset is set: the trainer would use the rows as they are.")
     if not hasattr(SFTTrainer, "_prepare_dataset"):  # pragma: no cover - guarded by pyproject's TRL range
-        raise RuntimeError("This TRL version has no SFTTrainer._prepare_dataset; install a trl within pyproject's range.")
+        raise RuntimeError("This TRL has no SFTTrainer._prepare_dataset; install a trl within pyproject's range.")
     sample = next(iter(dataset), None)
     if sample is None:
         raise ValueError("The dataset is empty; there are no rows to prepare.")
