@@ -93,6 +93,7 @@ def test_profile_writes_a_profile_of_the_model(profiled):
     assert profile.tokens_seen > 24 * 10
     assert (profile.counts.sum(dim=1) == profile.tokens_seen * profile.experts_per_token).all()
     assert profile.source["task"] == "gsm8k" and profile.source["rows"] == 24 and profile.source["model"].startswith("tiny:")
+    assert profile.source["dataset"] == "offline:lab_arithmetic" and profile.source["max_length"] == 96
     assert (profiled / "model" / "config.json").is_file() and (profiled / "model" / "tokenizer.json").is_file()
 
 
@@ -104,6 +105,51 @@ def test_profile_reads_yaml_config_and_cli_wins(profiled, tmp_path, capsys):
     assert code == 0 and "Wrote" in out
     profile = ExpertProfile.load(tmp_path / "from_yaml.json")
     assert profile.source["rows"] == 12 and profile.source["seed"] == 7 and profile.source["fraction"] == 0.5
+
+
+@pytest.mark.parametrize("chat_format", [False, True], ids=["prompt_completion", "messages"])
+def test_profile_slice_has_the_trainers_warmup_tokens(profiled, tmp_path, monkeypatch, chat_format):
+    """Issue 18 item 5: `hellora profile --fraction f` routes the token ids of the trainer's warm-up slice (TRL's
+    preparation: EOS or chat template, truncation at max_length), not a hand-rendered text of the same rows."""
+    import hellora_trl.profiling as profiling
+    from hellora_trl.recipes.sft import build_trainer, parse_args
+
+    seen = []
+    real = profiling.profile_experts
+
+    def recording(model, rows, **kwargs):
+        seen.append(rows)
+        return real(model, rows, **kwargs)
+
+    monkeypatch.setattr(profiling, "profile_experts", recording)
+    model_dir = str(profiled / "model")
+    chat = ["--chat_format", "true"] if chat_format else []
+    assert cli.main(["profile", "--model_name_or_path", model_dir, "--limit", "40", "--fraction", "0.25",
+                     "--seed", "7", "--max_length", "40", "--output", str(tmp_path / "p.json"), "--disable_tqdm",
+                     *chat]) == 0
+    script_args, training_args, model_args = parse_args([
+        "--model_name_or_path", model_dir, "--train_limit", "40", "--hellora_warmup_fraction", "0.25",
+        "--seed", "7", "--max_length", "40", "--output_dir", str(tmp_path / "run"), "--report_to", "none",
+        "--eval_limit", "0", *chat])
+    trainer, tokenizer, _ = build_trainer(script_args, training_args, model_args)
+    warmup = profiling.warmup_slice(trainer.train_dataset, 0.25, 7)
+    (rows,) = seen
+    assert len(rows) == len(warmup) == 10
+    assert [list(ids) for ids in rows["input_ids"]] == [list(ids) for ids in warmup["input_ids"]]
+    assert max(len(ids) for ids in rows["input_ids"]) <= 40  # the trainer's truncation
+    if not chat_format:  # prompt-completion rows end with EOS, as the trainer appends it
+        assert all(ids[-1] == tokenizer.eos_token_id for ids in rows["input_ids"] if len(ids) < 40)
+
+
+def test_profile_max_length_defaults_to_the_trainers(tmp_path):
+    """Without --max_length the profile truncates where `hellora train` (given a model) does, not at its own 512."""
+    from hellora_trl.cli.arguments import DataArguments
+    from hellora_trl.cli.loading import max_length_of
+    from hellora_trl.recipes.sft import parse_args
+
+    _, training_args, _ = parse_args(["--model_name_or_path", "some/model", "--output_dir", str(tmp_path)])
+    assert max_length_of(DataArguments()) == training_args.max_length
+    assert max_length_of(DataArguments(max_length=64)) == 64
 
 
 def test_select_writes_hot_map_and_prints_table(profiled, tmp_path, capsys):

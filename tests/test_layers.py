@@ -33,11 +33,14 @@ FLOORS = [
     # the application layer
     ["recipes", "recipes.offline"],
     ["recipes.models"],
+    ["recipes.prepare"],
     ["recipes.data"],
     ["recipes.eval", "recipes.reporting"],
-    ["recipes.lab_corpus"],
-    ["recipes.lab"],
-    ["recipes.lab_quality"],
+    ["recipes.lab.corpus"],
+    ["recipes.lab.model"],
+    ["recipes.lab.quality"],
+    ["recipes.lab"],  # the face the SFT recipe uses
+    ["recipes.lab_corpus", "recipes.lab_quality"],  # moved paths (FutureWarning; removed in 0.3.0)
     ["recipes.sft"],
     ["recipes.ablation"],
     ["integrations", "integrations.warmup"],

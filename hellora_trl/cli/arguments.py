@@ -71,8 +71,9 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None: generated "
-            "GSM8K-style problems (task gsm8k only, as `hellora train` offline)."
+            "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None: the lab's "
+            "generated one-step arithmetic problems in GSM8K format (task gsm8k only, as `hellora train` with no "
+            "dataset)."
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to read."})
@@ -82,7 +83,11 @@ class DataArguments:
     )
     seed: int = field(default=TRAINER_SEED, metadata={"help": "Seed of the fraction slice (trainer default: 42)."})
     chat_format: bool = field(default=False, metadata={"help": "GSM8K as chat messages instead of prompt-completion."})
-    max_length: int = field(default=512, metadata={"help": "Truncate each row to this many tokens."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate each row to this many tokens, as the trainer does (default: the trainer's, TRL "
+                  "SFTConfig's 1024; `hellora train` with no model uses 160)."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Rows per forward pass."})
     max_batches: int | None = field(default=None, metadata={"help": "Stop after this many batches."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})

@@ -1,9 +1,10 @@
 """The SFT recipe behind ``examples/sft_*.py`` and ``hellora train``: parse, load, profile + train, evaluate.
 
 One function per step so the examples stay a few lines and every step can be tested. With no model given, the
-recipe fine-tunes the lab model (:mod:`hellora_trl.recipes.lab`: a small OLMoE pretrained in-project, cached after
-the first run); with no dataset either, the target task is generated one-step arithmetic word problems that the
-lab model never saw in pretraining, and the summary reports base vs adapted held-out loss and exact match.
+recipe fine-tunes the lab model (:mod:`hellora_trl.recipes.lab`, through its face: a small OLMoE pretrained
+in-project, cached after the first run); with no dataset either, the target task is generated one-step arithmetic
+word problems that the lab model never saw in pretraining, and the summary reports base vs adapted held-out loss
+and exact match.
 """
 
 from __future__ import annotations
@@ -200,9 +201,9 @@ def model_source(model_args, training_args: HELLoRAConfig) -> ModelSource:
 def build_model_and_tokenizer(model_args, training_args: HELLoRAConfig, lab_recipe: str | None = None):
     """The cached lab model (no model given; built on first use), or a hub/local checkpoint through transformers."""
     if model_args.model_name_or_path is None:
-        from .lab import load_lab_model
+        from . import lab
 
-        return load_lab_model(lab_recipe or os.environ.get("HELLORA_LAB_RECIPE", "default"))
+        return lab.load_lab_model(lab_recipe or os.environ.get("HELLORA_LAB_RECIPE", "default"))
     source = model_source(model_args, training_args)
     return load_model(source), load_tokenizer(source)
 
@@ -214,12 +215,10 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
     if script_args.task == "gsm8k":
         fmt = "messages" if script_args.chat_format else "prompt_completion"
         if script_args.dataset_name is None:  # the lab target task: never in the pretraining corpus
-            from .lab_corpus import arithmetic_splits
+            from . import lab
 
-            rows, held_out = arithmetic_splits(script_args.train_limit or OFFLINE_TRAIN_ROWS,
-                                               max(script_args.eval_limit, 1), seed=seed)
-            train = data.format_gsm8k([r["question"] for r in rows], [r["answer"] for r in rows], fmt)
-            return train, held_out
+            return lab.default_task(script_args.train_limit or OFFLINE_TRAIN_ROWS, max(script_args.eval_limit, 1),
+                                    seed=seed, fmt=fmt)
         train = data.load_gsm8k(script_args.dataset_name, script_args.dataset_train_split, fmt=fmt, limit=script_args.train_limit)
         held_out = None
         if script_args.eval_limit:
@@ -344,29 +343,20 @@ def lab_baseline(trainer, tokenizer, script_args, held_out, model_args) -> dict 
         return None
     if trainer.accelerator.num_processes > 1 or script_args.chat_format:
         return None
-    from .lab_quality import completion_loss
+    from . import lab
 
-    base = {"base_heldout_loss": completion_loss(trainer.model, tokenizer, held_out)}
+    exact_match = None
     if script_args.eval_limit:
-        result = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)
-        base["base_exact_match"] = result["gsm8k"]["accuracy"]
-    return base
+        exact_match = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)["gsm8k"]["accuracy"]
+    return lab.baseline(trainer.model, tokenizer, held_out, exact_match=exact_match)
 
 
 def _lab_after(base: dict, trainer, tokenizer, held_out, results: dict) -> dict:
-    from .lab_quality import completion_loss
+    from . import lab
 
-    lab = dict(base)
-    lab["adapted_heldout_loss"] = completion_loss(trainer.model, tokenizer, held_out)
-    if "gsm8k" in results:
-        lab["adapted_exact_match"] = results["gsm8k"]["accuracy"]
-    profile = getattr(trainer, "hellora_profile", None)
-    if profile is not None:
-        shares = profile.concentration()
-        lab["routing_uniform_top_k_share"] = profile.experts_per_token / profile.num_experts
-        lab.update({f"routing_top_k_share_layer{i}": round(x, 4) for i, x in enumerate(shares)})
-        lab["routing_min_top_k_share_over_uniform"] = min(shares) / lab["routing_uniform_top_k_share"]
-    return lab
+    exact_match = results["gsm8k"]["accuracy"] if "gsm8k" in results else None
+    return lab.compare(base, trainer.model, tokenizer, held_out, exact_match=exact_match,
+                       profile=getattr(trainer, "hellora_profile", None))
 
 
 def _without_records(results: dict) -> dict:

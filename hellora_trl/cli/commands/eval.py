@@ -16,7 +16,7 @@ from ..arguments import (
     parse_command,
     require,
 )
-from ..loading import adapter_base, check_adapter, load_model, load_tokenizer
+from ..loading import adapter_base, check_adapter, device_of, source_of
 
 DESCRIPTION = ("Evaluate a HELLoRA adapter (on its base model) or a merged checkpoint: GSM8K accuracy, HumanEval "
                "pass@1, or refusal / over-refusal rates.")
@@ -62,6 +62,8 @@ def check_inputs(args: EvalArguments) -> None:
 
 def eval_model(args: EvalArguments, model_args: ModelArguments):
     """(model, or a checkpoint path for vLLM; tokenizer)."""
+    from ...recipes.models import load_model, load_tokenizer
+
     check_adapter(args.adapter)
     adapter_base(args.adapter, model_args)
     if args.backend == "vllm":
@@ -71,13 +73,14 @@ def eval_model(args: EvalArguments, model_args: ModelArguments):
         from ...recipes.eval import check_backend
 
         check_backend("vllm")
-        return model_args.model_name_or_path, load_tokenizer(model_args)
-    model = load_model(model_args)
+        return model_args.model_name_or_path, load_tokenizer(source_of(model_args))
+    source = source_of(model_args)
+    model = load_model(source, device=device_of(model_args))
     if args.adapter:
         from ...adapter import load_hellora
 
         model = load_hellora(model, args.adapter)
-    return model, load_tokenizer(model_args, args.adapter)
+    return model, load_tokenizer(source, args.adapter)
 
 
 def gsm8k_rows(args: EvalArguments) -> list[dict]:
