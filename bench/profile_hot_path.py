@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import command_line, machine_info, machine_line, markdown_table, median, write_results  # noqa: E402
+from scaling_sweep import SCALING_BASE, TINY_BASE, parse_experts  # noqa: E402
 from step_throughput import (  # noqa: E402
     Preset,
     attach,
@@ -40,9 +41,8 @@ from step_throughput import (  # noqa: E402
     shared_copy,
 )
 
-# The issue-22 shape: only the expert count changes.
-SCALING_SHAPE = dict(hidden=256, intermediate=128, top_k=8, layers=2, batch=2, seq=256)
-TINY_SHAPE = dict(hidden=64, intermediate=32, top_k=2, layers=2, batch=2, seq=32, rank=8, alpha=16)
+# The issue-22 shape (the scaling sweep's): only the expert count changes.
+SCALING_SHAPE, TINY_SHAPE = SCALING_BASE, TINY_BASE
 
 
 def scaling_preset(experts: int, tiny: bool = False) -> Preset:
@@ -53,9 +53,9 @@ def op_table(step) -> dict[str, dict[str, float]]:
     """Per operator name: self CPU microseconds and calls of one profiled call of ``step``."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         step()
-    return {e.key: {"self_us": e.self_cpu_time_total, "calls": e.count} for e in prof.key_averages()}
+    return {e.key: {"self_us": e.self_cpu_time_total, "calls": e.count, "flops": e.flops} for e in prof.key_averages()}
 
 
 def median_table(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -63,7 +63,7 @@ def median_table(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[st
     down by another job on the machine moves a mean, not a median."""
     names = set().union(*tables)
     return {
-        name: {key: median([t.get(name, {}).get(key, 0.0) for t in tables]) for key in ("self_us", "calls")}
+        name: {key: median([t.get(name, {}).get(key, 0.0) for t in tables]) for key in ("self_us", "calls", "flops")}
         for name in names
     }
 
@@ -113,12 +113,19 @@ def summarize(profiles: list[dict[str, Any]], top: int, growth: float) -> dict[s
                 "floor_calls": f["calls"],
             })
         diff.sort(key=lambda d: -d["extra_us"])
+        flops_floor = sum(v["flops"] for v in floor.values())
+        flops_ours = sum(v["flops"] for v in ours.values())
         per_e.append({
             "experts": p["experts"],
             "floor_total_us": round(total_floor, 1),
             "hellora_total_us": round(total_ours, 1),
             "hellora_x_floor_profiled": total_ours / total_floor if total_floor else float("nan"),
             "top_extra": diff[:top],
+            # FLOPs the profiler attributes (matrix products, mostly): exact, unlike times
+            "flops": {"floor": flops_floor, "hellora": flops_ours,
+                      "hellora_x_floor": flops_ours / flops_floor if flops_floor else float("nan"),
+                      "by_op": {n: {"floor": floor.get(n, {}).get("flops", 0.0), "hellora": ours.get(n, {}).get("flops", 0.0)}
+                                for n in names if floor.get(n, {}).get("flops") or ours.get(n, {}).get("flops")}},
             "calls_per_step": {"floor": sum(v["calls"] for v in floor.values()),
                                "hellora": sum(v["calls"] for v in ours.values())},
         })
@@ -161,7 +168,9 @@ def render(summary: dict[str, Any], args, machine, command, load) -> str:
         lines += [
             f"#### {e['experts']} experts: profiled self CPU {e['hellora_total_us'] / 1e3:.1f} ms vs floor "
             f"{e['floor_total_us'] / 1e3:.1f} ms ({e['hellora_x_floor_profiled']:.3f}x); operator calls per step "
-            f"{e['calls_per_step']['hellora']:.0f} vs {e['calls_per_step']['floor']:.0f}",
+            f"{e['calls_per_step']['hellora']:.0f} vs {e['calls_per_step']['floor']:.0f}; counted FLOPs "
+            f"{e['flops']['hellora'] / 1e9:.2f} G vs {e['flops']['floor'] / 1e9:.2f} G "
+            f"({e['flops']['hellora_x_floor']:.3f}x, exact)",
             "",
             markdown_table(
                 ["op", "HELLoRA us/step", "floor us/step", "extra us", "extra / floor step", "calls (ours / floor)"],
@@ -187,16 +196,6 @@ def render(summary: dict[str, Any], args, machine, command, load) -> str:
         ]
     lines += [f"Command: `{command}`", "", f"Machine: {machine_line(machine)}; load average {load} at the end."]
     return "\n".join(lines)
-
-
-def parse_experts(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"--experts takes comma-separated integers (e.g. 16,64,128,256), got {text!r}.") from None
-    if not values or any(v < 2 for v in values):
-        raise SystemExit(f"--experts needs expert counts of at least 2, got {text!r}.")
-    return sorted(set(values))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

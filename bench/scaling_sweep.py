@@ -20,7 +20,6 @@ Written by ``step_throughput.main`` when ``--experts`` or ``--sweep`` is given:
 from __future__ import annotations
 
 import os
-import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -221,7 +220,7 @@ def render(name: str, rows: list[dict[str, Any]], args, machine, command, load_e
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
+def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
     """Two panels against the expert count: step time x floor (median, range as error bars), peak memory x floor."""
     done = [r for r in rows if "configs" in r]
     if not done:
@@ -250,6 +249,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     ax_t.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
@@ -271,7 +272,9 @@ def run_sweep(args, presets: dict, argv: Optional[list[str]] = None) -> dict[str
     out = Path(args.out or RESULTS_DIR)
     figure = None
     if not args.no_write and any("configs" in r for r in rows):
-        png = plot(rows, out / f"{name}.png")
+        smoke_note = (f"SMOKE RUN ({args.runs} runs x {args.steps} steps, load average {load_end}): not a measurement"
+                      if args.runs < 5 or args.steps < 5 else "")
+        png = plot(rows, out / f"{name}.png", smoke_note)
         # README renders bench/results/*.md from the repository root: link the figure from there when it is ours.
         try:
             figure = str(png.resolve().relative_to(Path(step_throughput.__file__).resolve().parents[1]))

@@ -258,7 +258,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
     def _slot_lookup(self, adapter: str, device: torch.device) -> torch.Tensor:
         """Expert id -> hot slot (-1 when cold), with one extra entry for the ``num_experts`` sentinel.
 
-        Built once per adapter and device and rebuilt only when the hot list changes (its storage or version),
+        Built once per adapter and device and rebuilt only when the hot list changes (another tensor, or an in-place edit),
         so the split path allocates nothing of size E per step."""
         hot = self.lora_hot_experts[adapter]
         key = (adapter, str(device))
