@@ -14,11 +14,13 @@ it) and trains one epoch: ``share = 0.1 t_profile / (0.1 t_profile + t_train)``.
 histogram (E int64 per layer) is what the distributed warm-up all-reduces once per profile; its size is listed.
 
 Written by ``step_throughput.main`` when ``--experts`` or ``--sweep`` is given:
-``<out>/<name>.{md,json}`` and ``<out>/<name>.png`` (2 panels: step time x floor, peak memory x floor).
+``<out>/<name>.{md,json}`` and ``<out>/<name>.png`` (2 panels: step time x floor, peak memory x floor), rewritten
+after every row so that a run stopped by a time limit keeps the rows it finished.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -257,7 +259,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
     return path
 
 
-def run_sweep(args, presets: dict, argv: Optional[list[str]] = None) -> dict[str, Any]:
+def run_sweep(args, presets: dict, argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    """The sweep's results (None, with a message, when every row needs CUDA and there is none)."""
     import step_throughput
 
     rows_spec = sweep_rows(args, presets)
@@ -265,27 +268,43 @@ def run_sweep(args, presets: dict, argv: Optional[list[str]] = None) -> dict[str
         raise SystemExit("--runs and --steps must be at least 1.")
     name = args.name or args.sweep or "scaling"
     device = rows_spec[0][1].device
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"[{name}] skipped: needs CUDA.")
+        return None
     machine = machine_info(device)
     command = command_line(step_throughput.__file__, argv)
-    rows = [measure_row(label, preset, args) for label, preset in rows_spec]
-    load_end = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     out = Path(args.out or RESULTS_DIR)
-    figure = None
-    if not args.no_write and any("configs" in r for r in rows):
-        smoke_note = (f"SMOKE RUN ({args.runs} runs x {args.steps} steps, load average {load_end}): not a measurement"
-                      if args.runs < 5 or args.steps < 5 else "")
-        png = plot(rows, out / f"{name}.png", smoke_note)
-        # README renders bench/results/*.md from the repository root: link the figure from there when it is ours.
-        try:
-            figure = str(png.resolve().relative_to(Path(step_throughput.__file__).resolve().parents[1]))
-        except ValueError:
-            figure = png.name
-    markdown = render(name, rows, args, machine, command, load_end, figure)
+    smoke = args.runs < 5 or args.steps < 5
+    rows: list[dict[str, Any]] = []
+
+    def publish() -> tuple[str, dict[str, Any], Optional[str]]:
+        """Results of the rows so far (rewritten after every row, so a run killed by a time limit keeps them)."""
+        load_end = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        figure = None
+        if not args.no_write and any("configs" in r for r in rows):
+            note = f"SMOKE RUN ({args.runs} runs x {args.steps} steps, load average {load_end}): not a measurement"
+            png = plot(rows, out / f"{name}.png", note if smoke else "")
+            # README renders bench/results/*.md from the repository root: link the figure from there when it is ours.
+            try:
+                figure = str(png.resolve().relative_to(Path(step_throughput.__file__).resolve().parents[1]))
+            except ValueError:
+                figure = png.name
+        markdown = render(name, rows, args, machine, command, load_end, figure)
+        data = {"sweep": name, "command": command, "machine": machine, "load_avg_1m_at_end": load_end,
+                "runs": args.runs, "steps": args.steps, "warmup": args.warmup, "smoke": smoke,
+                "rows_planned": [label for label, _ in rows_spec], "rows": list(rows)}
+        if not args.no_write:
+            write_results(name, markdown, data, out)
+        return markdown, data, figure
+
+    for label, preset in rows_spec:
+        rows.append(measure_row(label, preset, args))
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        publish()
+    markdown, data, figure = publish()
     print(markdown, flush=True)
-    data = {"sweep": name, "command": command, "machine": machine, "load_avg_1m_at_end": load_end,
-            "runs": args.runs, "steps": args.steps, "warmup": args.warmup,
-            "smoke": args.runs < 5 or args.steps < 5, "rows": rows}
     if not args.no_write:
-        paths = write_results(name, markdown, data, out)
-        print(f"wrote {paths[0]}, {paths[1]}" + (f" and {figure}" if figure else ""))
+        print(f"wrote {out / (name + '.md')}, {out / (name + '.json')}" + (f" and {figure}" if figure else ""))
     return data

@@ -529,7 +529,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if args.experts is not None or args.sweep is not None:
         from scaling_sweep import run_sweep
 
-        return [run_sweep(args, PRESETS, argv)]
+        data = run_sweep(args, PRESETS, argv)
+        return [] if data is None else [data]
     names = args.preset.split(",")
     unknown = [n for n in names if n not in PRESETS]
     if unknown:

@@ -44,6 +44,8 @@ def test_gpu_presets_are_skipped_without_cuda(capsys):
         pytest.skip("CUDA present: the GPU preset would run for real")
     assert step_throughput.main(["--preset", "olmoe-1b-7b,qwen3-moe", "--no-write"]) == []
     assert "needs CUDA" in capsys.readouterr().out
+    assert step_throughput.main(["--sweep", "gpu-scaling", "--no-write"]) == []
+    assert "[gpu-scaling] skipped: needs CUDA." in capsys.readouterr().out
 
 
 def test_profile_overhead_tiny(tmp_path):
