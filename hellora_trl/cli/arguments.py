@@ -42,12 +42,12 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Use an offline tiny random MoE model of this family instead (olmoe, mixtral, qwen2_moe, "
-            "qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss). `--tiny olmoe` is the model `hellora train` builds "
-            "when given no model."
+            "qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss). Not the lab model `hellora train` fine-tunes when "
+            "given no model: for that run's adapter pass --model_name_or_path <path `hellora pretrain` prints>."
         },
     )
     tiny_seed: int = field(
-        default=TRAINER_SEED, metadata={"help": "Weight seed of the tiny model (42 = `hellora train`'s default)."}
+        default=TRAINER_SEED, metadata={"help": "Weight seed of the tiny model."}
     )
     dtype: str = field(
         default="auto",

@@ -1,8 +1,9 @@
 """The one model / tokenizer loader of the application layer (``hellora train``, the examples, every CLI command).
 
 A model is either a checkpoint (local directory or hub id, loaded with ``from_pretrained``) or, with no checkpoint,
-an offline tiny random MoE model built in process from a config (tests, demos, the offline recipe). The tiny OLMoE
-has the shape of the offline recipe (:data:`OFFLINE_MODEL`), so an adapter trained offline loads on it.
+an offline tiny random MoE model built in process from a config (tests, demos). The tiny models are not the lab
+model that ``hellora train`` fine-tunes when given no model (:mod:`hellora_trl.recipes.lab`, wider experts and
+vocabulary), so an adapter of that offline run loads on the lab checkpoint, not on ``--tiny olmoe``.
 
 Checkpoints load through the core's :func:`hellora_trl.utils.load_causal_lm`, which the exports use too, so the
 package has one ``from_pretrained`` for models.
@@ -19,7 +20,7 @@ from ..utils import load_causal_lm
 
 __all__ = ["OFFLINE_MODEL", "ModelSource", "load_model", "load_tokenizer", "save_model_and_tokenizer"]
 
-# The embedded offline default: small enough for a CPU box, large enough for a readable heatmap.
+# The tiny OLMoE of `--tiny olmoe` (tests, demos): small enough for a CPU box, large enough for a readable heatmap.
 OFFLINE_MODEL = dict(
     hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_experts=16, num_experts_per_tok=2
 )

@@ -61,7 +61,7 @@ class HELLoRAScriptArguments:
         default=None,
         metadata={
             "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None with no model "
-            "either = the offline default (generated GSM8K-style problems)."
+            "either = the offline default (generated one-step arithmetic word problems in GSM8K's answer format)."
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
@@ -109,7 +109,7 @@ def parse_args(argv: Sequence[str] | None = None, task: str | None = None, prog:
     """``TrlParser`` over (script, HELLoRAConfig, ModelConfig): ``--config recipe.yaml`` plus CLI overrides.
 
     LoRA defaults are the paper's (r=32, alpha=64). When neither a model nor a dataset is given, the offline
-    defaults (tiny model, smaller rank, short run) replace the parser defaults and the arguments are parsed again,
+    defaults (the lab model, smaller rank, short run) replace the parser defaults and the arguments are parsed again,
     so anything the user wrote on the command line or in the YAML still wins. ``prog`` names the program in
     ``--help`` and errors (``hellora train``; default: the script's file name).
     """
@@ -184,8 +184,9 @@ def lora_config_from(model_args) -> LoraConfig:
 
 
 def model_source(model_args, training_args: HELLoRAConfig) -> ModelSource:
-    """TRL's ModelConfig as a :class:`~hellora_trl.recipes.models.ModelSource`; no model = the offline tiny OLMoE
-    with the run's seed (float32)."""
+    """TRL's ModelConfig as a :class:`~hellora_trl.recipes.models.ModelSource`; no model = the tiny random OLMoE
+    with the run's seed (float32). (:func:`build_model_and_tokenizer` loads the lab model instead when no model is
+    given, so ``hellora train`` never trains the tiny one.)"""
     if model_args.model_name_or_path is None:
         return ModelSource(tiny_family="olmoe", tiny_seed=training_args.seed)
     remote = bool(getattr(model_args, "trust_remote_code", False) or getattr(training_args, "trust_remote_code", False))
