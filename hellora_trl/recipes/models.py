@@ -12,11 +12,12 @@ package has one ``from_pretrained`` for models.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils import load_causal_lm
+from ..utils import apply_default_mode, load_causal_lm
 
 __all__ = ["OFFLINE_MODEL", "ModelSource", "load_model", "load_tokenizer", "save_model_and_tokenizer"]
 
@@ -116,6 +117,9 @@ def _with_pad(tokenizer):
 
 
 def save_model_and_tokenizer(model, tokenizer, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` of both, with the package's one permission policy (safetensors writes 0600)."""
+    start = time.time() - 1.0  # file systems with coarse timestamps
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    apply_default_mode(path, since=start)
     return Path(path)
