@@ -139,3 +139,52 @@ def test_readme_main_job_writes_what_the_readme_says(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()  # PEFT layout
     for name in files:
         assert (out / name).is_file(), name
+
+
+# ------------------------------------------------------------------------------------------------ --help
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_help_is_generated_from_the_parser_fields(name, monkeypatch, capsys):
+    # every option of every argument dataclass the command's parser uses is in its --help with the field's own help
+    # text and choices (no hand-written copy to drift: the --tiny family list used to be one, and missed two)
+    import argparse
+    import dataclasses
+
+    seen: list[type] = []
+    format_help = argparse.ArgumentParser.format_help
+
+    def recording(parser):
+        seen.extend(getattr(parser, "dataclass_types", []))
+        return format_help(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "format_help", recording)
+    try:
+        code = cli.main([name, "--help"])
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 0
+    squashed = re.sub(r"\s+", "", capsys.readouterr().out)  # argparse wraps (and splits hyphenated words)
+    assert seen, "the help was not printed by a dataclass parser"
+    for dtype in seen:
+        for f in dataclasses.fields(dtype):
+            if not f.init:
+                continue
+            assert f"--{f.name}" in squashed, (dtype.__name__, f.name)
+            if f.metadata.get("help"):
+                text = f.metadata["help"].replace("%%", "%")  # argparse's escape of a literal %
+                assert re.sub(r"\s+", "", text) in squashed, (dtype.__name__, f.name)
+            if f.metadata.get("choices"):
+                assert "{" + ",".join(map(str, f.metadata["choices"])) + "}" in squashed, (dtype.__name__, f.name)
+
+
+def test_tiny_choices_are_the_families_the_tiny_models_exist_for(capsys):
+    from hellora_trl.cli.arguments import ModelArguments
+    from hellora_trl.recipes.offline import MOE_FAMILIES, tiny_moe_config
+
+    import dataclasses
+
+    tiny = {f.name: f for f in dataclasses.fields(ModelArguments)}["tiny"]
+    assert tuple(tiny.metadata["choices"]) == MOE_FAMILIES
+    for family in MOE_FAMILIES:
+        tiny_moe_config(family)  # every choice builds
+    assert cli.main(["select", "--profile", "p.json", "--tiny", "olmoe2"]) == 1
+    assert "argument --tiny: invalid choice: 'olmoe2'" in capsys.readouterr().err
