@@ -49,7 +49,7 @@ COMMANDS: dict[str, Command] = {
         Command("report", "heatmaps, concentration, Jaccard and stability figures + report.md"),
         Command("merge", "base + adapter -> plain transformers checkpoint"),
         Command("export", "adapter -> merged checkpoint or stock-PEFT layout"),
-        Command("ablate", "ablations: selection / k / components / warm-up / variant, one axis at a time (--full_grid: all)"),
+        Command("ablate", "ablations: selection / k / components / warm-up / variant, one axis at a time"),
         Command("pretrain", "pretrain (or reuse the cached) small lab MoE with learned routing"),
     )
 }
