@@ -18,7 +18,7 @@ HOT = [0, 3]
 
 
 def tiny_base():
-    """The model `--tiny olmoe` builds: `hellora train`'s offline default shape, seed 42."""
+    """The model `--tiny olmoe` builds (seed 42); not the lab model `hellora train` fine-tunes offline."""
     from hellora_trl.offline import tiny_moe_model
     from hellora_trl.sft import OFFLINE_MODEL
 
@@ -43,7 +43,7 @@ def adapter_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
-    """`hellora profile --tiny olmoe` on 24 generated GSM8K rows, model saved beside it."""
+    """`hellora profile --tiny olmoe` on 24 generated arithmetic rows, model saved beside it."""
     root = tmp_path_factory.mktemp("profile")
     argv = ["profile", "--tiny", "olmoe", "--limit", "24", "--batch_size", "8", "--max_length", "96",
             "--output", str(root / "p.json"), "--save_model_to", str(root / "model"), "--disable_tqdm"]
@@ -168,6 +168,57 @@ def test_select_writes_hot_map_and_prints_table(profiled, tmp_path, capsys):
 def test_select_rejects_a_profile_of_another_model(profiled, capsys):
     code, _, err = run(["select", "--profile", profiled / "p.json", "--tiny", "mixtral"], capsys)
     assert code == 1 and "does not match the model" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["select", "--profile", "p.json", "--strategy", "foo"], "argument --strategy: invalid choice: 'foo'"),
+    (["select", "--profile", "p.json", "--k", "abc"], "argument --k"),
+    (["profile", "--tiny", "olmoe", "--limit"], "argument --limit: expected one argument"),
+    (["pretrain", "--steps", "many"], "argument --steps"),
+    (["train", "--hellora_k", "x"], "argument --hellora_k"),
+])
+def test_option_errors_are_one_line_with_status_1(argv, says, capsys):
+    # argparse used to print the whole usage block and exit with status 2 (docs/cli.md promises one line, status 1)
+    code, _, err = run(argv, capsys)
+    assert code == 1, err
+    assert err.strip().splitlines() == [err.strip()] and says in err and "usage:" not in err
+    assert err.startswith(f"hellora {argv[0]}: error: ") and f"see `hellora {argv[0]} --help`" in err
+
+
+def test_option_errors_restore_argparse(capsys):
+    import argparse
+
+    before = argparse.ArgumentParser.error
+    run(["select", "--strategy", "foo"], capsys)
+    assert argparse.ArgumentParser.error is before
+
+
+def test_pretrain_reads_config_like_every_command(tmp_path, capsys):
+    # `hellora pretrain --config` used to be refused ("arguments are not used by the HfArgumentParser")
+    config = tmp_path / "pre.yaml"
+    config.write_text("recipe: no_such_recipe\n")
+    code, _, err = run(["pretrain", "--config", config], capsys)
+    assert code == 1 and "unknown lab recipe 'no_such_recipe'" in err
+    code, _, err = run(["pretrain", "--config", config, "--recipe", "also_unknown"], capsys)  # the command line wins
+    assert code == 1 and "'also_unknown'" in err
+
+
+def test_adapter_of_another_shape_is_one_line(tmp_path, capsys):
+    # the main job's adapter on `--tiny olmoe` used to end in a multi-line "size mismatch" traceback
+    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.sft import OFFLINE_MODEL
+
+    model = tiny_moe_model("olmoe", seed=42, **{**OFFLINE_MODEL, "intermediate_size": 32})
+    peft_model = apply_hellora(model, {layer.name: HOT for layer in find_moe_layers(model)},
+                               default_lora_config(r=4, lora_alpha=8))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()  # the save's progress bar
+    code, _, err = run(["merge", "--adapter", tmp_path / "adapter", "--tiny", "olmoe", "--output_dir",
+                        tmp_path / "merged"], capsys)
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # (progress bars aside)
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err and "size mismatch for" not in err.replace(
+        errors[0], "")
+    assert "does not fit this base model (size mismatch" in err and "--model_name_or_path" in err
 
 
 def test_missing_inputs_fail_early_with_one_line(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``hellora ablate``: the paper's ablation grid (selection, k, components, warm-up fraction, variant) in one run.
+"""``hellora ablate``: the paper's ablations (selection, k, components, warm-up fraction, variant) in one run.
 
 Every row trains a fresh copy of the same model on the same data with one setting changed from the baseline
 (``--full_grid`` crosses all axes instead) and records trainable %, adapter FLOPs per token, training throughput,

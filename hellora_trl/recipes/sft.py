@@ -61,7 +61,7 @@ class HELLoRAScriptArguments:
         default=None,
         metadata={
             "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None with no model "
-            "either = the offline default (generated GSM8K-style problems)."
+            "either = the offline default (generated one-step arithmetic word problems in GSM8K's answer format)."
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
@@ -81,6 +81,14 @@ class HELLoRAScriptArguments:
     )
     benign_eval_path: str | None = field(
         default=None, metadata={"help": "saferpaca: benign instructions for the over-refusal rate."}
+    )
+    effective_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Target sequences per optimizer step (per_device_train_batch_size x gradient_accumulation_steps "
+            "x processes). When set, gradient_accumulation_steps is derived from the number of processes, and a "
+            "combination that cannot reach it exactly is refused. The recipe YAMLs set the paper's 128."
+        },
     )
     lab_recipe: str = field(
         default_factory=lambda: os.environ.get("HELLORA_LAB_RECIPE", "default"),
@@ -109,7 +117,7 @@ def parse_args(argv: Sequence[str] | None = None, task: str | None = None, prog:
     """``TrlParser`` over (script, HELLoRAConfig, ModelConfig): ``--config recipe.yaml`` plus CLI overrides.
 
     LoRA defaults are the paper's (r=32, alpha=64). When neither a model nor a dataset is given, the offline
-    defaults (tiny model, smaller rank, short run) replace the parser defaults and the arguments are parsed again,
+    defaults (the lab model, smaller rank, short run) replace the parser defaults and the arguments are parsed again,
     so anything the user wrote on the command line or in the YAML still wins. ``prog`` names the program in
     ``--help`` and errors (``hellora train``; default: the script's file name).
     """
@@ -124,7 +132,47 @@ def parse_args(argv: Sequence[str] | None = None, task: str | None = None, prog:
     script_args, training_args, model_args = _parser(task, {}, prog).parse_args_and_config(list(argv))
     if is_offline_default(script_args, model_args):
         script_args, training_args, model_args = _parser(task, OFFLINE_DEFAULTS, prog).parse_args_and_config(list(argv))
+    apply_effective_batch(script_args.effective_batch_size, training_args)
     return script_args, training_args, model_args
+
+
+def accumulation_steps(target: int, per_device: int, num_processes: int) -> int:
+    """``gradient_accumulation_steps`` that makes ``per_device x num_processes x steps == target`` exactly, or a
+    ValueError that says which per-device batches would work."""
+    for name, value in (("effective_batch_size", target), ("per_device_train_batch_size", per_device),
+                        ("processes", num_processes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    per_step = per_device * num_processes
+    if target % per_step:
+        fits = [b for b in range(1, target // num_processes + 1) if target % (b * num_processes) == 0]
+        raise ValueError(
+            f"effective batch {target} cannot be reached with per_device_train_batch_size {per_device} on "
+            f"{num_processes} processes ({per_device} x {num_processes} = {per_step} does not divide {target}); "
+            f"use a per-device batch in {fits} or another number of processes."
+        )
+    return target // per_step
+
+
+def apply_effective_batch(target: int | None, training_args) -> None:
+    """Derive ``training_args.gradient_accumulation_steps`` from ``target`` (``--effective_batch_size``), the
+    per-device batch and the number of processes of this launch, so a recipe keeps its effective batch on any
+    number of GPUs. An explicit ``gradient_accumulation_steps`` (not 1) that disagrees is refused; the main process
+    logs ``effective batch T = b per device x n processes x s accumulation steps``."""
+    if target is None:
+        return
+    per_device, processes = training_args.per_device_train_batch_size, training_args.world_size
+    steps = accumulation_steps(target, per_device, processes)
+    given = training_args.gradient_accumulation_steps
+    if given not in (1, steps):
+        raise ValueError(
+            f"gradient_accumulation_steps {given} contradicts effective_batch_size {target} (which needs {steps} "
+            f"with per-device batch {per_device} on {processes} processes); leave gradient_accumulation_steps out."
+        )
+    training_args.gradient_accumulation_steps = steps
+    if training_args.process_index == 0:
+        print(f"effective batch {target} = {per_device} per device x {processes} processes x {steps} gradient "
+              "accumulation steps", flush=True)
 
 
 def _asks_false(argv: Sequence[str], name: str) -> bool:
@@ -184,8 +232,9 @@ def lora_config_from(model_args) -> LoraConfig:
 
 
 def model_source(model_args, training_args: HELLoRAConfig) -> ModelSource:
-    """TRL's ModelConfig as a :class:`~hellora_trl.recipes.models.ModelSource`; no model = the offline tiny OLMoE
-    with the run's seed (float32)."""
+    """TRL's ModelConfig as a :class:`~hellora_trl.recipes.models.ModelSource`; no model = the tiny random OLMoE
+    with the run's seed (float32). (:func:`build_model_and_tokenizer` loads the lab model instead when no model is
+    given, so ``hellora train`` never trains the tiny one.)"""
     if model_args.model_name_or_path is None:
         return ModelSource(tiny_family="olmoe", tiny_seed=training_args.seed)
     remote = bool(getattr(model_args, "trust_remote_code", False) or getattr(training_args, "trust_remote_code", False))
