@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...constants import EVAL_TASKS
+from ...recipes.eval.gsm8k import ARITHMETIC_HELD_OUT_ROWS, ARITHMETIC_TRAIN_ROWS
 from ..arguments import (
     TRAINER_SEED,
     CLIError,
@@ -16,11 +17,10 @@ from ..arguments import (
     parse_command,
     require,
 )
-from ...recipes.eval.gsm8k import ARITHMETIC_HELD_OUT_ROWS, ARITHMETIC_TRAIN_ROWS
 from ..loading import adapter_base, check_adapter, device_of, source_of
 
-DESCRIPTION = ("Evaluate a HELLoRA adapter (on its base model) or a merged checkpoint: GSM8K accuracy, HumanEval "
-               "pass@1, or refusal / over-refusal rates.")
+DESCRIPTION = ("Evaluate a HELLoRA adapter (on its base model) or a merged checkpoint: GSM8K accuracy (without a "
+               "dataset: the lab's held-out arithmetic rows), HumanEval pass@1, or refusal / over-refusal rates.")
 
 
 @dataclass
@@ -40,8 +40,8 @@ class EvalArguments:
     dataset_split: str = field(default="test", metadata={"help": "gsm8k split."})
     benign_path: str | None = field(default=None, metadata={"help": "safety: benign instructions (over-refusal)."})
     limit: int | None = field(default=None, metadata={
-        "help": "Evaluate only the first N examples (gsm8k without a dataset: N held-out rows, default 32 as "
-                "`hellora train --eval_limit`)."})
+        "help": f"Evaluate only the first N examples (gsm8k without a dataset: the first N held-out rows, default "
+                f"{ARITHMETIC_HELD_OUT_ROWS}, all that the offline `hellora train` run holds out)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per example."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
     chat: bool = field(default=False, metadata={"help": "gsm8k: wrap prompts in the chat template."})

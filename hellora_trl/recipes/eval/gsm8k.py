@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 ARITHMETIC_TRAIN_ROWS = 1200  # arithmetic rows `hellora train` tunes on when no --train_limit is given
-ARITHMETIC_HELD_OUT_ROWS = 32  # rows it scores after training when no --eval_limit is given
+ARITHMETIC_HELD_OUT_ROWS = 64  # rows the offline default run (no model, no dataset) holds out and scores
 
 
 # A number token: optional sign (only when not glued to a preceding word/digit, so "3-4" is two
