@@ -373,8 +373,12 @@ def test_train_then_eval_merge_and_report_end_to_end(tmp_path, capsys):
 
     base = str(lab_model_path(os.environ["HELLORA_LAB_RECIPE"]))  # `hellora train` with no model: the lab model
     code, _, err = run(["eval", "--adapter", run_dir, "--model_name_or_path", base, "--limit", 2, "--max_new_tokens", 4,
-                        "--output_dir", tmp_path / "eval", "--disable_tqdm"], capsys)
+                        "--train_limit", 16, "--output_dir", tmp_path / "eval", "--disable_tqdm"], capsys)
     assert code == 0, err
+    scored = json.loads((tmp_path / "eval" / "results.json").read_text())["arithmetic"]["records"]
+    from hellora_trl.recipes.eval import held_out_arithmetic
+
+    assert [r["question"] for r in scored] == [r["question"] for r in held_out_arithmetic(2, 42, train_rows=16)]
     code, _, err = run(["merge", "--adapter", run_dir, "--model_name_or_path", base, "--output_dir", tmp_path / "merged"],
                        capsys)
     assert code == 0, err
