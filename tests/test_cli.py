@@ -238,11 +238,27 @@ def test_missing_inputs_fail_early_with_one_line(tmp_path, capsys):
 def test_eval_gsm8k_on_adapter(adapter_dir, tmp_path, capsys):
     code, out, _ = run(["eval", "--adapter", adapter_dir, "--tiny", "olmoe", "--limit", 2, "--max_new_tokens", 4,
                         "--output_dir", tmp_path, "--disable_tqdm"], capsys)
-    assert code == 0 and "gsm8k:" in out
+    assert code == 0 and "arithmetic:" in out  # no dataset: the lab's held-out arithmetic rows, named for what they are
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["gsm8k"]["total"] == 2 and len(results["gsm8k"]["records"]) == 2
+    assert "gsm8k" not in results
+    assert results["arithmetic"]["total"] == 2 and len(results["arithmetic"]["records"]) == 2
     assert results["run"]["adapter"] == str(adapter_dir)
-    assert "| gsm8k.accuracy |" in (tmp_path / "results.md").read_text()
+    assert "| arithmetic.accuracy |" in (tmp_path / "results.md").read_text()
+
+
+def test_eval_without_a_dataset_scores_exactly_what_train_held_out(tmp_path):
+    """Issue 18: `hellora eval` without a dataset scored generate_math_problems(seed + 10000), other problems than
+    the arithmetic rows `hellora train` holds out, although its --help said they were the same."""
+    from hellora_trl.cli.commands.eval import EvalArguments, gsm8k_rows
+    from hellora_trl.recipes.sft import load_task_data, parse_args
+
+    script_args, training_args, _ = parse_args(["--output_dir", str(tmp_path / "a")])  # the offline default run
+    _, held_out = load_task_data(script_args, seed=training_args.seed)
+    assert len(held_out) == script_args.eval_limit and gsm8k_rows(EvalArguments()) == held_out
+    script_args, training_args, _ = parse_args(["--output_dir", str(tmp_path / "b"), "--seed", "5", "--train_limit",
+                                                "100", "--eval_limit", "8"])
+    _, held_out = load_task_data(script_args, seed=training_args.seed)
+    assert gsm8k_rows(EvalArguments(seed=5, train_limit=100, limit=8)) == held_out
 
 
 def test_eval_humaneval_and_safety(tmp_path, capsys):
@@ -408,8 +424,12 @@ def test_train_then_eval_merge_and_report_end_to_end(tmp_path, capsys):
 
     base = str(lab_model_path(os.environ["HELLORA_LAB_RECIPE"]))  # `hellora train` with no model: the lab model
     code, _, err = run(["eval", "--adapter", run_dir, "--model_name_or_path", base, "--limit", 2, "--max_new_tokens", 4,
-                        "--output_dir", tmp_path / "eval", "--disable_tqdm"], capsys)
+                        "--train_limit", 16, "--output_dir", tmp_path / "eval", "--disable_tqdm"], capsys)
     assert code == 0, err
+    scored = json.loads((tmp_path / "eval" / "results.json").read_text())["arithmetic"]["records"]
+    from hellora_trl.recipes.eval import held_out_arithmetic
+
+    assert [r["question"] for r in scored] == [r["question"] for r in held_out_arithmetic(2, 42, train_rows=16)]
     code, _, err = run(["merge", "--adapter", run_dir, "--model_name_or_path", base, "--output_dir", tmp_path / "merged"],
                        capsys)
     assert code == 0, err

@@ -19,17 +19,17 @@ from peft import LoraConfig
 
 from ..config import HELLoRAConfig
 from ..constants import SUMMARY_FILE, TASKS
-from ..distributed import is_main_process
 from ..utils import atomic_write_text
+from .eval.gsm8k import ARITHMETIC_HELD_OUT_ROWS, ARITHMETIC_TRAIN_ROWS
 from .models import OFFLINE_MODEL, ModelSource, load_model, load_tokenizer  # noqa: F401  (OFFLINE_MODEL: re-exported)
 
 PAPER_DEFAULTS: dict[str, Any] = dict(lora_r=32, lora_alpha=64, lora_dropout=0.0, output_dir="outputs/hellora-sft")
 
-OFFLINE_TRAIN_ROWS = 1200
+OFFLINE_TRAIN_ROWS = ARITHMETIC_TRAIN_ROWS  # the lab's arithmetic task: train rows without --train_limit
 OFFLINE_DEFAULTS: dict[str, Any] = dict(
     output_dir="outputs/sft_gsm8k_offline",
     eval_max_new_tokens=24,
-    eval_limit=64,
+    eval_limit=ARITHMETIC_HELD_OUT_ROWS,  # `hellora eval` without a dataset scores the same rows by default
     num_train_epochs=2.0,
     per_device_train_batch_size=8,
     learning_rate=5e-3,
@@ -266,6 +266,7 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
         if script_args.dataset_name is None:  # the lab target task: never in the pretraining corpus
             from . import lab
 
+            # the held-out rows are what `hellora eval` rebuilds without a dataset (recipes.eval.held_out_arithmetic)
             return lab.default_task(script_args.train_limit or OFFLINE_TRAIN_ROWS, max(script_args.eval_limit, 1),
                                     seed=seed, fmt=fmt)
         train = data.load_gsm8k(script_args.dataset_name, script_args.dataset_train_split, fmt=fmt, limit=script_args.train_limit)
@@ -291,33 +292,36 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
     return loader(script_args.dataset_name, split=script_args.dataset_train_split, limit=script_args.train_limit), None
 
 
-def evaluate(model, tokenizer, script_args: HELLoRAScriptArguments, held_out, training_args: HELLoRAConfig) -> dict:
-    """The task metric on held-out data: GSM8K accuracy, HumanEval pass@1, or refusal / over-refusal rates."""
-    from . import eval as ev
+EVAL_TASK = {"gsm8k": "gsm8k", "codealpaca": "humaneval", "saferpaca": "safety"}  # train task -> benchmark
 
-    if not script_args.eval_limit:
+
+def evaluate(model, tokenizer, script_args: HELLoRAScriptArguments, held_out, training_args: HELLoRAConfig) -> dict:
+    """The task metric on held-out data, through the evaluation path of ``hellora eval``
+    (:func:`hellora_trl.recipes.eval.evaluate_task`): arithmetic or GSM8K accuracy, HumanEval pass@1, or refusal /
+    over-refusal rates, filed under :func:`~hellora_trl.recipes.eval.metric_name`."""
+    from .eval import EvalSettings, evaluate_task, load_humaneval, load_instruction_set, metric_name
+
+    if not script_args.eval_limit or script_args.task not in EVAL_TASK:
         return {}
-    progress = not training_args.disable_tqdm
-    limit, budget = script_args.eval_limit, script_args.eval_max_new_tokens
-    if script_args.task == "gsm8k":
-        result = ev.evaluate_gsm8k(
-            model, tokenizer, held_out, limit=limit, max_new_tokens=budget, chat=script_args.chat_format, progress=progress
-        )
-        return {"gsm8k": result}
-    if script_args.task == "sft" or script_args.eval_dataset_path is None:
+    task = EVAL_TASK[script_args.task]
+    if task == "gsm8k":
+        rows = held_out
+    elif script_args.eval_dataset_path is None:
         return {}
-    if script_args.task == "codealpaca":
-        problems = ev.load_humaneval(script_args.eval_dataset_path)[:limit]
-        prompts = [p["prompt"] for p in problems]
-        completions = ev.generate_batched(model, tokenizer, prompts, max_new_tokens=budget, progress=progress)
-        if not is_main_process():  # the generated code runs once, in the main process's sandbox
-            return {}
-        samples = {p["task_id"]: [c] for p, c in zip(problems, completions)}
-        results_path = Path(training_args.output_dir) / "eval" / "humaneval_samples.jsonl"  # written as it goes
-        return {"humaneval": ev.evaluate_humaneval(problems, samples, ks=(1,), results_path=results_path)}
-    harmful = ev.load_instruction_set(script_args.eval_dataset_path)[:limit]
-    benign = ev.load_instruction_set(script_args.benign_eval_path)[:limit] if script_args.benign_eval_path else []
-    return {"safety": ev.evaluate_safety(model, tokenizer, harmful, benign, max_new_tokens=budget, progress=progress)}
+    elif task == "humaneval":
+        rows = load_humaneval(script_args.eval_dataset_path)
+    else:
+        benign = load_instruction_set(script_args.benign_eval_path) if script_args.benign_eval_path else []
+        rows = {"harmful": load_instruction_set(script_args.eval_dataset_path), "benign": benign}
+    settings = EvalSettings(
+        limit=script_args.eval_limit, max_new_tokens=script_args.eval_max_new_tokens, chat=script_args.chat_format,
+        progress=not training_args.disable_tqdm,
+        samples_path=Path(training_args.output_dir) / "eval" / "humaneval_samples.jsonl",  # written as it goes
+    )
+    result = evaluate_task(task, model, tokenizer, rows, settings)
+    if result is None:  # HumanEval programs run on the main process only
+        return {}
+    return {metric_name(task, script_args.dataset_name): result}  # no dataset: the lab's arithmetic task
 
 
 def build_trainer(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args):
@@ -396,14 +400,14 @@ def lab_baseline(trainer, tokenizer, script_args, held_out, model_args) -> dict 
 
     exact_match = None
     if script_args.eval_limit:
-        exact_match = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)["gsm8k"]["accuracy"]
+        exact_match = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)["arithmetic"]["accuracy"]
     return lab.baseline(trainer.model, tokenizer, held_out, exact_match=exact_match)
 
 
 def _lab_after(base: dict, trainer, tokenizer, held_out, results: dict) -> dict:
     from . import lab
 
-    exact_match = results["gsm8k"]["accuracy"] if "gsm8k" in results else None
+    exact_match = results["arithmetic"]["accuracy"] if "arithmetic" in results else None
     return lab.compare(base, trainer.model, tokenizer, held_out, exact_match=exact_match,
                        profile=getattr(trainer, "hellora_profile", None))
 
