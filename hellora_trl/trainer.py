@@ -181,6 +181,8 @@ class HELLoRATrainer(SFTTrainer):
     ``target_modules`` only choose the attention projections, never experts.
     """
 
+    _tag_names = ["trl", "sft", "hellora"]  # TRL's model card and model tags name HELLoRA too
+
     def __init__(self, model, args: HELLoRAConfig | None = None, *pos, peft_config: PeftConfig | None = None, **kwargs):
         if args is None:
             args = HELLoRAConfig(output_dir="hellora-sft")
