@@ -24,6 +24,7 @@ imported without it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +38,7 @@ from ..config import HELLoRAConfig, hellora_defaults, validate_hellora_fields
 from ..constants import PROFILE_FILE
 from ..distributed import is_main_process
 from ..profile import ExpertProfile
-from ..profiling import profile_experts, warmup_slice
+from ..profiling import profile_experts, warmup_row_cap, warmup_slice
 from ..selection import SelectionSettings, load_plan, plan_hot_experts, save_plan
 from .warmup import lora_warmup_profile
 
@@ -237,12 +238,17 @@ class HELLoRAPluginMixin:
             return profile, stored
         dataset = self.training_dataset(cfg)
         seed = self._seed(cfg, args)
-        rows = warmup_slice(dataset, args.hellora_warmup_fraction, seed)
+        # a max_steps run warms up on no more rows than it trains on
+        rows_per_step = (int(_get(cfg, "micro_batch_size", 1)) * int(_get(cfg, "gradient_accumulation_steps", 1))
+                         * int(os.environ.get("WORLD_SIZE", "1")))
+        cap = warmup_row_cap(_get(cfg, "max_steps"), rows_per_step)
+        rows = warmup_slice(dataset, args.hellora_warmup_fraction, seed, max_rows=cap)
         batch_size = args.hellora_profile_batch_size or int(_get(cfg, "micro_batch_size", 1))
         source = {
             "mode": args.hellora_profile_mode,
             "warmup_fraction": args.hellora_warmup_fraction,
             "warmup_rows": len(rows),
+            "warmup_max_rows": cap,
             "train_rows": len(dataset),
             "seed": seed,
             "framework": "axolotl",
