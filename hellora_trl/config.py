@@ -39,7 +39,9 @@ class HELLoRAConfig(SFTConfig):
         },
     )
     hellora_warmup_fraction: float = field(
-        default=0.1, metadata={"help": "Share of the training set sampled (seeded, at random) for profiling."}
+        default=0.1,
+        metadata={"help": "Share of the training set sampled (seeded, at random) for profiling; with max_steps, at "
+                          "most the rows the run trains (max_steps x batch x accumulation x processes)."}
     )
     hellora_warmup_epochs: float = field(
         default=1.0, metadata={"help": "Epochs over the warm-up slice in 'lora_warmup' mode."}

@@ -41,7 +41,7 @@ from .constants import (
 )
 from .distributed import gathered_adapter_state, register_moe_leaf_modules, shard_bounds, zero3_forward_gathering
 from .profile import ExpertProfile, HotMap
-from .profiling import RoutingCounter, profile_experts, warmup_slice
+from .profiling import RoutingCounter, profile_experts, warmup_row_cap, warmup_slice
 from .registry import expose_num_experts, find_moe_layers
 from .selection import SelectionSettings, load_plan, plan_hot_experts, save_plan, validate_hot_map
 from .utils import atomic_write_text, publish_staged, unwrap_model
@@ -172,6 +172,25 @@ def _send_tensorboard(figures: dict[str, Path], callbacks: list, args, step: int
             writer.add_image(name, image, step, dataformats="HWC")
 
 
+ADAPTER_NOT_BUILT = (
+    "No HELLoRA adapter yet: HELLoRATrainer builds it in train(), after profiling picks the hot experts, so until "
+    "then trainer.model is the base model (nothing frozen, nothing added). Call trainer.print_trainable_parameters() "
+    "or trainer.model.print_trainable_parameters() after train()."
+)
+
+
+def print_adapter_not_built() -> None:
+    print(ADAPTER_NOT_BUILT)
+
+
+def explain_trainable_parameters(model: Any) -> None:
+    """Give the base model PEFT's ``print_trainable_parameters`` name, printing :data:`ADAPTER_NOT_BUILT`, so the
+    usual TRL/PEFT call before ``train()`` explains itself instead of raising AttributeError. The PeftModel that
+    ``train()`` builds answers with its own method. (A module-level function: the model stays picklable.)"""
+    if not hasattr(model, "print_trainable_parameters"):
+        model.__dict__["print_trainable_parameters"] = print_adapter_not_built
+
+
 class HELLoRATrainer(SFTTrainer):
     """A drop-in ``SFTTrainer``: same constructor; ``peft_config`` (default: the paper's r=32, alpha=64 LoRA)
     says how adapters look, HELLoRA decides where they go.
@@ -180,6 +199,8 @@ class HELLoRATrainer(SFTTrainer):
     ``peft_config`` with ``target_parameters`` (PEFT's whole-stack expert LoRA) is refused; its
     ``target_modules`` only choose the attention projections, never experts.
     """
+
+    _tag_names = ["trl", "sft", "hellora"]  # TRL's model card and model tags name HELLoRA too
 
     def __init__(self, model, args: HELLoRAConfig | None = None, *pos, peft_config: PeftConfig | None = None, **kwargs):
         if args is None:
@@ -224,6 +245,7 @@ class HELLoRATrainer(SFTTrainer):
         self.add_callback(self.hellora_figures)
         if args.hellora_dynamic_rank:
             self.add_callback(self._dynamic_rank_callback(peft_config.r))
+        explain_trainable_parameters(self.model)  # trainer.model is the bare base until train() builds the adapter
         # Fail before any work when the model is not a MoE model the registry knows.
         self._moe_layers = find_moe_layers(self.model)
         expose_num_experts(self.model)  # TRL's router aux loss reads config.num_experts (GraniteMoE, PhiMoE lack it)
@@ -483,11 +505,15 @@ class HELLoRATrainer(SFTTrainer):
                 f"cut off entirely by max_length={args.max_length} have no trainable token). Raise max_length or "
                 "check the data."
             )
-        warmup = warmup_slice(self.train_dataset, args.hellora_warmup_fraction, self._seed)
+        # a short run (max_steps) warms up on no more rows than it trains on (issue 19 item 13)
+        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        cap = warmup_row_cap(args.max_steps, rows_per_step)
+        warmup = warmup_slice(self.train_dataset, args.hellora_warmup_fraction, self._seed, max_rows=cap)
         source = {
             "mode": args.hellora_profile_mode,
             "warmup_fraction": args.hellora_warmup_fraction,
             "warmup_rows": len(warmup),
+            "warmup_max_rows": cap,
             "train_rows": len(self.train_dataset),
             "seed": self._seed,
         }
@@ -706,6 +732,13 @@ class HELLoRATrainer(SFTTrainer):
             path = plot_overhead({"profiling": profiling, "training": training}, Path(self.args.output_dir) / OVERHEAD_FILE)
             self.hellora_figures.add({"hellora/overhead": path})
         self.log(metrics)  # also sends the queued figure (HELLoRAFiguresCallback.on_log)
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's summary of the adapter once ``train()`` built it; before that, what to expect and when."""
+        if isinstance(self.model, PeftModel):
+            self.model.print_trainable_parameters()
+        else:
+            print(ADAPTER_NOT_BUILT)
 
     @property
     def hot_experts(self) -> HotMap | None:

@@ -23,6 +23,7 @@ FLOORS = [
     ["profiling", "selection", "expert_lora.ops"],
     ["expert_lora.layer"],
     ["expert_lora"],
+    ["adapter_card"],
     ["adapter_state"],
     ["variants"],
     ["adapter"],

@@ -117,8 +117,9 @@ def test_lora_warmup_mode_discards_warmup_adapters(tmp_path, tokenizer, dataset)
     trainer = make_trainer(tmp_path, tokenizer, dataset, model=model, hellora_profile_mode="lora_warmup", max_steps=1)
     trainer.train()
     profile = trainer.hellora_profile
-    assert profile.source["mode"] == "lora_warmup" and profile.source["warmup_rows"] == 10
-    # warm-up trained LoRA on all experts for ceil(10 rows / 4) = 3 steps, counting every routed token
+    # the 10-row slice (25% of 40) is capped by the rows this 1-step run trains: 1 x 4 (issue 19 item 13)
+    assert profile.source["mode"] == "lora_warmup" and profile.source["warmup_rows"] == 4
+    # warm-up trained LoRA on all experts for one step over those 4 rows, counting every routed token
     assert profile.counts.sum() == profile.tokens_seen * 2 * len(profile.layer_names)
     assert profile.source["warmup_loss"] is not None
     # the warm-up adapters are gone: the final model adapts 2 experts per layer, and the base is untouched
