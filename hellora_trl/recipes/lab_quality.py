@@ -227,10 +227,12 @@ def finetune(
     try:
         if config.kind == "hellora":
             options = dict(hellora_k=config.k, hellora_selection=config.selection, hellora_variant=config.variant,
-                           hellora_profile_path=str(profile_path), hellora_reselect=True,
-                           hellora_dynamic_rank=config.dynamic_rank, **config.extra)
-            trainer = HELLoRATrainer(model=model, args=_args(work, settings, seed, **options), train_dataset=train,
-                                     processing_class=tokenizer, peft_config=_lora(settings))
+                           hellora_profile_path=str(profile_path), hellora_reselect=True, **config.extra)
+            if config.dynamic_rank:  # the opt-in experimental trainer, its hellora_dr_* settings at their defaults
+                from ..experimental.dynamic_rank_trainer import DynamicRankTrainer
+            trainer_class = DynamicRankTrainer if config.dynamic_rank else HELLoRATrainer
+            trainer = trainer_class(model=model, args=_args(work, settings, seed, **options), train_dataset=train,
+                                    processing_class=tokenizer, peft_config=_lora(settings))
         else:
             peft_model = (attention_router_only if config.kind == "floor" else apply_peft_all_experts)(model, _lora(settings))
             trainer = SFTTrainer(model=peft_model, args=_args(work, settings, seed), train_dataset=train,

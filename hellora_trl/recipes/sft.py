@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from peft import LoraConfig
 
-from ..config import HELLoRAConfig
+from ..config import CHECKPOINTING_FIELD, HELLoRAConfig
 from ..constants import SUMMARY_FILE, TASKS
 from ..distributed import is_main_process
 from ..utils import atomic_write_text
@@ -38,7 +38,7 @@ OFFLINE_DEFAULTS: dict[str, Any] = dict(
     save_strategy="no",
     report_to="none",
     max_length=160,
-    gradient_checkpointing=False,  # TRL turns it on by default; a tiny model has no memory to save
+    **{CHECKPOINTING_FIELD: False},  # TRL turns it on by default; a tiny model has no memory to save
     lora_r=8,
     lora_alpha=16,
 )
