@@ -13,6 +13,7 @@ _EXPORTS: dict[str, str] = {
     "ExpertProfile": "profile",
     "FAMILIES": "registry",
     "HELLoRAConfig": "config",
+    "HELLoRAMixin": "trainer",
     "HELLoRATrainer": "trainer",
     "HotExpertLoraLayer": "expert_lora",
     "MoEFamily": "registry",
@@ -73,7 +74,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .profiling import RoutingCounter, profile_experts
     from .registry import FAMILIES, MoEFamily, find_moe_layers, register_family
     from .selection import SelectionSettings, plan_hot_experts, select_hot_experts
-    from .trainer import HELLoRATrainer
+    from .trainer import HELLoRAMixin, HELLoRATrainer
     from .variants import (
         apply_masks,
         copy_lora_A,

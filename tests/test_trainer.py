@@ -12,7 +12,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from hellora_trl import ExpertProfile, apply_hellora, default_lora_config, find_moe_layers
-from hellora_trl.config import HELLoRAConfig
+from hellora_trl.config import CHECKPOINTING_FIELD, HELLoRAConfig
 from hellora_trl.data import synthetic_gsm8k
 from hellora_trl.offline import build_tokenizer
 from hellora_trl.trainer import HEATMAP_FILE, PROFILE_FILE, HELLoRATrainer
@@ -188,7 +188,7 @@ def test_gradient_accumulation_checkpointing_and_packing_run(tmp_path, tokenizer
         max_steps=2,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        gradient_checkpointing=True,
+        **{CHECKPOINTING_FIELD: True},
         packing=True,
     )
     trainer.train()
