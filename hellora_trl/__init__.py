@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     "ExpertProfile": "profile",
     "FAMILIES": "registry",
+    "HELLoRAArguments": "config",
     "HELLoRAConfig": "config",
     "HELLoRAMixin": "trainer",
     "HELLoRATrainer": "trainer",
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .accounting import adapter_flops_per_token, trainable_parameter_report
     from .adapter import apply_hellora, default_lora_config, hot_map_from_model, load_hellora
     from .baselines import all_experts_hot, apply_peft_all_experts, apply_peft_dora
-    from .config import HELLoRAConfig
+    from .config import HELLoRAArguments, HELLoRAConfig
     from .constants import VARIANTS
     from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
     from .export import export_peft_target_parameters, merge_adapter

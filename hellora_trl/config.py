@@ -1,4 +1,9 @@
-"""``HELLoRAConfig``: TRL's ``SFTConfig`` plus the knobs of the HELLoRA method, with the paper's defaults."""
+"""``HELLoRAConfig``: TRL's ``SFTConfig`` plus the knobs of the HELLoRA method, with the paper's defaults.
+
+The knobs are :class:`HELLoRAArguments`, a dataclass mixed into a TRL config: ``HELLoRAConfig`` is
+``HELLoRAArguments`` + ``SFTConfig``, and a config for another TRL trainer is the same two lines
+(``@dataclass class C(HELLoRAArguments, DPOConfig): pass``).
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,10 @@ CHECKPOINTING_FIELD = (
 
 
 @dataclass
-class HELLoRAConfig(SFTConfig):
-    """Everything ``SFTConfig`` takes, plus ``hellora_*`` fields (all readable from YAML and the command line)."""
+class HELLoRAArguments:
+    """The ``hellora_*`` fields (all readable from YAML and the command line) and their checks, for mixing in front
+    of a TRL config class (not used alone). Its ``__post_init__`` also fixes two TRL defaults: ``bf16`` follows the
+    hardware, and gradient checkpointing (on) is set under the name the installed transformers does not deprecate."""
 
     hellora_k: int | None = field(
         default=None,
@@ -153,6 +160,11 @@ class HELLoRAConfig(SFTConfig):
             self.activation_checkpointing = True  # TRL's default, under the name transformers does not warn about
         super().__post_init__()
         validate_hellora_fields(self)
+
+
+@dataclass
+class HELLoRAConfig(HELLoRAArguments, SFTConfig):
+    """Everything ``SFTConfig`` takes, plus the ``hellora_*`` fields of :class:`HELLoRAArguments`."""
 
 
 def convert_config(args: TrainingArguments, config_class: type, **overrides):

@@ -6,9 +6,9 @@ adapters discarded) -> train on the full dataset with a fresh optimizer, schedul
 
 The phase before training lives in :class:`HELLoRAMixin`, which works in front of any TRL trainer whose model is a
 transformers MoE model: ``HELLoRATrainer = HELLoRAMixin + SFTTrainer``. What is specific to one trainer (its config
-class, how a phase sub-run is configured and built) sits in a few small methods it overrides. Run identity and
-checkpoint discovery are in :mod:`hellora_trl.checkpoints`, the figures in :mod:`hellora_trl.plots` and
-:mod:`hellora_trl.callbacks`.
+class, how a phase sub-run is configured and built, which batches forward profiling runs) sits in a few small
+methods it overrides. Run identity and checkpoint discovery are in :mod:`hellora_trl.checkpoints`, the figures in
+:mod:`hellora_trl.plots` and :mod:`hellora_trl.callbacks`.
 """
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ class HELLoRAMixin:
 
     Put it first in the bases (``class T(HELLoRAMixin, SomeTRLTrainer)``). It takes the trainer's own constructor
     arguments, finds ``args`` by name or position in that trainer's signature, and passes ``peft_config=None`` on,
-    since the adapter is built after profiling. To adapt it to another trainer, set :attr:`config_class` (a config
-    with the ``hellora_*`` fields) and override :meth:`hellora_phase_trainer` (and :meth:`hellora_phase_args` when
-    the trainer's data switches differ from SFT's).
+    since the adapter is built after profiling. To adapt it to another trainer, set :attr:`config_class` (its TRL
+    config with :class:`~hellora_trl.config.HELLoRAArguments` mixed in) and override :meth:`hellora_phase_trainer`;
+    :meth:`hellora_phase_args` and :meth:`hellora_profile_batches` when its data differs from SFT's.
     """
 
     config_class: type = HELLoRAConfig  # the args this trainer needs; other TrainingArguments are converted to it
@@ -174,6 +174,11 @@ class HELLoRAMixin:
     def hellora_phase_trainer(self, model, args, train_dataset):
         """The trainer of a phase sub-run on ``model`` (already adapted) over ``train_dataset`` (already prepared)."""
         raise NotImplementedError(f"{type(self).__name__} must say how its phase sub-runs are trained.")
+
+    def hellora_profile_batches(self, rows, batch_size: int):
+        """Model-input batches of this rank's warm-up rows for 'forward' profiling: the trainer's own collator
+        (SFT's batches are what the model sees in training; a preference trainer would yield its policy inputs)."""
+        return DataLoader(rows, batch_size=batch_size, collate_fn=self.data_collator)
 
     def hellora_adapter_installed(self, peft_model: PeftModel, checkpoint: str | None) -> None:
         """Called once the main run's adapter is built (and before training starts): a subclass adds its state
@@ -363,7 +368,7 @@ class HELLoRAMixin:
             start, end = shard_bounds(len(warmup), state.num_processes, state.process_index)
             pad_to = math.ceil(len(range(*shard_bounds(len(warmup), state.num_processes, 0))) / batch_size)
             warmup = warmup.select(list(range(start, end)))  # a list: datasets rejects an empty range at the end
-        loader = DataLoader(warmup, batch_size=batch_size, collate_fn=self.data_collator)
+        loader = self.hellora_profile_batches(warmup, batch_size)
         if self.is_deepspeed_enabled and not self._zero3:
             # The Trainer leaves a DeepSpeed model where it was loaded (CPU) for the engine to place; ZeRO-0/1/2 keep
             # full weights on every device anyway, so profile there instead of on the CPU.

@@ -601,3 +601,36 @@ def test_positional_args_and_the_core_knows_nothing_of_dynamic_rank(tmp_path, to
     assert trainer.args is args and len(trainer.train_dataset) == len(dataset)
     assert not [name for name in hellora_defaults() if "dynamic" in name or name.startswith("hellora_dr_")]
     assert "dynamic" not in inspect.getsource(trainer_module).lower()
+
+
+def test_the_mixin_fronts_a_trainer_whose_args_come_later(tmp_path, tokenizer, dataset):
+    """HELLoRAMixin finds `args` in the wrapped trainer's own signature (DPOTrainer has ref_model before it), and
+    HELLoRAArguments mixes into another TRL config: a preference trainer is a few lines."""
+    from dataclasses import dataclass
+
+    from trl import DPOConfig, SFTTrainer
+
+    from hellora_trl.config import HELLoRAArguments
+    from hellora_trl.trainer import HELLoRAMixin
+
+    @dataclass
+    class PreferenceConfig(HELLoRAArguments, DPOConfig):
+        pass
+
+    config = PreferenceConfig(output_dir=str(tmp_path / "dpo"), use_cpu=True, hellora_k=3)
+    assert (config.hellora_k, config.beta) == (3, DPOConfig(output_dir="x", use_cpu=True).beta)
+
+    class ReferenceFirst(SFTTrainer):  # stands in for a trainer with another positional before args
+        def __init__(self, model, ref_model=None, args=None, **kwargs):
+            self.ref = ref_model
+            super().__init__(model, args, **kwargs)
+
+    class Fronted(HELLoRAMixin, ReferenceFirst):
+        hellora_phase_trainer = HELLoRATrainer.hellora_phase_trainer
+
+    args = make_args(tmp_path, seed=7)
+    trainer = Fronted(tiny_model("olmoe"), "reference", args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=default_lora_config(**LORA))
+    assert trainer.args is args and trainer.ref == "reference"
+    trainer.train()
+    assert trainer.state.global_step == 4 and trainer.hot_experts
