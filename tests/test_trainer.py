@@ -585,6 +585,11 @@ def test_configs_do_not_warn_about_the_deprecated_checkpointing_name(tmp_path):
         warnings.simplefilter("ignore", FutureWarning)
         old = make_args(tmp_path, gradient_checkpointing=False)  # the deprecated spelling is still honoured
     assert getattr(old, CHECKPOINTING_FIELD) is False
+    model = tiny_model("olmoe")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_hellora(model, {layer.name: [0, 1] for layer in find_moe_layers(model)}, default_lora_config(**LORA))
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]  # PEFT's alias read, silenced
 
 
 def test_positional_args_and_the_core_knows_nothing_of_dynamic_rank(tmp_path, tokenizer, dataset):
