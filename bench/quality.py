@@ -44,7 +44,7 @@ REFERENCE = "HELLoRA layer k=2"
 
 
 def configs(num_experts: int, k: int) -> dict[str, list]:
-    from hellora_trl.recipes.lab_quality import QualityConfig as C
+    from hellora_trl.recipes.lab.quality import QualityConfig as C
 
     core = [
         C("attention + router only", "floor"),
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     from hellora_trl.recipes import lab
-    from hellora_trl.recipes import lab_quality as q
+    from hellora_trl.recipes.lab import quality as q
 
     path = lab.lab_model_path(args.recipe)
     card = lab.read_card(path)

@@ -19,7 +19,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 # The performance section, in this order (other results files, e.g. ablations, only when passed explicitly).
-ORDER = ("olmoe-small", "olmoe-small-bf16", "profile-overhead-olmoe-small", "quality")
+ORDER = ("olmoe-small", "olmoe-small-bf16", "scaling", "profile-overhead-olmoe-small", "quality")
 
 
 def result_files(results_dir: Path = RESULTS_DIR) -> list[Path]:

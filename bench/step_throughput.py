@@ -23,6 +23,8 @@ HELLoRA k stepping without autocast (float32 low-rank GEMMs), to measure what bf
     python bench/step_throughput.py --preset olmoe-small-bf16
     python bench/step_throughput.py --preset olmoe-1b-7b            # the real OLMoE-1B-7B config, bf16, CUDA only
     python bench/step_throughput.py --preset qwen3-moe              # Qwen3-MoE layers (128 experts, top-8), CUDA only
+    python bench/step_throughput.py --sweep scaling --runs 8 --threads 1   # expert-count sweep 16..256: scaling.{md,json,png}
+    python bench/step_throughput.py --preset tiny --experts 4,8,16         # sweep any preset's shape over expert counts
 """
 
 from __future__ import annotations
@@ -120,6 +122,15 @@ PRESETS: dict[str, Preset] = {
     # all-experts LoRA is the largest configuration).
     "olmoe-1b-7b": Preset(layers=16, batch=8, seq=2048, dtype="bfloat16", device="cuda", **_OLMOE_1B_7B),
     "qwen3-moe": Preset(layers=12, batch=8, seq=2048, dtype="bfloat16", device="cuda", **_QWEN3_MOE),
+    # The expert-count sweep at real layer shapes (``--sweep gpu-scaling``): 2 Qwen3-MoE layers (128 experts), and
+    # one DeepSeek-V3-like layer (256 experts of 2048, hidden 7168, top-8; OLMoE's attention and router with 56
+    # heads of 128 / 8 KV heads, vocab cut to 32000: the expert layer is what the sweep measures; ~23 GB of bf16
+    # experts, sized for one H100/H200 with PEFT's all-experts LoRA).
+    "qwen3-moe-2l-gpu": Preset(layers=2, batch=4, seq=2048, dtype="bfloat16", device="cuda", **_QWEN3_MOE),
+    "deepseek-v3-like-1l-gpu": Preset(
+        hidden=7168, intermediate=2048, experts=256, top_k=8, heads=56, kv_heads=8, vocab=32000, layers=1, batch=2,
+        seq=2048, dtype="bfloat16", device="cuda", extra=(("norm_topk_prob", True), ("clip_qkv", None)),
+    ),
 }
 
 
@@ -207,6 +218,8 @@ class Setup:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     step: Callable[[], Any]
+    batch: Optional[dict[str, torch.Tensor]] = None  # the fixed batch ``step`` trains on
+    routed: Optional[nn.Module] = None  # the frozen base with this setup's router, before any adapter
 
 
 def shared_copy(base: nn.Module) -> nn.Module:
@@ -316,7 +329,7 @@ def build_setups(
                 name = f"hellora-k{hot_k}" if kind == "hellora" else kind
                 optimizer = make_optimizer(model, device)
                 step = make_step(model, optimizer, batch, autocast)
-                setups.append(Setup(name, router, kind, hot_k, model, optimizer, step))
+                setups.append(Setup(name, router, kind, hot_k, model, optimizer, step, batch, routed))
                 if with_loop and kind == "hellora" and hot_k == k:
                     setups.append(loop_setup(routed, preset, maps[k], batch, router, device, autocast))
                 if with_noautocast and autocast and kind == "hellora" and hot_k == k:
@@ -466,7 +479,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="also time HELLoRA k without autocast (float32 LoRA GEMMs on a bf16 base)")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--name", default=None, help="results file name (default: the preset)")
+    parser.add_argument("--name", default=None, help="results file name (default: the preset, or the sweep)")
+    sweep = parser.add_argument_group("expert-count sweep (bench/scaling_sweep.py)")
+    sweep.add_argument("--experts", default=None,
+                       help="comma-separated expert counts (e.g. 16,64,128,256): sweep --preset's shape over them, "
+                            "or override a named --sweep's counts; writes one <name>.{md,json,png}")
+    sweep.add_argument("--sweep", default=None,
+                       help="named sweep: scaling (issue-22 CPU shape, 16/64/128/256 experts), tiny-scaling (tests), "
+                            "gpu-scaling (Qwen3-MoE and DeepSeek-V3-like layers, CUDA)")
+    sweep.add_argument("--runs", type=int, default=5, help="sweep: alternated runs per row (median and range)")
     return parser.parse_args(argv)
 
 
@@ -505,6 +526,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.experts is not None or args.sweep is not None:
+        from scaling_sweep import run_sweep
+
+        data = run_sweep(args, PRESETS, argv)
+        return [] if data is None else [data]
     names = args.preset.split(",")
     unknown = [n for n in names if n not in PRESETS]
     if unknown:

@@ -127,3 +127,47 @@ def test_adapter_flops_follow_routing(olmoe):
     hot_share = sum(profile.counts[i, hot[name]].sum().item() for i, name in enumerate(profile.layer_names))
     assert flops["hellora"] == pytest.approx(hot_share / profile.tokens_seen * per_expert)
     assert 0 < flops["ratio"] < 1
+
+
+def test_deepseek_v3_shape_256_routed_1_shared_selection_and_accounting():
+    """Issue 22: the DeepSeek-V3 registry entry at its real expert counts (256 routed + 1 shared, top-8, grouped
+    routing 8 groups / top-4) on a tiny width: default k = 2 x 8 = 16, selection and the per-component trainable
+    counts follow the hot lists, the shared expert gets plain LoRA (counted with the experts), and a training step reaches hot factors."""
+    from hellora_trl import HotExpertLoraLayer
+    from hellora_trl.registry import family_for
+    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.selection import default_k
+
+    model = tiny_moe_model("deepseek_v3", n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
+                           n_group=8, topk_group=4, moe_intermediate_size=8)
+    family = family_for(model)
+    assert family.name == "deepseek_v3" and family.default_k(model.config) == 16
+    batch = random_batch(model, batch=4, seq=64)
+    profile = profile_experts(model, [batch], progress=False)
+    assert profile.num_experts == 256 and profile.has_shared_experts and default_k(profile) == 16
+    layers = find_moe_layers(model)
+    assert profile.counts.shape == (len(layers), 256)
+    assert (profile.counts.sum(dim=1) == 4 * 64 * 8).all()  # every token's 8 routed assignments, per layer
+    hot = select_hot_experts(profile)
+    for i, layer in enumerate(layers):
+        ids = hot[layer.name]
+        assert len(ids) == 16 and ids == sorted(ids) and all(0 <= e < 256 for e in ids)
+        counts = profile.counts[i]
+        assert counts[ids].min() >= counts[[e for e in range(256) if e not in ids]].max()  # the top-16 by count
+    r, H = 4, model.config.hidden_size
+    I = model.config.moe_intermediate_size
+    peft_model = apply_hellora(model, hot, default_lora_config(r=r, lora_alpha=8))
+    report = trainable_parameter_report(peft_model, profile)
+    L = len(layers)
+    # 16 hot routed experts plus the shared expert (always active, so adapted with plain LoRA; its width is
+    # moe_intermediate_size x n_shared_experts), gate, up and down each.
+    assert report["by_component"]["experts"] == L * (16 + 1) * 3 * r * (H + I)
+    assert report["by_component"]["router"] == L * r * (H + 256)
+    shared = [n for n, p in peft_model.named_parameters() if p.requires_grad and "shared_experts" in n]
+    assert len(shared) == L * 3 * 2  # (A, B) on gate/up/down of each layer's one shared expert
+    flops = report["adapter_flops_per_token"]
+    assert 0 < flops["hellora"] < flops["all_experts"] and flops["ratio"] < 16 / 256 * 4
+    loss = peft_model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    layer = next(m for m in peft_model.modules() if isinstance(m, HotExpertLoraLayer))
+    assert layer.lora_down_B["default"].grad.abs().sum() > 0 and len(layer.hot_experts()) == 16

@@ -44,6 +44,8 @@ def test_gpu_presets_are_skipped_without_cuda(capsys):
         pytest.skip("CUDA present: the GPU preset would run for real")
     assert step_throughput.main(["--preset", "olmoe-1b-7b,qwen3-moe", "--no-write"]) == []
     assert "needs CUDA" in capsys.readouterr().out
+    assert step_throughput.main(["--sweep", "gpu-scaling", "--no-write"]) == []
+    assert "[gpu-scaling] skipped: needs CUDA." in capsys.readouterr().out
 
 
 def test_profile_overhead_tiny(tmp_path):
@@ -84,3 +86,72 @@ def test_qwen3_preset_with_autocast_and_noautocast_comparison(tmp_path):
     assert data["routing"]["autocast"] is True and data["shape"]["family"] == "qwen3_moe"
     assert "qwen3_moe architecture" in (tmp_path / "tiny-qwen3.md").read_text()
     assert all(r["step_s"] > 0 and r["trainable"] > 0 for r in data["rows"])
+
+
+def test_sweep_cli_parsing_and_one_line_errors():
+    import argparse
+    import dataclasses
+
+    import scaling_sweep
+
+    assert scaling_sweep.parse_experts("256, 16,64") == [16, 64, 256]
+    for bad, match in (("16,x", "comma-separated integers"), ("1,8", "at least 2"), ("8,8", "twice"), ("", "at least 2")):
+        with pytest.raises(SystemExit, match=match):
+            scaling_sweep.parse_experts(bad)
+    args = step_throughput.parse_args(["--sweep", "scaling"])
+    rows = scaling_sweep.sweep_rows(args, step_throughput.PRESETS)
+    assert [(label, p.experts, p.hidden, p.intermediate, p.layers, p.top_k, p.batch, p.seq) for label, p in rows] == [
+        (str(e), e, 256, 128, 2, 8, 2, 256) for e in (16, 64, 128, 256)
+    ]
+    rows = scaling_sweep.sweep_rows(step_throughput.parse_args(["--preset", "tiny", "--experts", "4,16"]),
+                                    step_throughput.PRESETS)
+    assert [p.experts for _, p in rows] == [4, 16] and rows[0][1].hidden == step_throughput.PRESETS["tiny"].hidden
+    gpu = scaling_sweep.sweep_rows(step_throughput.parse_args(["--sweep", "gpu-scaling"]), step_throughput.PRESETS)
+    assert [(p.experts, p.device) for _, p in gpu] == [(128, "cuda"), (256, "cuda")]
+    with pytest.raises(SystemExit, match="Unknown --sweep"):
+        scaling_sweep.sweep_rows(argparse.Namespace(sweep="nope", experts=None), step_throughput.PRESETS)
+    three = {"tiny": dataclasses.replace(step_throughput.PRESETS["tiny"], top_k=3)}
+    with pytest.raises(SystemExit, match="below the preset's top-3"):
+        scaling_sweep.sweep_rows(step_throughput.parse_args(["--preset", "tiny", "--experts", "2,4"]), three)
+
+
+def test_expert_sweep_writes_one_results_file_with_a_row_per_expert_count_and_the_figure(tmp_path):
+    argv = ["--preset", "tiny", "--experts", "4,8", "--runs", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
+            "--out", str(tmp_path), "--name", "sweep"]
+    (data,) = step_throughput.main(argv)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    md = (tmp_path / "sweep.md").read_text()
+    assert saved["smoke"] is True and "SMOKE RUN" in md and "load average" in md
+    assert [r["experts"] for r in saved["rows"]] == [4, 8]
+    for row in saved["rows"]:
+        floor = row["configs"]["floor"]
+        assert floor["time_x"] == floor["mem_x"] == 1.0 and floor["time_x_range"] == [1.0, 1.0]
+        for name in ("peft-all", "ours-all", "hellora-k"):
+            c = row["configs"][name]
+            assert len(c["step_s_runs"]) == 2 and c["time_x_range"][0] <= c["time_x"] <= c["time_x_range"][1]
+            assert c["peak_bytes"] >= c["static_bytes"] > 0
+        assert row["configs"]["hellora-k"]["trainable"] < row["configs"]["peft-all"]["trainable"]
+        assert 0 < row["profiling"]["forward_share"] < 1 and 0 < row["profiling"]["warmup_share"] < 1
+        assert row["histogram_bytes"] == 2 * row["experts"] * 8
+    assert md.count("\n| 4 |") == 2 and md.count("\n| 8 |") == 2  # step table and profiling table
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](sweep.png)" in md
+
+
+def test_render_readme_includes_the_scaling_sweep_in_order(tmp_path):
+    for name in ("olmoe-small", "scaling", "quality"):
+        (tmp_path / f"{name}.md").write_text(f"### {name}\n")
+    files = render_readme.result_files(tmp_path)
+    assert [f.stem for f in files] == ["olmoe-small", "scaling", "quality"]
+
+
+def test_profile_hot_path_tiny_writes_operator_tables(tmp_path):
+    import profile_hot_path
+
+    data = profile_hot_path.main(["--tiny", "--experts", "4,8", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    assert [e["experts"] for e in data["per_experts"]] == [4, 8]
+    for e in data["per_experts"]:
+        ops = {d["op"] for d in e["top_extra"]}
+        assert e["hellora_total_us"] > 0 and e["floor_total_us"] > 0 and ops
+        assert any(d["floor_calls"] == 0 and d["hellora_calls"] > 0 for d in e["top_extra"])  # ops only ours runs
+    md = (tmp_path / "profile-hot-path.md").read_text()
+    assert "#### 4 experts" in md and "#### 8 experts" in md and "Command: `python bench/profile_hot_path.py" in md

@@ -439,3 +439,36 @@ def test_autocast_runs_lora_gemms_in_bf16_with_float32_master_factors(path):
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[3][name].float(), rtol=0, atol=0, msg=name)
     assert (out.float() - float32_out.float()).abs().max() <= 2e-2 * float32_out.float().abs().max()
+
+
+def test_hot_rows_read_off_expert_boundaries_match_a_mask_over_all_rows():
+    """Issue 22: the fused path's hot rows come from the k hot experts' boundaries (O(k + hot rows)), not from an
+    (E,) slot lookup and a mask over every row; same positions and per-slot offsets as the mask, empty hot
+    experts and hot experts at both ends of the range included."""
+    _, layer = adapted_experts("olmoe", hot=(1, 3))
+    layer.num_experts = 256  # _group_rows only reads the expert count
+    generator = torch.Generator().manual_seed(0)
+    for hot_list in ([0, 5, 7, 255], [3], [2, 9, 100, 101, 102, 200, 254, 255], list(range(0, 256, 2))):
+        hot = torch.tensor(hot_list)
+        expert = torch.sort(torch.randint(0, 256, (600,), generator=generator)).values
+        expert = expert[expert != 9]  # a hot expert without rows
+        groups = layer._group_rows(expert, hot, every_hot=False)
+        mask = torch.isin(expert, hot)
+        assert torch.equal(groups.hot_rows, mask.nonzero().squeeze(1)) and groups.num_hot_rows == int(mask.sum())
+        counts = torch.bincount(expert, minlength=256)
+        assert torch.equal(groups.offsets, counts.cumsum(0).int())
+        assert torch.equal(groups.hot_offsets, counts[hot].cumsum(0).int())
+    none_routed = layer._group_rows(torch.tensor([4, 4, 6]), torch.tensor([1, 3]), every_hot=False)
+    assert none_routed.num_hot_rows == 0 and none_routed.hot_rows.numel() == 0
+
+
+def test_split_path_slot_lookup_is_cached_and_follows_hot_list_changes():
+    """The split path's (E+1,) expert -> slot lookup is built once, not per step, and rebuilt when the hot list
+    is modified in place (e.g. a loaded adapter's hot map)."""
+    _, layer = adapted_experts("olmoe", hot=(1, 3))
+    first = layer._slot_lookup("default", torch.device("cpu"))
+    assert layer._slot_lookup("default", torch.device("cpu")) is first
+    assert first.tolist()[:5] == [-1, 0, -1, 1, -1] and first[-1] == -1
+    layer.lora_hot_experts["default"].copy_(torch.tensor([2, 5]))
+    again = layer._slot_lookup("default", torch.device("cpu"))
+    assert again is not first and again.tolist()[:6] == [-1, -1, 0, -1, -1, 1]

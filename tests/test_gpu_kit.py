@@ -50,7 +50,7 @@ def test_dry_run_installs_wheels_and_skips_steps_past_the_budget(tmp_path):
     assert summary["dry_run"] is True
     assert steps["install"]["status"] == "ok", (out / "install.log").read_text()
     assert "hellora_kit_probe-0.0.1.dist-info" in (out / "install.log").read_text()
-    assert list(steps) == ["install", "stack", "pytest", "bench-olmoe", "bench-qwen3", "main"]
+    assert list(steps) == ["install", "stack", "pytest", "bench-olmoe", "bench-qwen3", "main", "bench-scaling"]
     assert steps["main"]["status"] == "skipped" and "not run" in (out / "main.log").read_text()
     assert all(s["limit_s"] <= 25 for s in summary["steps"])
     assert {p.name for p in out.iterdir()} <= OUT_FILES and len(list(out.iterdir())) <= 8
@@ -72,9 +72,11 @@ def test_full_dry_run(tmp_path):
     proc, out = dry_run(tmp_path, 470, fake_wheel(tmp_path / "wheels").parent)
     summary = json.loads((out / "summary.json").read_text())
     assert proc.returncode == 0 and summary["ok"], (out / "summary.md").read_text()
-    assert [s["status"] for s in summary["steps"]] == ["ok"] * 6
+    assert [s["status"] for s in summary["steps"]] == ["ok"] * 7
     assert summary["pytest"]["skipped"] > 40 and summary["pytest"]["failures"] == summary["pytest"]["errors"] == 0
     assert "needs CUDA" in summary["pytest"]["skip_reasons"][0]
-    assert set(summary["bench"]) == {"tiny", "tiny-qwen3"} and summary["bench"]["tiny-qwen3"]["autocast"] is True
-    assert summary["main_job"]["gsm8k/total"] == 2
+    assert set(summary["bench"]) == {"tiny", "tiny-qwen3", "tiny-scaling"}
+    assert summary["bench"]["tiny-qwen3"]["autocast"] is True
+    assert [r["experts"] for r in summary["bench"]["tiny-scaling"]["sweep"]] == [4, 8, 16]
+    assert summary["main_job"]["arithmetic/total"] == 2
     assert {p.name for p in out.iterdir()} == OUT_FILES

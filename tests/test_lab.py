@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hellora_trl.recipes import lab
-from hellora_trl.recipes.lab_corpus import (
+from hellora_trl.recipes.lab import model as lab
+from hellora_trl.recipes.lab.corpus import (
     DOMAINS,
     arithmetic_problems,
     arithmetic_splits,
@@ -146,7 +146,7 @@ def test_quality_helpers_on_the_tiny_lab_model(tiny_lab):
     from peft import LoraConfig
 
     from hellora_trl.accounting import trainable_parameter_report
-    from hellora_trl.recipes import lab_quality as q
+    from hellora_trl.recipes.lab import quality as q
 
     _, path = tiny_lab
     model, tokenizer = q._load(path)
@@ -158,3 +158,57 @@ def test_quality_helpers_on_the_tiny_lab_model(tiny_lab):
     floor = q.attention_router_only(model, LoraConfig(r=2, lora_alpha=4))
     parts = trainable_parameter_report(floor)["by_component"]
     assert parts["experts"] == 0 and parts["router"] > 0 and parts["attention"] > 0
+
+
+# ------------------------------------------------------------------------- the package face and the moved paths
+@pytest.mark.parametrize("old, new", [("lab_corpus", "corpus"), ("lab_quality", "quality")])
+def test_moved_lab_paths_warn_and_are_the_new_modules(old, new):
+    """The old flat modules still import, as the same module object (monkeypatching one patches the other), and
+    say where the code went and when the path goes away."""
+    import importlib
+    import sys
+
+    sys.modules.pop(f"hellora_trl.recipes.{old}", None)
+    with pytest.warns(FutureWarning, match=rf"hellora_trl\.recipes\.lab\.{new}.*0\.3\.0"):
+        moved = importlib.import_module(f"hellora_trl.recipes.{old}")
+    assert moved is importlib.import_module(f"hellora_trl.recipes.lab.{new}")
+
+
+def test_the_face_is_what_the_sft_recipe_uses():
+    """`hellora train` with no model or dataset takes its rows from the face, and the face re-exports the model's
+    public names (docs/lab.md imports them from hellora_trl.recipes.lab)."""
+    import ast
+
+    from hellora_trl.recipes import lab as face
+    from hellora_trl.recipes.sft import HELLoRAScriptArguments, load_task_data
+
+    train, held_out = load_task_data(HELLoRAScriptArguments(train_limit=12, eval_limit=5), seed=3)
+    expected_train, expected_held_out = face.default_task(12, 5, seed=3)
+    assert train[:] == expected_train[:] and held_out == expected_held_out
+    rows, _ = arithmetic_splits(12, 5, seed=3)
+    assert train["prompt"][0].endswith(rows[0]["question"] + "\nAnswer:")
+    assert face.load_lab_model is lab.load_lab_model and face.LAB_RECIPES is lab.LAB_RECIPES
+    # the recipe imports the lab only through its face
+    tree = ast.parse(Path(face.__file__).parents[1].joinpath("sft.py").read_text())
+    lab_imports = [(n.module, [a.name for a in n.names]) for n in ast.walk(tree)
+                   if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("lab")
+                   or isinstance(n, ast.ImportFrom) and any(a.name.startswith("lab") for a in n.names)]
+    assert lab_imports and all(module is None and names == ["lab"] for module, names in lab_imports), lab_imports
+
+
+def test_face_baseline_and_compare_on_the_tiny_lab_model(tiny_lab):
+    import types
+
+    from hellora_trl.recipes import lab as face
+
+    _, path = tiny_lab
+    model, tokenizer = face.load_lab_model(TINY, cache_dir=path.parent)
+    _, held_out = face.default_task(4, 6, seed=0)
+    base = face.baseline(model, tokenizer, held_out, exact_match=0.25)
+    assert set(base) == {"base_heldout_loss", "base_exact_match"} and base["base_heldout_loss"] > 0
+    profile = types.SimpleNamespace(concentration=lambda: [0.5, 0.3], experts_per_token=2, num_experts=8)
+    after = face.compare(base, model, tokenizer, held_out, exact_match=0.5, profile=profile)
+    assert after["adapted_heldout_loss"] == pytest.approx(base["base_heldout_loss"])  # same weights, same loss
+    assert after["adapted_exact_match"] == 0.5 and after["routing_uniform_top_k_share"] == 0.25
+    assert after["routing_top_k_share_layer1"] == 0.3 and after["routing_min_top_k_share_over_uniform"] == 1.2
+    assert set(face.compare(base, model, tokenizer, held_out)) == set(base) | {"adapted_heldout_loss"}

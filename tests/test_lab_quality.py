@@ -15,7 +15,7 @@ def test_small_lab_model_routes_by_domain_and_hot_experts_beat_cold_and_random(t
     import torch
 
     from hellora_trl.recipes import lab
-    from hellora_trl.recipes import lab_quality as q
+    from hellora_trl.recipes.lab import quality as q
 
     torch.set_num_threads(1)
     recipe = lab.LAB_RECIPES["small"]

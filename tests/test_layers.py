@@ -35,11 +35,18 @@ FLOORS = [
     # the application layer
     ["recipes", "recipes.offline"],
     ["recipes.models"],
+    ["recipes.prepare"],
     ["recipes.data"],
+    ["recipes.lab.corpus"],
+    ["recipes.eval.humaneval_runner"],  # run as its own program by recipes.eval.humaneval; imports nothing here
+    ["recipes.eval.generation", "recipes.eval.humaneval", "recipes.eval.results"],
+    ["recipes.eval.gsm8k", "recipes.eval.safety"],
+    ["recipes.eval.tasks"],
     ["recipes.eval", "recipes.reporting"],
-    ["recipes.lab_corpus"],
-    ["recipes.lab"],
-    ["recipes.lab_quality"],
+    ["recipes.lab.model"],
+    ["recipes.lab.quality"],
+    ["recipes.lab"],  # the face the SFT recipe uses
+    ["recipes.lab_corpus", "recipes.lab_quality"],  # moved paths (FutureWarning; removed in 0.3.0)
     ["recipes.sft"],
     ["recipes.ablation"],
     ["integrations", "integrations.warmup"],

@@ -288,3 +288,61 @@ def test_profiling_that_records_no_routing_fails_instead_of_writing_zeros(olmoe,
     monkeypatch.setattr(RoutingCounter, "_record", lambda self, layer_idx, index: None)
     with pytest.raises(RuntimeError, match="recorded no routing in any MoE layer"):
         profile_experts(olmoe, [random_batch(olmoe)], progress=False)
+
+
+# ------------------------------------------------------------------------ rows as the trainer prepares them
+PREPARE_CASES = {
+    "text": ([{"text": f"row {i} " + "word " * (i % 7)} for i in range(12)], {}),
+    "prompt_completion": (  # long prompts on some rows: truncation leaves them no target, and they are dropped
+        [{"prompt": f"Question: {i} plus {i}?" + " and" * (8 * (i % 3)) + "\nAnswer:", "completion": f" {2 * i}"}
+         for i in range(12)],
+        {"max_length": 14},
+    ),
+    "messages": (
+        [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} " * (i % 4 + 1)}]}
+         for i in range(12)],
+        {"max_length": 16},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREPARE_CASES))
+def test_prepare_dataset_is_what_the_sft_trainer_trains_on(case, tmp_path):
+    """recipes.prepare runs TRL's own preparation: the same input_ids and labels as an SFTTrainer built on the
+    rows (EOS, chat template, completion masks, truncation, rows left without a target dropped)."""
+    import random
+
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from hellora_trl.recipes.offline import build_tokenizer
+    from hellora_trl.recipes.prepare import prepare_dataset, sft_arguments, warmup_rows
+
+    rows, options = PREPARE_CASES[case]
+    tokenizer = build_tokenizer()
+    config = SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True, **options)
+    trainer = SFTTrainer(model=tiny_model("olmoe"), args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
+    expected = trainer.train_dataset
+    for args in (config, sft_arguments(**options)):
+        prepared = prepare_dataset(Dataset.from_list(rows), tokenizer, args)
+        assert prepared["input_ids"][:] == expected["input_ids"][:]
+        assert prepared["labels"][:] == expected["labels"][:]
+    sliced = warmup_rows(Dataset.from_list(rows), tokenizer, sft_arguments(**options), 0.25, 3)
+    if case == "prompt_completion":
+        assert 0 < len(expected) < len(rows)  # the drop path ran
+    indices = sorted(random.Random(3).sample(range(len(expected)), round(0.25 * len(expected))))
+    assert sliced["input_ids"][:] == expected.select(indices)["input_ids"][:]
+
+
+def test_prepare_refuses_what_needs_the_model_or_is_not_prepared():
+    from hellora_trl.recipes.offline import build_tokenizer
+    from hellora_trl.recipes.prepare import prepare_dataset, sft_arguments
+
+    rows = Dataset.from_list([{"text": "a b c"}])
+    with pytest.raises(ValueError, match="Not HELLoRAConfig / SFTConfig fields"):
+        sft_arguments(max_lenght=8)
+    with pytest.raises(ValueError, match="embeddings"):
+        prepare_dataset(rows, build_tokenizer(), sft_arguments(chat_template_path="x.jinja"))
+    with pytest.raises(ValueError, match="empty"):
+        prepare_dataset(Dataset.from_list([]), build_tokenizer(), sft_arguments())

@@ -97,6 +97,15 @@ def _steps(work: Path) -> list[dict]:
     return rows
 
 
+def _sweep_row(row: dict) -> dict:
+    if "configs" not in row:
+        return {"label": row.get("label"), "skipped": row.get("skipped")}
+    c = row["configs"]
+    return {"label": row["label"], "experts": row["experts"], "peft_x": c["peft-all"]["time_x"],
+            "ours_all_x": c["ours-all"]["time_x"], "hellora_x": c["hellora-k"]["time_x"],
+            "hellora_mem_x": c["hellora-k"]["mem_x"], "peft_over_hellora": row["peft_over_hellora"]}
+
+
 def summary(work: str, out: str) -> dict:
     work_dir, out_dir = Path(work), Path(out)
     data: dict = {"dry_run": (work_dir / "DRY_RUN").exists(), "steps": _steps(work_dir)}
@@ -106,6 +115,12 @@ def summary(work: str, out: str) -> dict:
     bench, tables = {}, []
     for path in sorted((work_dir / "bench").glob("*.json")):
         result = json.loads(path.read_text())
+        if "sweep" in result:  # bench/scaling_sweep.py: one row per expert count / layer shape
+            bench[path.stem] = {"sweep": [_sweep_row(r) for r in result.get("rows", [])], "machine": result.get("machine")}
+            md = path.with_suffix(".md")
+            if md.is_file():
+                tables.append(md.read_text().strip())
+            continue
         keep = ("config", "router", "step_s", "time_x", "cpu_x", "tokens_per_s", "peak_mib", "mem_x", "trainable")
         bench[path.stem] = {
             "rows": [{k: r[k] for k in keep if k in r} for r in result.get("rows", [])],

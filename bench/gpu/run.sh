@@ -5,7 +5,8 @@
 #               version; torch stays the image's), into a target folder put first on PYTHONPATH;
 #   2. pytest   python -m pytest -m gpu tests/gpu;
 #   3. bench    bench/step_throughput.py --preset olmoe-1b-7b, then --preset qwen3-moe;
-#   4. main     examples/sft_gsm8k.py (the offline default) on CUDA with a small --max_steps.
+#   4. main     examples/sft_gsm8k.py (the offline default) on CUDA with a small --max_steps;
+#   5. sweep    bench/step_throughput.py --sweep gpu-scaling (Qwen3-MoE and DeepSeek-V3-like layers) in what is left.
 # Every step runs under its own timeout, cut to what is left of HELLORA_GPU_BUDGET_S (default 470 s, inside the
 # 8 minutes); a step that fails or times out does not stop the next. Results under $OUT, 6 files:
 # summary.json, summary.md (rewritten after every step, so a killed run still returns them), install.log,
@@ -102,6 +103,15 @@ fi
 if [ "$DRY" = 1 ]; then MAIN_STEPS=2; MAIN_EVAL=2; else MAIN_STEPS=10; MAIN_EVAL=8; fi
 step main 90 main.log "$PY examples/sft_gsm8k.py --max_steps $MAIN_STEPS --eval_limit $MAIN_EVAL --output_dir '$WORK/main' \
     --hellora_plots false && $PY -c \"import torch; print('main job device:', 'cuda' if torch.cuda.is_available() else 'cpu')\""
+
+# ------------------------------------------------------------------------- 5. expert-count sweep (what is left)
+# Real layer shapes (Qwen3-MoE 128 experts, DeepSeek-V3-like 256): last, so it never starves the main job; on its
+# own: python bench/step_throughput.py --sweep gpu-scaling --runs 3 --steps 3 --warmup 1 --out DIR
+if [ "$DRY" = 1 ]; then
+    step bench-scaling 120 bench.log "$PY bench/step_throughput.py --sweep tiny-scaling --runs 1 --steps 1 --warmup 1 --out '$WORK/bench'"
+else
+    step bench-scaling 150 bench.log "$PY bench/step_throughput.py --sweep gpu-scaling --runs 3 --steps 3 --warmup 1 --out '$WORK/bench'"
+fi
 
 summarize
 echo "HELLoRA GPU check done in $(($(date +%s) - START))s; results in $OUT:"

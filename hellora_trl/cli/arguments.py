@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..constants import TASKS
+from ..constants import TASKS, TINY_FAMILIES
 
 TRAINER_SEED = 42  # transformers' default seed: the offline base model and warm-up slices of `hellora train`
 CONFIG_EPILOG = "Every option can also be set in a YAML file passed as --config x.yaml; command-line values win."
@@ -41,13 +41,14 @@ class ModelArguments:
     tiny: str | None = field(
         default=None,
         metadata={
-            "help": "Use an offline tiny random MoE model of this family instead (olmoe, mixtral, qwen2_moe, "
-            "qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss). `--tiny olmoe` is the model `hellora train` builds "
-            "when given no model."
+            "help": "Use an offline tiny random MoE model of this family instead. Not the lab model `hellora train` "
+            "fine-tunes when given no model: for that run's adapter pass --model_name_or_path <path `hellora "
+            "pretrain` prints>.",
+            "choices": list(TINY_FAMILIES),
         },
     )
     tiny_seed: int = field(
-        default=TRAINER_SEED, metadata={"help": "Weight seed of the tiny model (42 = `hellora train`'s default)."}
+        default=TRAINER_SEED, metadata={"help": "Weight seed of the tiny model."}
     )
     dtype: str = field(
         default="auto",
@@ -71,8 +72,9 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None: generated "
-            "GSM8K-style problems (task gsm8k only, as `hellora train` offline)."
+            "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None: the lab's "
+            "generated one-step arithmetic problems in GSM8K format (task gsm8k only, as `hellora train` with no "
+            "dataset)."
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to read."})
@@ -82,7 +84,11 @@ class DataArguments:
     )
     seed: int = field(default=TRAINER_SEED, metadata={"help": "Seed of the fraction slice (trainer default: 42)."})
     chat_format: bool = field(default=False, metadata={"help": "GSM8K as chat messages instead of prompt-completion."})
-    max_length: int = field(default=512, metadata={"help": "Truncate each row to this many tokens."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate each row to this many tokens, as the trainer does (default: the trainer's, TRL "
+                  "SFTConfig's 1024; `hellora train` with no model uses 160)."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Rows per forward pass."})
     max_batches: int | None = field(default=None, metadata={"help": "Stop after this many batches."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})

@@ -1,5 +1,7 @@
-"""Models, tokenizers, adapters and data for the ``hellora`` commands, through the recipes' one loader
-(:mod:`hellora_trl.recipes.models`) and the training data loader (:func:`hellora_trl.recipes.sft.load_task_data`).
+"""What the ``hellora`` commands need beyond their arguments: the command's model options as the recipes'
+:class:`~hellora_trl.recipes.models.ModelSource` (:func:`source_of`; the commands load through
+:mod:`hellora_trl.recipes.models`, the one loader), adapter checks, and the training rows as the trainer prepares
+them (:func:`prepared_rows`, through :mod:`hellora_trl.recipes.prepare`).
 
 Heavy imports happen inside the functions, so importing this module stays cheap.
 """
@@ -22,12 +24,9 @@ __all__ = [
     "check_model_source",
     "data_source",
     "device_of",
-    "load_model",
-    "load_tokenizer",
-    "meta_model",
-    "model_source",
-    "row_text",
-    "tokenized_rows",
+    "max_length_of",
+    "prepared_rows",
+    "source_of",
 ]
 
 
@@ -48,8 +47,10 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def model_source(model_args: ModelArguments):
-    """The command's model options as the recipes' :class:`~hellora_trl.recipes.models.ModelSource`."""
+def source_of(model_args: ModelArguments):
+    """The command's model options as the recipes' :class:`~hellora_trl.recipes.models.ModelSource`; load it with
+    ``recipes.models.load_model(source_of(args), device=device_of(args))`` (or ``meta=True`` for the module tree
+    without weights) and ``recipes.models.load_tokenizer(source_of(args), *preferred)``."""
     from ..recipes.models import ModelSource
 
     check_model_source(model_args)
@@ -65,39 +66,19 @@ def device_of(model_args: ModelArguments) -> str:
     return model_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model_args: ModelArguments):
-    """The base model (float32 tiny model, or from_pretrained in the requested dtype) on its device."""
-    from ..recipes import models
-
-    return models.load_model(model_source(model_args), device=device_of(model_args))
-
-
-def meta_model(model_args: ModelArguments):
-    """The model's module tree without weights: enough to check a profile against it, at no memory cost."""
-    from ..recipes import models
-
-    return models.load_model(model_source(model_args), meta=True)
-
-
-def load_tokenizer(model_args: ModelArguments, *preferred: str | os.PathLike | None):
-    """From the first of ``preferred`` that holds tokenizer files (an adapter dir), else the base model's."""
-    from ..recipes import models
-
-    return models.load_tokenizer(model_source(model_args), *preferred)
-
-
 @contextlib.contextmanager
 def base_model_path(model_args: ModelArguments) -> Iterator[str]:
     """A path/hub id for functions that load the base themselves; a tiny model is saved to a temporary directory
     with its tokenizer, so exports get a tokenizer to carry over."""
-    from ..recipes.models import save_model_and_tokenizer
+    from ..recipes.models import load_model, load_tokenizer, save_model_and_tokenizer
 
     check_model_source(model_args)
     if not model_args.tiny:
         yield model_args.model_name_or_path
         return
     with tempfile.TemporaryDirectory(prefix="hellora_tiny_") as tmp:
-        save_model_and_tokenizer(load_model(model_args), load_tokenizer(model_args), tmp)
+        source = source_of(model_args)
+        save_model_and_tokenizer(load_model(source, device=device_of(model_args)), load_tokenizer(source), tmp)
         yield tmp
 
 
@@ -119,27 +100,21 @@ def adapter_base(adapter: str | None, model_args: ModelArguments) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def row_text(row: dict[str, Any], tokenizer) -> str:
-    """One training row as the text the model reads (prompt+completion, chat messages, or plain text)."""
-    if "messages" in row:
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(row["messages"], tokenize=False)
-        return "\n".join(m["content"] for m in row["messages"])
-    if "prompt" in row:
-        prompt, completion = row["prompt"], row.get("completion", "")
-        if isinstance(prompt, list):  # conversational prompt-completion
-            return row_text({"messages": prompt + (completion or [])}, tokenizer)
-        return prompt + completion
-    if "text" in row:
-        return row["text"]
-    raise CLIError(f"Cannot read text from a row with columns {sorted(row)} (expected messages, prompt or text).")
+def max_length_of(data_args: DataArguments) -> int:
+    """``--max_length``, else the trainer's default (``HELLoRAConfig.max_length``, TRL's SFTConfig default, which
+    `hellora train` keeps unless told otherwise)."""
+    if data_args.max_length is not None:
+        return data_args.max_length
+    from ..recipes.prepare import sft_arguments
+
+    return sft_arguments().max_length
 
 
-def tokenized_rows(data_args: DataArguments, tokenizer):
-    """The task's training rows (as `hellora train` loads them), sliced by fraction and tokenized."""
-    from datasets import Dataset
-
-    from ..recipes.data import sample_fraction
+def prepared_rows(data_args: DataArguments, tokenizer):
+    """The task's training rows as `hellora train` loads them, prepared as its trainer prepares them (TRL's own
+    preparation: chat template or EOS, tokens, truncation to max_length), then its warm-up slice of ``fraction``
+    (the same rows and the same token ids as the trainer's warm-up with that fraction and seed)."""
+    from ..recipes.prepare import sft_arguments, warmup_rows
     from ..recipes.sft import HELLoRAScriptArguments, load_task_data
 
     script = HELLoRAScriptArguments(
@@ -147,21 +122,14 @@ def tokenized_rows(data_args: DataArguments, tokenizer):
         train_limit=data_args.limit, chat_format=data_args.chat_format, eval_limit=0,
     )
     rows, _ = load_task_data(script, seed=data_args.seed)
-    if data_args.fraction < 1.0:
-        rows = sample_fraction(rows, data_args.fraction, data_args.seed)
-    texts = [row_text(row, tokenizer) for row in rows]
-    enc = tokenizer(texts, truncation=True, max_length=data_args.max_length)
-    keep = [i for i, ids in enumerate(enc["input_ids"]) if ids]
-    return Dataset.from_dict({
-        "input_ids": [enc["input_ids"][i] for i in keep],
-        "attention_mask": [enc["attention_mask"][i] for i in keep],
-    })
+    args = sft_arguments(max_length=max_length_of(data_args), seed=data_args.seed)
+    return warmup_rows(rows, tokenizer, args, data_args.fraction, data_args.seed)
 
 
 def data_source(data_args: DataArguments, model_args: ModelArguments, rows: int) -> dict[str, Any]:
     """The ``source`` record of a profile taken on ``data_args``."""
     return {
-        "task": data_args.task, "dataset": data_args.dataset_name or "offline:synthetic_gsm8k",
+        "task": data_args.task, "dataset": data_args.dataset_name or "offline:lab_arithmetic",
         "split": data_args.dataset_split, "rows": rows, "fraction": data_args.fraction, "seed": data_args.seed,
-        "max_length": data_args.max_length, "model": model_args.describe(),
+        "max_length": max_length_of(data_args), "model": model_args.describe(),
     }

@@ -123,6 +123,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.kwargs = kwargs
         self._zero_cache: dict[str, tuple] = {}
+        self._lookup_cache: dict[tuple, tuple] = {}
         self.update_layer(adapter_name, hot_experts, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
 
     # ----------------------------------------------------------------------------------------- construction
@@ -255,10 +256,19 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         return cached[1]
 
     def _slot_lookup(self, adapter: str, device: torch.device) -> torch.Tensor:
-        """Expert id -> hot slot (-1 when cold), with one extra entry for the ``num_experts`` sentinel."""
+        """Expert id -> hot slot (-1 when cold), with one extra entry for the ``num_experts`` sentinel.
+
+        Built once per adapter and device and rebuilt only when the hot list changes (another tensor, or an in-place edit),
+        so the split path allocates nothing of size E per step."""
         hot = self.lora_hot_experts[adapter]
+        key = (adapter, str(device))
+        cached = self._lookup_cache.get(key)
+        # The cache holds the hot tensor itself: identity plus version, no reused-address false hit.
+        if cached is not None and cached[0] is hot and cached[1] == hot._version:
+            return cached[2]
         lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=device)
         lookup[hot.to(device)] = torch.arange(hot.numel(), device=device)
+        self._lookup_cache[key] = (hot, hot._version, lookup)
         return lookup
 
     def _factors(self, adapter: str) -> list[torch.Tensor]:
@@ -270,8 +280,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         top_k = index.shape[-1]
         expert, perm = torch.sort(index.reshape(-1), stable=True)
         hot = self.lora_hot_experts[adapter].to(index.device)
-        slot_of = None if hot.numel() == self.num_experts else self._slot_lookup(adapter, index.device)
-        groups = self._group_rows(expert, hot, slot_of)
+        groups = self._group_rows(expert, hot, every_hot=hot.numel() == self.num_experts)
         token = perm // top_k
         rows = self._expert_rows(base, adapter, hidden, token, groups, weights.reshape(-1)[perm])
         out = self._sum_per_token(rows, token, hidden)
@@ -286,7 +295,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         slot, order = torch.sort(slots[token_idx, k_pos], stable=True)
         token_idx, k_pos = token_idx[order], k_pos[order]
         hot = self.lora_hot_experts[adapter].to(slot.device)
-        groups = self._group_rows(hot[slot], hot, slot_of=None)
+        groups = self._group_rows(hot[slot], hot, every_hot=True)
         rows = self._expert_rows(base, adapter, hidden, token_idx, groups, weights[token_idx, k_pos])
         return self._sum_per_token(rows, token_idx, hidden)
 
@@ -296,17 +305,27 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         out = torch.zeros(hidden.shape[0], rows.shape[-1], dtype=rows.dtype, device=rows.device)
         return AddRows.apply(out, token, rows).to(hidden.dtype)
 
-    def _group_rows(self, expert: torch.Tensor, hot: torch.Tensor, slot_of: Optional[torch.Tensor]) -> "RowGroups":
-        """Group boundaries for rows already sorted by expert; ``slot_of=None`` means every row is hot."""
+    def _group_rows(self, expert: torch.Tensor, hot: torch.Tensor, every_hot: bool) -> "RowGroups":
+        """Group boundaries for rows already sorted by expert; ``every_hot`` means every row is a hot row.
+
+        The hot rows are read off the expert boundaries, indexed by the hot list (k entries): hot expert j owns
+        the contiguous rows ``[offsets[e] - counts[e], offsets[e])`` of the sorted order, so their positions are
+        one ``repeat_interleave`` of k starts, O(k + hot rows). No (E,) slot lookup, no mask over all rows, no
+        ``nonzero``. The (E,) ``bincount`` is the base grouped GEMMs' own boundaries (transformers computes it
+        too).
+        """
         counts = torch.bincount(expert, minlength=self.num_experts)
-        hot_rows = None if slot_of is None else (slot_of[expert] >= 0).nonzero().squeeze(1)
-        return RowGroups(
-            expert=expert,
-            offsets=counts.cumsum(0, dtype=torch.int32),
-            hot_offsets=counts[hot].cumsum(0, dtype=torch.int32),
-            hot_rows=hot_rows,
-            num_hot_rows=expert.shape[0] if hot_rows is None else hot_rows.shape[0],
-        )
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        hot_counts = counts.index_select(0, hot)
+        hot_offsets = hot_counts.cumsum(0, dtype=torch.int32)
+        if every_hot:
+            return RowGroups(expert, offsets, hot_offsets, None, expert.shape[0])
+        num_hot = int(hot_offsets[-1]) if hot_offsets.numel() else 0
+        # Row i of hot slot j sits at starts[j] + i; shift = starts[j] - (hot rows before slot j).
+        shift = offsets.index_select(0, hot) - hot_offsets
+        hot_rows = torch.repeat_interleave(shift.long(), hot_counts, output_size=num_hot)
+        hot_rows += torch.arange(num_hot, device=expert.device)
+        return RowGroups(expert, offsets, hot_offsets, hot_rows, num_hot)
 
     def _expert_rows(self, base, adapter, hidden, token, groups: "RowGroups", row_weights) -> torch.Tensor:
         """Rows (sorted by expert; row i is token ``token[i]``) through their experts, plus

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from ...constants import PROFILE_FILE
 from ..arguments import DataArguments, ModelArguments, parse_command
-from ..loading import data_source, load_model, load_tokenizer, tokenized_rows
+from ..loading import data_source, device_of, prepared_rows, source_of
 
 DESCRIPTION = "Count how many tokens the router sends to each expert of each MoE layer (forward passes only)."
 
@@ -36,13 +36,14 @@ def print_profile_summary(profile, path: Path) -> None:
 
 def run(argv: Sequence[str]) -> int:
     from ...profiling import profile_experts
-    from ...recipes.models import save_model_and_tokenizer
+    from ...recipes.models import load_model, load_tokenizer, save_model_and_tokenizer
 
     model_args, data_args, args = parse_command("profile", (ModelArguments, DataArguments, ProfileArguments), argv,
                                                 DESCRIPTION)
-    tokenizer = load_tokenizer(model_args)
-    rows = tokenized_rows(data_args, tokenizer)  # data problems surface before the model loads
-    model = load_model(model_args)
+    source = source_of(model_args)
+    tokenizer = load_tokenizer(source)
+    rows = prepared_rows(data_args, tokenizer)  # the trainer's tokens; data problems surface before the model loads
+    model = load_model(source, device=device_of(model_args))
     if args.save_model_to:
         save_model_and_tokenizer(model, tokenizer, args.save_model_to)
     profile = profile_experts(

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from ...constants import STRATEGIES
 from ..arguments import CLIError, DataArguments, ModelArguments, parse_command, require
-from ..loading import data_source, load_model, load_tokenizer, tokenized_rows
+from ..loading import data_source, device_of, prepared_rows, source_of
 
 DESCRIPTION = ("Figures and a markdown summary from routing profiles: activation heatmaps with hot experts boxed, "
                "top-k concentration, task-vs-task hot-set Jaccard, and warm-up-fraction stability (paper Table 10).")
@@ -96,8 +96,11 @@ def stability(args: ReportArguments, model_args: ModelArguments, data_args: Data
         if args.stability_fractions:
             raise CLIError("--stability_fractions needs a model and data to profile (--tiny or --model_name_or_path).")
         return None
-    rows = tokenized_rows(data_args, load_tokenizer(model_args))
-    model = load_model(model_args)
+    from ...recipes.models import load_model, load_tokenizer
+
+    source = source_of(model_args)
+    rows = prepared_rows(data_args, load_tokenizer(source))
+    model = load_model(source, device=device_of(model_args))
     for label, profile in profiles.items():
         try:
             profile.check_matches(model)

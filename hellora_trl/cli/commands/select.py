@@ -11,7 +11,7 @@ from typing import Sequence
 
 from ...constants import STRATEGIES
 from ..arguments import TRAINER_SEED, ModelArguments, parse_command, require
-from ..loading import meta_model
+from ..loading import source_of
 
 DESCRIPTION = "Choose the hot experts of each MoE layer from a routing profile. Pass a model to check the profile fits it."
 
@@ -56,12 +56,13 @@ def hot_table(profile, hot: dict[str, list[int]]) -> str:
 
 
 def run(argv: Sequence[str]) -> int:
+    from ...recipes.models import load_model
     from ...selection import load_plan, plan_hot_experts, save_plan
 
     args, model_args = parse_command("select", (SelectArguments, ModelArguments), argv, DESCRIPTION)
     profile, _, _ = load_plan(require(args.profile, "--profile", "the profile JSON to select from"))
     if model_args.given():
-        profile.check_matches(meta_model(model_args))
+        profile.check_matches(load_model(source_of(model_args), meta=True))
     hot, record = plan_hot_experts(profile, args.settings(), origin=args.profile)
     (path,) = save_plan(profile, hot, {**record, "profile": args.profile}, args.output)
     print(hot_table(profile, hot))

@@ -2,7 +2,7 @@
 
 No trained MoE checkpoint can be downloaded on an offline box, and a random-init model routes by chance, so no
 selection strategy can beat another on it. :func:`pretrain_lab_model` trains one from scratch on a deterministic
-multi-domain corpus (:mod:`hellora_trl.recipes.lab_corpus`) with a locally trained BPE tokenizer and the router
+multi-domain corpus (:mod:`hellora_trl.recipes.lab.corpus`) with a locally trained BPE tokenizer and the router
 auxiliary loss, and writes a normal transformers checkpoint plus a data card (corpus, tokens, steps, time, loss
 curve). :func:`lab_model_path` returns the cached checkpoint for a recipe, building it on first use.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..utils import atomic_dir
+from ...utils import atomic_dir
 
 __all__ = [
     "LAB_RECIPES",
@@ -89,7 +89,7 @@ LAB_RECIPES: dict[str, LabRecipe] = {
 
 def lab_config(recipe: LabRecipe):
     """The OLMoE config of a recipe (the one place the lab architecture is defined)."""
-    from .offline import tiny_moe_config
+    from ..offline import tiny_moe_config
 
     return tiny_moe_config(
         "olmoe",
@@ -118,7 +118,7 @@ def lab_cache_dir() -> Path:
 
 
 def _corpus(recipe: LabRecipe) -> dict[str, list[str]]:
-    from .lab_corpus import generated_corpus, shared_corpus
+    from .corpus import generated_corpus, shared_corpus
 
     if recipe.data_dir is None:
         return generated_corpus(recipe.docs_per_domain, seed=recipe.seed)
@@ -230,9 +230,9 @@ def pretrain_lab_model(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from ..profiling import profile_experts
-    from .lab_corpus import heldout_domain_texts, shared_heldout
-    from .offline import build_tokenizer
+    from ...profiling import profile_experts
+    from .corpus import heldout_domain_texts, shared_heldout
+    from ..offline import build_tokenizer
 
     recipe = recipe or LabRecipe()
     out = Path(output_dir) if output_dir is not None else lab_cache_dir() / recipe.key()
@@ -306,8 +306,10 @@ def pretrain_lab_model(
         "recipe": dataclasses.asdict(recipe),
         "parameters": sum(p.numel() for p in model.parameters()),
         "corpus": {
-            "source": "generated in-project (hellora_trl.recipes.lab_corpus.generated_corpus)"
-            if recipe.data_dir is None else f"{recipe.data_dir}: GSM8K train[:6000], CodeAlpaca 2k and Saferpaca minus their last 64 rows",
+            "source": "generated in-project (hellora_trl.recipes.lab.corpus.generated_corpus)"
+            if recipe.data_dir is None
+            else f"{recipe.data_dir}: the first {recipe.docs_per_domain} rows of GSM8K train[:6000] and of "
+            "CodeAlpaca 2k and Saferpaca minus their last 64 rows",
             "documents": {d: len(t) for d, t in corpus.items()},
             "tokens": domain_tokens,
         },

@@ -1,0 +1,260 @@
+"""Measuring selection quality on the lab model: fine-tune one adapter configuration, score it, compare them.
+
+Shared by ``bench/quality.py`` (the paper's Tables 2, 4 and 6 in miniature), the main job's summary and the slow
+test. Every configuration of one seed starts from the same lab checkpoint, trains on the same rows in the same
+order for the same steps, and HELLoRA rows select from one routing profile taken once per seed (the paper's LoRA
+warm-up), so differences between rows are the adapter placement, not the data or the profile.
+
+Metrics, all on data pretraining never saw (see :mod:`hellora_trl.recipes.lab.corpus`):
+
+- ``target_loss``: mean loss on the completion tokens (answer and end-of-sequence) of held-out target rows;
+- ``exact_match``: greedy generation, final answer equal to the gold one (GSM8K's ``#### n`` rule);
+- ``forgetting``: per untrained domain, held-out document loss after fine-tuning minus before, and its mean.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = [
+    "FineTuneSettings",
+    "QualityConfig",
+    "attention_router_only",
+    "completion_loss",
+    "domain_losses",
+    "exact_match",
+    "finetune",
+    "routing_profile",
+    "score",
+    "take_profile",
+    "target_data",
+]
+
+TARGET_DOMAIN = "math"  # the pretraining domain nearest to the target task; the others measure forgetting
+
+
+@dataclass
+class FineTuneSettings:
+    """One fine-tuning budget, the same for every configuration compared."""
+
+    steps: int = 150
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    warmup_steps: int = 5
+    train_rows: int = 1200
+    eval_rows: int = 128
+    domain_rows: int = 64
+    generate_rows: int = 64
+    max_new_tokens: int = 24
+    warmup_fraction: float = 0.1
+
+
+@dataclass
+class QualityConfig:
+    """One row: ``kind`` = ``floor`` (attention + router), ``peft_all`` (PEFT ``target_parameters`` on all
+    experts) or ``hellora`` (our expert layer on a selected hot set; k = num_experts is our all-experts LoRA)."""
+
+    name: str
+    kind: str = "hellora"
+    k: int | None = None
+    selection: str = "layer"
+    variant: str = "lora"
+    dynamic_rank: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def target_data(settings: FineTuneSettings, seed: int = 0):
+    """(train ``Dataset`` in prompt-completion format, held-out rows) of the arithmetic target task."""
+    from ..data import format_gsm8k
+    from .corpus import arithmetic_splits
+
+    train, held_out = arithmetic_splits(settings.train_rows, settings.eval_rows, seed=seed)
+    return format_gsm8k([r["question"] for r in train], [r["answer"] for r in train], "prompt_completion"), held_out
+
+
+def domain_texts(settings: FineTuneSettings, seed: int = 0, domains: Sequence[str] | None = None) -> dict[str, list[str]]:
+    from .corpus import DOMAINS, heldout_domain_texts
+
+    return heldout_domain_texts(settings.domain_rows, seed=seed, domains=tuple(domains or DOMAINS))
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def completion_loss(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> float:
+    """Mean loss over the completion tokens (`` answer<eos>``) of GSM8K-format rows, prompt tokens unscored."""
+    from ..eval import gsm8k_prompt
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            seqs, labels = [], []
+            for row in chunk:
+                prompt = tokenizer(gsm8k_prompt(row["question"]), add_special_tokens=False)["input_ids"]
+                answer = tokenizer(" " + row["answer"].strip(), add_special_tokens=False)["input_ids"]
+                ids = [tokenizer.bos_token_id, *prompt, *answer, tokenizer.eos_token_id]
+                seqs.append(ids)
+                labels.append([-100] * (1 + len(prompt)) + [*answer, tokenizer.eos_token_id])
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+            lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels])
+            mask = (torch.arange(width)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = lab[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((target != -100).sum())
+    return total / max(count, 1)
+
+
+def domain_losses(model, tokenizer, texts: dict[str, list[str]], seq_len: int = 192) -> dict[str, float]:
+    """Held-out document loss per domain (whole documents, bos/eos included)."""
+    from .model import domain_loss
+
+    was_training = model.training
+    result = {d: domain_loss(model, tokenizer, t, seq_len) for d, t in texts.items()}
+    model.train(was_training)
+    return result
+
+
+def exact_match(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 24) -> float:
+    """Greedy exact-match accuracy of the final answer (GSM8K rule) on ``rows``."""
+    from ..eval import evaluate_gsm8k
+
+    return evaluate_gsm8k(model, tokenizer, list(rows), max_new_tokens=max_new_tokens, batch_size=32,
+                          progress=False)["accuracy"]
+
+
+def routing_profile(model, tokenizer, rows: Sequence[dict], batch_size: int = 32):
+    """Forward-only routing counts over prompt + answer of GSM8K-format rows."""
+    from datasets import Dataset
+
+    from ..eval import gsm8k_prompt
+    from ...profiling import profile_experts
+
+    texts = [f"{tokenizer.bos_token}{gsm8k_prompt(r['question'])} {r['answer'].strip()}{tokenizer.eos_token}"
+             for r in rows]
+    ds = Dataset.from_dict({"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]})
+    return profile_experts(model, ds, batch_size=batch_size, progress=False, source={"rows": len(rows)})
+
+
+def score(model, tokenizer, held_out: Sequence[dict], domains: dict[str, list[str]], settings: FineTuneSettings) -> dict:
+    em = None
+    if settings.generate_rows:
+        em = exact_match(model, tokenizer, held_out[: settings.generate_rows], settings.max_new_tokens)
+    return {
+        "target_loss": completion_loss(model, tokenizer, held_out),
+        "exact_match": em,
+        "domain_loss": domain_losses(model, tokenizer, domains),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- adapters
+def attention_router_only(model, lora_config):
+    """The floor: LoRA on attention and the routers, no expert adapters at all."""
+    from ...baselines import apply_attention_router_only
+
+    return apply_attention_router_only(model, lora_config)
+
+
+def _args(out: Path, settings: FineTuneSettings, seed: int, **hellora):
+    from ...config import CHECKPOINTING_FIELD, HELLoRAConfig
+
+    return HELLoRAConfig(
+        output_dir=str(out), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, lr_scheduler_type="linear", warmup_steps=settings.warmup_steps,
+        logging_steps=10, save_strategy="no", report_to="none", seed=seed, data_seed=seed, max_length=96,
+        disable_tqdm=True, hellora_plots=False, bf16=False, hellora_warmup_fraction=settings.warmup_fraction,
+        **{CHECKPOINTING_FIELD: False}, **hellora,
+    )
+
+
+def _lora(settings: FineTuneSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def _load(model_path: str | Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(model_path)
+
+
+def take_profile(model_path: str | Path, train, settings: FineTuneSettings, seed: int, path: Path, mode: str = "lora_warmup"):
+    """The routing profile of one seed (paper's LoRA warm-up on a seeded 10% slice, or forward-only), saved to
+    ``path`` without a hot map so that every row selects from its counts with its own k and strategy."""
+    from ...trainer import HELLoRATrainer
+
+    model, tokenizer = _load(model_path)
+    work = Path(tempfile.mkdtemp(prefix="hellora-lab-profile-"))
+    try:
+        trainer = HELLoRATrainer(model=model, args=_args(work, settings, seed, hellora_profile_mode=mode),
+                                 train_dataset=train, processing_class=tokenizer, peft_config=_lora(settings))
+        profile = trainer.run_profiling()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    profile.save(path)
+    return profile
+
+
+def finetune(
+    config: QualityConfig, model_path: str | Path, train, settings: FineTuneSettings, seed: int, profile_path: Path,
+    held_out: Sequence[dict], domains: dict[str, list[str]],
+) -> dict[str, Any]:
+    """Train one configuration from the lab checkpoint and score it; returns the row's metrics for this seed."""
+    from trl import SFTTrainer
+
+    from ...accounting import trainable_parameter_report
+    from ...trainer import HELLoRATrainer
+    from ...baselines import apply_peft_all_experts
+
+    torch.manual_seed(seed)
+    model, tokenizer = _load(model_path)
+    work = Path(tempfile.mkdtemp(prefix="hellora-lab-run-"))
+    try:
+        if config.kind == "hellora":
+            options = dict(hellora_k=config.k, hellora_selection=config.selection, hellora_variant=config.variant,
+                           hellora_profile_path=str(profile_path), hellora_reselect=True, **config.extra)
+            if config.dynamic_rank:  # the opt-in experimental trainer, its hellora_dr_* settings at their defaults
+                from ...experimental.dynamic_rank_trainer import DynamicRankTrainer
+            trainer_class = DynamicRankTrainer if config.dynamic_rank else HELLoRATrainer
+            trainer = trainer_class(model=model, args=_args(work, settings, seed, **options), train_dataset=train,
+                                    processing_class=tokenizer, peft_config=_lora(settings))
+        else:
+            peft_model = (attention_router_only if config.kind == "floor" else apply_peft_all_experts)(model, _lora(settings))
+            trainer = SFTTrainer(model=peft_model, args=_args(work, settings, seed), train_dataset=train,
+                                 processing_class=tokenizer)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        output = trainer.train()
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        trained = trainer.model
+        report = trainable_parameter_report(trained)
+        hot = getattr(trainer, "hellora_hot_experts", None)
+        result = {
+            "trainable_percent": report["trainable_percent"],
+            "trainable": report.get("trainable"),
+            "train_loss": output.metrics.get("train_loss"),
+            "sec_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
+            "seconds": seconds,
+            # process CPU time per step (profiling included for HELLoRA rows' own selection, which is cheap here):
+            # other jobs on a shared machine disturb it far less than wall time
+            "cpu_sec_per_step": cpu_seconds / max(trainer.state.global_step, 1),
+            "hot_experts": hot,
+            **score(trained, tokenizer, held_out, domains, settings),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
