@@ -229,7 +229,10 @@ def inject_adapter(
         mapping[router_type] = _router_factory
     if mapping:
         config._register_custom_module(mapping)
-    with explicit_v5_targets():
+    with explicit_v5_targets(), warnings.catch_warnings():
+        # PEFT reads the model's deprecated `is_gradient_checkpointing` alias (transformers renamed it to
+        # is_activation_checkpointing); the warning is PEFT's to fix and tells our users nothing.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
     install_saver(peft_model)  # saves write (or clear stale) side files of every adapter-state kind
     # saves tag adapter_config.json (hellora block) and README.md as HELLoRA, with how to load or export it
