@@ -9,11 +9,11 @@ Usage (from the repository root; a measurement, not part of CI)::
 Each mutant changes one AST node of the module (a comparison, an arithmetic or boolean operator, a constant, a
 unary ``not``/``-``, an ``if`` condition, a ``return`` value, a ``raise``, ``min``/``max``, a slice bound, or a
 call statement). Docstrings, f-strings, the arguments of ``raise`` and of logger/warnings calls (messages),
-annotations and ``__all__`` are not mutated. The repository (``hellora_trl``, ``tests``, ``pyproject.toml``) is
-copied to a temporary folder and only that copy is mutated, so a checkout is never left modified. The heavy
-imports (torch, transformers...) happen once; each mutant then runs in a forked child
-(``pytest -x -q -p no:cacheprovider <its tests>``) under a timeout. A mutant is *killed* when the tests fail or
-time out, *equivalent* when ``tools/mutation_equivalent.json`` lists it with a reason (a change no caller can
+annotations and ``__all__`` are not mutated. Files are never modified: the module's tests are collected once
+(one pytest session per module, in a forked child), and each mutant runs in a forked child of that session which
+patches the imported module in memory (:func:`patch_module`) and runs the collected tests in order until the first
+failure, under a timeout (3x the unmutated run + 10 s). A mutant is *killed* when a test fails (or the mutant
+cannot even be loaded) or it times out, *equivalent* when ``tools/mutation_equivalent.json`` lists it with a reason (a change no caller can
 observe), and *survived* otherwise. Score = (killed + equivalent) / mutants.
 
 Modules with more mutants than their cap are sampled with a fixed seed (``--seed``), so reruns see the same
@@ -29,10 +29,8 @@ import datetime as _dt
 import json
 import os
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,23 +44,23 @@ DEFAULT_SEED = 20261206
 TARGETS: dict[str, dict] = {
     "selection": {
         "path": "hellora_trl/selection.py",
-        "tests": ["tests/test_selection.py", "tests/test_core_checks.py"],
+        "tests": ["tests/test_core_checks.py", "tests/test_selection.py"],
         "cap": 400,
     },
     "profile": {
         "path": "hellora_trl/profile.py",
-        "tests": ["tests/test_selection.py", "tests/test_core_checks.py", "tests/test_profiling.py"],
+        "tests": ["tests/test_core_checks.py", "tests/test_selection.py", "tests/test_profiling.py"],
         "cap": 400,
     },
     "accounting": {
         "path": "hellora_trl/accounting.py",
-        "tests": ["tests/test_accounting.py", "tests/test_core_checks.py"],
+        "tests": ["tests/test_core_checks.py", "tests/test_accounting.py"],
         "cap": 400,
     },
     "profiling": {
         "path": "hellora_trl/profiling.py",
-        "tests": ["tests/test_profiling.py", "tests/test_core_checks.py"],
-        "cap": 120,
+        "tests": ["tests/test_core_checks.py", "tests/test_profiling.py"],
+        "cap": 500,
     },
     "ops": {
         "path": "hellora_trl/expert_lora/ops.py",
@@ -74,7 +72,12 @@ TARGETS: dict[str, dict] = {
         ],
     },
 }
-PRELOAD = ["numpy", "torch", "transformers", "peft", "datasets", "trl", "pytest"]
+PRELOAD = [
+    "numpy", "torch", "transformers", "peft", "datasets", "trl", "pytest",
+    # the tiny test models' modeling code (transformers imports it lazily, in each child otherwise)
+    "transformers.models.olmoe.modeling_olmoe", "transformers.models.qwen2_moe.modeling_qwen2_moe",
+    "transformers.models.deepseek_v2.modeling_deepseek_v2", "transformers.models.mixtral.modeling_mixtral",
+]
 
 _CMP = {
     ast.Eq: [ast.NotEq], ast.NotEq: [ast.Eq], ast.Lt: [ast.LtE, ast.Gt], ast.LtE: [ast.Lt, ast.GtE],
@@ -302,57 +305,158 @@ def load_equivalent(path: Path, module: str) -> dict[tuple[str, str, str], str]:
 
 
 # ----------------------------------------------------------------------------------------------- running
-def _run_forked(workdir: Path, tests: list[str], timeout: float) -> tuple[str, float]:
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:  # child: fresh imports of the project from the mutated copy
-        code = 99
+# The tests are collected once (one pytest session per module); each mutant then runs in a forked child that
+# patches the already-imported module in memory and runs the collected tests until the first failure. Nothing
+# on disk changes, and the cost per mutant is the tests it runs, not a new interpreter and collection.
+_SIMPLE = (int, float, str, bytes, bool, tuple, frozenset, type(None))
+
+
+def patch_module(module, mutated_source: str) -> None:
+    """Give ``module`` (already imported, referenced from everywhere) the behaviour of ``mutated_source``.
+
+    The source runs in a copy of the module's namespace. Module-level functions keep their identity (so names
+    imported elsewhere with ``from m import f`` see the change): their code, defaults and, for
+    ``contextmanager``-style wrappers, the wrapped function's code are swapped. Classes keep their identity too
+    (``isinstance`` keeps working): every attribute of the new class body replaces the old one, and attributes the
+    new class no longer has (e.g. the ``__setattr__`` of a frozen dataclass) are removed. Changed module-level
+    values replace the old ones in the module (a copy imported by value elsewhere keeps the old value).
+    """
+    old = module.__dict__
+    namespace = dict(old)
+    exec(compile(mutated_source, module.__file__ or "<mutant>", "exec"), namespace)
+    replacements = {}
+    for name, new in namespace.items():
+        current = old.get(name)
+        if current is new or name.startswith("__") and name.endswith("__"):
+            continue
+        if isinstance(current, type) and isinstance(new, type):
+            _patch_class(current, new)
+            replacements[name] = current
+        elif callable(current) and hasattr(current, "__code__") and hasattr(new, "__code__"):
+            if _swap_function(current, new):
+                replacements[name] = current
+            else:
+                old[name] = new
+        elif isinstance(new, _SIMPLE) or isinstance(current, _SIMPLE) or isinstance(new, (dict, list, set)):
+            try:
+                same = type(current) is type(new) and bool(current == new)
+            except Exception:  # noqa: BLE001 - values without a plain truth value: assume changed
+                same = False
+            if not same:
+                old[name] = new
+    namespace.update(replacements)  # new methods see the (patched) original classes and functions
+
+
+def _swap_function(old, new) -> bool:
+    target, source = old, new
+    if hasattr(old, "__wrapped__") and hasattr(new, "__wrapped__"):  # functools.wraps (contextmanager...)
+        target, source = old.__wrapped__, new.__wrapped__
+    try:
+        target.__code__ = source.__code__
+    except ValueError:  # another number of closure cells: replace the object instead
+        return False
+    target.__defaults__, target.__kwdefaults__ = source.__defaults__, source.__kwdefaults__
+    return True
+
+
+def _patch_class(old: type, new: type) -> None:
+    keep = {"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__"}
+    for name in list(vars(old)):
+        if name not in vars(new) and name not in keep:
+            try:
+                delattr(old, name)
+            except (AttributeError, TypeError):
+                pass
+    for name, value in vars(new).items():
+        if name in keep:
+            continue
         try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            os.chdir(workdir)
-            sys.path.insert(0, str(workdir))
-            import pytest
-
-            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "--rootdir", str(workdir), *tests]))
-        except BaseException:  # noqa: BLE001 - any failure in the child is reported through its exit code
+            setattr(old, name, value)
+        except (AttributeError, TypeError):
             pass
-        finally:
-            os._exit(code)
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            code = os.waitstatus_to_exitcode(status)
-            break
-        if time.monotonic() - start > timeout:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return "timeout", time.monotonic() - start
-        time.sleep(0.02)
-    seconds = time.monotonic() - start
-    if code == 0:
-        return "survived", seconds
-    if code == 1 or code < 0:  # tests failed, or the child died from a signal
-        return "killed", seconds
-    return f"error(rc={code})", seconds  # 2-5: collection/usage errors; counted as killed only when mutated
 
 
-def _copy_workspace(root: Path, package: str, dest: Path) -> Path:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for name in (package, "tests"):
-        if (root / name).is_dir():
-            shutil.copytree(root / name, dest / name, ignore=ignore)
-    for name in ("pyproject.toml", "setup.cfg", "pytest.ini", "conftest.py"):
-        if (root / name).is_file():
-            shutil.copy2(root / name, dest / name)
-    return dest
+class _Session:
+    """A pytest plugin: after collection, run the baseline and every mutant in forked children."""
+
+    def __init__(self, result: Result, module_name: str, source: str, equivalent: dict, previous: dict, log):
+        self.result, self.module_name, self.source = result, module_name, source
+        self.equivalent, self.previous, self.log = equivalent, previous, log
+        self.error: str | None = None
+
+    def pytest_runtestloop(self, session):
+        import pytest  # noqa: F401 - only inside a pytest session
+
+        items = list(session.items)
+        result = self.result
+        if self.module_name not in sys.modules:
+            self.error = f"the tests never import {self.module_name}"
+            return True
+        # the baseline goes through the same in-memory patching, with the unmutated source
+        status, seconds = self._child(items, ast.unparse(ast.parse(self.source)), timeout=900)
+        if status != "survived":
+            self.error = f"the tests fail on the unmutated module, patched in memory ({status}); fix them first"
+            return True
+        result.baseline_seconds = seconds
+        timeout = max(3 * seconds + 10, 20)
+        self.log(f"{result.name}: {len(result.mutants)} of {result.total} mutants, {len(items)} tests, "
+                 f"baseline {seconds:.1f}s, timeout {timeout:.0f}s")
+        for n, mutant in enumerate(result.mutants, 1):
+            earlier = self.previous.get(mutant.index)
+            if earlier and earlier.get("status") in ("killed", "timeout") and earlier.get("code") == mutant.code \
+                    and earlier.get("description") == mutant.description:
+                mutant.status, mutant.reason = earlier["status"], "killed in the earlier run"
+                continue
+            status, mutant.seconds = self._child(items, mutate(self.source, mutant), timeout)
+            if status == "survived" and mutant.key() in self.equivalent:
+                status, mutant.reason = "equivalent", self.equivalent[mutant.key()]
+            mutant.status = status
+            self.log(f"  [{n}/{len(result.mutants)}] {result.path}:{mutant.line} {mutant.func} "
+                     f"{mutant.description}: {status} ({mutant.seconds:.1f}s)")
+        return True
+
+    def _child(self, items, mutated: str | None, timeout: float) -> tuple[str, float]:
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+                if mutated is not None:
+                    try:
+                        patch_module(sys.modules[self.module_name], mutated)
+                    except Exception:  # noqa: BLE001 - the mutant does not even load: it is killed
+                        os._exit(1)
+                code = 1 if _run_items(items) else 0
+            except BaseException:  # noqa: BLE001
+                code = 1
+            finally:
+                os._exit(code)
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() - start > timeout:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return "timeout", time.monotonic() - start
+            time.sleep(0.01)
+        return ("survived" if code == 0 else "killed"), time.monotonic() - start
 
 
-def _scrub_modules(package: str) -> None:
-    for name in list(sys.modules):
-        if name == package or name.startswith(package + "."):
-            del sys.modules[name]
+def _run_items(items) -> bool:
+    """Run collected tests in order; True at the first failure (setup, call or teardown)."""
+    from _pytest.runner import runtestprotocol
+
+    for i, item in enumerate(items):
+        nextitem = items[i + 1] if i + 1 < len(items) else None
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        if any(r.failed for r in reports):
+            return True
+    return False
 
 
 def run_target(
@@ -365,38 +469,53 @@ def run_target(
     seed: int = DEFAULT_SEED,
     funcs: list[str] | None = None,
     equivalent: dict | None = None,
+    previous: dict | None = None,
     log=print,
 ) -> Result:
-    """Run every (sampled) mutant of ``root/path`` against ``tests`` in a scratch copy of ``root``."""
-    package = Path(path).parts[0]
+    """Run every (sampled) mutant of ``root/path`` against ``tests`` (paths relative to ``root``).
+
+    The collection runs in a forked child of this process, so this process's imports stay as they were."""
     source = (root / path).read_text(encoding="utf-8")
     everything = enumerate_mutants(source)
     chosen = select(everything, cap, seed, funcs)
     result = Result(name, path, tests, total=len(select(everything, 10**9, seed, funcs)), mutants=chosen)
-    equivalent = equivalent or {}
-    sys.dont_write_bytecode = True
-    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
-    with tempfile.TemporaryDirectory(prefix="hellora-mutation-") as tmp:
-        work = _copy_workspace(root, package, Path(tmp))
-        target = work / path
-        _scrub_modules(package)
-        target.write_text(ast.unparse(ast.parse(source)), encoding="utf-8")  # same layout as the mutants
-        status, seconds = _run_forked(work, tests, timeout=900)
-        if status != "survived":
-            raise SystemExit(f"{name}: the tests fail on the unmutated module ({status}); fix them first.")
-        result.baseline_seconds = seconds
-        timeout = max(3 * seconds + 10, 20)
-        log(f"{name}: {len(chosen)} of {result.total} mutants, baseline {seconds:.1f}s, timeout {timeout:.0f}s")
-        for n, mutant in enumerate(chosen, 1):
-            target.write_text(mutate(source, mutant), encoding="utf-8")
-            status, mutant.seconds = _run_forked(work, tests, timeout)
-            if status.startswith("error"):
-                status = "killed"  # the mutant broke collection (e.g. an import-time failure): a test noticed
-            if status == "survived" and mutant.key() in equivalent:
-                status, mutant.reason = "equivalent", equivalent[mutant.key()]
-            mutant.status = status
-            log(f"  [{n}/{len(chosen)}] {path}:{mutant.line} {mutant.func} {mutant.description}: {status}"
-                f" ({mutant.seconds:.1f}s)")
+    module_name = ".".join(Path(path).with_suffix("").parts)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the session child: collect once, fork per mutant, send the outcomes back as JSON
+        os.close(read)
+        code = 0
+        try:
+            os.chdir(root)
+            sys.path.insert(0, str(root))
+            import pytest
+
+            plugin = _Session(result, module_name, source, equivalent or {}, previous or {}, log)
+            rc = pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(root), *tests], plugins=[plugin])
+            if plugin.error is None and rc not in (0, 5):
+                plugin.error = f"pytest could not collect the tests (exit code {rc})"
+            payload = {"error": plugin.error, "baseline": result.baseline_seconds,
+                       "mutants": [[m.status, m.reason, m.seconds] for m in result.mutants]}
+            with os.fdopen(write, "w") as out:
+                json.dump(payload, out)
+        except BaseException as err:  # noqa: BLE001
+            code = 1
+            try:
+                os.write(write, json.dumps({"error": repr(err)}).encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    payload = json.loads(text or '{"error": "the session ended without a result"}')
+    if payload.get("error"):
+        raise SystemExit(f"{name}: {payload['error']}")
+    result.baseline_seconds = payload["baseline"]
+    for mutant, (status, reason, seconds) in zip(result.mutants, payload["mutants"]):
+        mutant.status, mutant.reason, mutant.seconds = status, reason, seconds
     return result
 
 
@@ -452,6 +571,10 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="+", choices=sorted(TARGETS), help="modules to mutate")
@@ -460,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=int, default=None, help="override every module's sample cap")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--json", type=Path, default=None, help="also write every mutant's outcome as JSON")
+    parser.add_argument(
+        "--survivors-of", type=Path, default=None,
+        help="a --json file of an earlier run: mutants it killed are not run again (valid while tests were only "
+        "added and the module is unchanged); the rest run as usual",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name in args.modules:
@@ -471,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, _terminate)  # so the scratch copy is removed when the run is stopped
     for module in PRELOAD:  # imported once here; every forked child reuses them
         try:
             __import__(module)
@@ -481,12 +610,17 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --cap {args.cap}"
     if args.seed != DEFAULT_SEED:
         command += f" --seed {args.seed}"
+    earlier = json.loads(args.survivors_of.read_text(encoding="utf-8")) if args.survivors_of else {}
+    if args.survivors_of:
+        command += " --survivors-of <the earlier run's --json>"
     results = []
     for name in args.modules:
         spec = TARGETS[name]
         results.append(run_target(
             name, spec["path"], spec["tests"], cap=args.cap or spec["cap"], seed=args.seed, funcs=spec.get("funcs"),
+            log=lambda line: print(line, flush=True),
             equivalent=load_equivalent(EQUIVALENT_FILE, name),
+            previous={m["index"]: m for m in earlier.get(name, [])},
         ))
         _write(args.out, render(results, command, args.seed))
         if args.json:
