@@ -459,3 +459,8 @@ def test_check_k_accepts_integer_types_only():
     for bad in (True, 2.0, "2", None, 0, 5):
         with pytest.raises(ValueError, match=r"k must be an integer in \[1, 4\]"):
             check_k(bad, 4)
+
+
+def test_loading_a_missing_profile_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Expert profile not found: .*missing\.json"):
+        ExpertProfile.load(tmp_path / "missing.json")

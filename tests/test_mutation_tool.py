@@ -112,18 +112,17 @@ def test_verdicts_equivalents_and_report(tool, tmp_path):
     assert statuses[("Box", "`True` -> `False`")] == "killed"  # frozen=False: the class lost its __setattr__
     assert statuses[("Box", "`2` -> `3`")] == "killed"  # a dataclass default
     assert strong.count("survived") == 0 and strong.score == 100.0
+    # an earlier run's kills are reused (--survivors-of): only the other mutants run again
+    earlier = [m for m in tool.enumerate_mutants(TOY) if m.func == "clamp_add"][:2]
+    previous = {m.index: {"status": "killed", "code": m.code, "description": m.description} for m in earlier}
     weak = tool.run_target("toy", "toypkg/calc.py", ["tests/test_weak.py"], root=root, funcs=["clamp_add"],
-                           log=lambda line: None)
-    assert weak.total == len(weak.mutants) == 6 and weak.count("survived") == 6 and weak.score == 0.0
+                           previous=previous, log=lambda line: None)
+    assert weak.total == len(weak.mutants) == 6
+    assert [m.status for m in weak.mutants] == ["killed"] * 2 + ["survived"] * 4 and weak.score == pytest.approx(100 / 3)
     assert (root / "toypkg" / "calc.py").read_text() == TOY  # nothing on disk was mutated
     report = tool.render([strong, weak], "python tools/mutation.py toy", 1)
-    assert "| `toypkg/calc.py` |" in report and "**100.0%**" in report
-    assert "total == LIMIT returns LIMIT either way" in report and "surviving mutants" in report
-    again = tool.run_target(
-        "toy", "toypkg/calc.py", ["tests/test_weak.py"], root=root, log=lambda line: None,
-        previous={m.index: {"status": "killed", "code": m.code, "description": m.description} for m in weak.mutants},
-    )
-    assert again.count("killed") == len(again.mutants)
+    assert "| `toypkg/calc.py` | 15 / 15 |" in report and "**100.0%**" in report and "**33.3%**" in report
+    assert "total == LIMIT returns LIMIT either way" in report and "surviving mutants (4)" in report
 
 
 def test_equivalent_list_needs_reasons(tool, tmp_path):
