@@ -372,8 +372,9 @@ def test_warmup_slice_returns_the_dataset_itself_at_fraction_one():
     assert warmup_slice(data, 1.0, 0) is data
     part = warmup_slice(data, 0.5, 1)
     assert part["input_ids"] == [[i] for i in warmup_indices(8, 0.5, 1)]
-    with pytest.raises(ValueError, match="map-style"):
-        warmup_slice(iter([]), 0.5, 0)
+    for not_map_style in (iter([]), [{"input_ids": [1]}] * 4):  # no len, or no .select
+        with pytest.raises(ValueError, match="map-style"):
+            warmup_slice(not_map_style, 0.5, 0)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -464,3 +465,54 @@ def test_check_k_accepts_integer_types_only():
 def test_loading_a_missing_profile_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Expert profile not found: .*missing\.json"):
         ExpertProfile.load(tmp_path / "missing.json")
+
+
+def test_pad_collate_right_pads_and_masks_padding_labels():
+    from hellora_trl.profiling import IGNORE_INDEX, pad_collate
+
+    rows = [{"input_ids": [5, 6, 7]}, {"input_ids": [8], "attention_mask": [1], "labels": [-100]}]
+    batch = pad_collate(pad_token_id=2, labels=True)(rows)
+    assert IGNORE_INDEX == -100
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
+    assert set(pad_collate()(rows)) == {"input_ids", "attention_mask"}
+
+
+def test_tokens_are_counted_from_inputs_embeds_without_a_mask():
+    model = tiny_model("olmoe")
+    embeds = model.get_input_embeddings()(random_batch(model, batch=2, seq=5)["input_ids"])
+    with RoutingCounter(model) as counter, torch.no_grad():
+        model(inputs_embeds=embeds)
+    assert counter.tokens_seen == 10
+    assert (counter.counts.sum(dim=1) == 10 * model.config.num_experts_per_tok).all()
+
+
+def test_positional_mask_on_a_single_level_model_excludes_padding():
+    model = LegacyMoEForCausalLM(LegacyMoEConfig())  # no decoder level below it that would see the mask again
+    batch = random_batch(model, batch=2, seq=6)
+    batch["attention_mask"][0, 2:] = 0
+    with RoutingCounter(model) as counter, torch.no_grad():
+        model(batch["input_ids"], batch["attention_mask"])
+    assert counter.tokens_seen == 8
+    assert (counter.counts.sum(dim=1) == 8 * model.config.num_experts_per_tok).all()
+    with RoutingCounter(model) as unmasked, torch.no_grad():
+        model(batch["input_ids"])
+    assert unmasked.tokens_seen == 12
+
+
+def test_profile_rows_gives_each_rows_own_counts():
+    from datasets import Dataset
+
+    from hellora_trl.profiling import profile_rows
+
+    model = tiny_model("olmoe")
+    rows = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    profile, per_row = profile_rows(model, Dataset.from_dict({"input_ids": rows}), batch_size=2, progress=False)
+    assert per_row.shape == (3, len(profile.layer_names), profile.num_experts) and per_row.dtype == torch.int32
+    assert profile.tokens_seen == 9 and torch.equal(per_row.sum(0).long(), profile.counts)
+    for i, ids in enumerate(rows):
+        alone = profile_experts(model, [{"input_ids": torch.tensor([ids])}], progress=False)
+        assert torch.equal(per_row[i].long(), alone.counts), i
+    with pytest.raises(ValueError, match="non-empty tokenized dataset"):
+        profile_rows(model, Dataset.from_dict({"text": ["a"]}), progress=False)
