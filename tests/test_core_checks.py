@@ -514,5 +514,10 @@ def test_profile_rows_gives_each_rows_own_counts():
     for i, ids in enumerate(rows):
         alone = profile_experts(model, [{"input_ids": torch.tensor([ids])}], progress=False)
         assert torch.equal(per_row[i].long(), alone.counts), i
+    single = [[5], [9], [12]]  # one-token rows: each batch row is one position long
+    _, per_row = profile_rows(model, Dataset.from_dict({"input_ids": single}), batch_size=3, progress=False)
+    for i, ids in enumerate(single):
+        alone = profile_experts(model, [{"input_ids": torch.tensor([ids])}], progress=False)
+        assert torch.equal(per_row[i].long(), alone.counts), i
     with pytest.raises(ValueError, match="non-empty tokenized dataset"):
         profile_rows(model, Dataset.from_dict({"text": ["a"]}), progress=False)

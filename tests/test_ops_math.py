@@ -171,3 +171,15 @@ def test_add_rows_in_place_with_gradients():
     assert full.dtype == torch.float64 and torch.allclose(full, square + delta.double())
     z = base * 1.0
     assert AddRows.apply(z, rows, delta) is not None and z._version > 0  # y is modified in place
+
+
+def test_grouped_mm_gradients_with_an_expanded_output_gradient():
+    # float32 with 16-byte rows takes torch's grouped kernel where it has one; a bare .sum() gives it an expanded
+    # (stride-0) gradient, which grouped_mm makes contiguous before the kernel's backward sees it
+    n = sum(SIZES)
+    x = rand(n, 16, dtype=torch.float32).requires_grad_()
+    w = rand(len(SIZES), 16, 8, seed=1, dtype=torch.float32).requires_grad_()
+    grouped_mm(x, w, offsets_of(SIZES)).sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    grouped_mm_loop(x_ref, w_ref, offsets_of(SIZES)).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5) and torch.allclose(w.grad, w_ref.grad, atol=1e-5)

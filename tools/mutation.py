@@ -60,7 +60,7 @@ TARGETS: dict[str, dict] = {
     "profiling": {
         "path": "hellora_trl/profiling.py",
         "tests": ["tests/test_core_checks.py", "tests/test_profiling.py"],
-        "cap": 500,
+        "cap": 200,
     },
     "ops": {
         "path": "hellora_trl/expert_lora/ops.py",
