@@ -470,13 +470,14 @@ def test_loading_a_missing_profile_names_the_path(tmp_path):
 def test_pad_collate_right_pads_and_masks_padding_labels():
     from hellora_trl.profiling import IGNORE_INDEX, pad_collate
 
-    rows = [{"input_ids": [5, 6, 7]}, {"input_ids": [8], "attention_mask": [1], "labels": [-100]}]
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 0]}, {"input_ids": [8], "labels": [-100]}]
     batch = pad_collate(pad_token_id=2, labels=True)(rows)
     assert IGNORE_INDEX == -100
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
-    assert set(pad_collate()(rows)) == {"input_ids", "attention_mask"}
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, -100], [-100, -100, -100]]  # a row's own masked token too
+    plain = pad_collate()(rows)
+    assert set(plain) == {"input_ids", "attention_mask"} and plain["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
 
 
 def test_tokens_are_counted_from_inputs_embeds_without_a_mask():
@@ -519,5 +520,17 @@ def test_profile_rows_gives_each_rows_own_counts():
     for i, ids in enumerate(single):
         alone = profile_experts(model, [{"input_ids": torch.tensor([ids])}], progress=False)
         assert torch.equal(per_row[i].long(), alone.counts), i
-    with pytest.raises(ValueError, match="non-empty tokenized dataset"):
-        profile_rows(model, Dataset.from_dict({"text": ["a"]}), progress=False)
+    for bad in (Dataset.from_dict({"text": ["a"]}), Dataset.from_dict({"input_ids": []}), [[5, 6]]):
+        with pytest.raises(ValueError, match="non-empty tokenized dataset"):
+            profile_rows(model, bad, progress=False)
+
+
+def test_default_profiling_batch_size_is_eight():
+    from datasets import Dataset
+
+    from hellora_trl.profiling import profile_rows
+
+    model = tiny_model("olmoe")
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7]] * 9})
+    assert profile_experts(model, data, progress=False).source["batch_size"] == 8
+    assert profile_rows(model, data, progress=False)[0].source["batch_size"] == 8
