@@ -8,6 +8,9 @@ import torch
 
 from hellora_trl.expert_lora.ops import (
     AddRows,
+    grouped_mm_available,
+    kernel_calls,
+    reset_kernel_calls,
     LoraRows,
     add_rows,
     grouped_mm,
@@ -142,8 +145,8 @@ def test_lora_rows_forward_and_backward_match_autograd(pairs, use, with_rows, wi
 
 
 def test_lora_rows_without_input_grad_and_float32():
-    sizes, r, d_in, d_out = [4, 4], 4, 16, 8
-    source = rand(8, d_in, dtype=torch.float32)
+    sizes, r, d_in, d_out = [2, 2], 4, 16, 8  # as many rows as the rank: columns are told apart by width only
+    source = rand(4, d_in, dtype=torch.float32)
     factors = [f.detach().float().requires_grad_() for f in make_factors(2, 2, r, d_in, d_out)]
     outs = LoraRows.apply(source, None, offsets_of(sizes), 2.0, None, *factors)
     refs = reference_lora(source, None, sizes, 2.0, None, factors)
@@ -183,3 +186,16 @@ def test_grouped_mm_gradients_with_an_expanded_output_gradient():
     x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     grouped_mm_loop(x_ref, w_ref, offsets_of(SIZES)).sum().backward()
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-5) and torch.allclose(w.grad, w_ref.grad, atol=1e-5)
+
+
+def test_kernel_calls_count_one_dispatch_per_call():
+    x, w = rand(sum(SIZES), 16, dtype=torch.float32), rand(len(SIZES), 16, 8, seed=1, dtype=torch.float32)
+    for dtype in (torch.float32, torch.float64):
+        xd, wd = x.to(dtype), w.to(dtype)
+        way = "kernel" if grouped_mm_available(xd, wd) else "loop"
+        reset_kernel_calls()
+        grouped_mm(xd, wd, offsets_of(SIZES))
+        grouped_outer(xd, xd, offsets_of(SIZES))
+        assert kernel_calls() == {f"grouped_mm/{way}": 1, f"grouped_outer/{way}": 1}, dtype
+    reset_kernel_calls()
+    assert kernel_calls() == {}
