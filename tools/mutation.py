@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, render(results, command, args.seed))
         if args.json:
             data = {r.name: [m.__dict__ | {"arg": repr(m.arg)} for m in r.mutants] for r in results}
-            _write(args.json, json.dumps(data, indent=1))
+            _write(args.json, json.dumps(data))
     for r in results:
         print(f"{r.path}: {len(r.mutants)} mutants, score {r.score:.1f}%")
     print(f"wrote {args.out}")
