@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import types
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -25,7 +26,7 @@ from peft import PeftModel
 from torch import nn
 
 from .constants import MASKS_FILE, RANKS_FILE, VARIANT_FILE
-from .utils import unwrap_model
+from .utils import apply_default_mode, unwrap_model
 
 _TABLE_ATTR = "_hellora_adapter_state"
 
@@ -99,12 +100,18 @@ def restore_extras(model: nn.Module, directory: str | os.PathLike, adapter_name:
 
 
 def _save_pretrained_with_extras(self: PeftModel, save_directory, *args, **kwargs):
-    """PEFT's ``save_pretrained``, then each saved adapter's side files in PEFT's directory layout."""
+    """PEFT's ``save_pretrained``, then each saved adapter's side files in PEFT's directory layout; the files it
+    wrote get the package's one permission policy (:func:`~hellora_trl.utils.default_mode`: safetensors writes
+    0600)."""
+    start = time.time() - 1.0  # file systems with coarse timestamps
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     if kwargs.get("is_main_process", True):
         for adapter in kwargs.get("selected_adapters") or list(self.peft_config):
             out = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
             save_extras(self, out, adapter)
+            for entry in out.iterdir() if out.is_dir() else ():
+                if entry.is_file():
+                    apply_default_mode(entry, since=start)
     return result
 
 

@@ -125,7 +125,11 @@ class HELLoRAConfig(SFTConfig):
         default=None, metadata={"help": "Dynamic rank: initial active rank per hot expert (default max(1, r // 4))."}
     )
     hellora_dr_r_budget: int | None = field(
-        default=None, metadata={"help": "Dynamic rank: average active rank per hot expert (default max(1, r // 2))."}
+        default=None,
+        metadata={
+            "help": "Dynamic rank: average active rank per hot expert (default max(hellora_dr_r_init, r // 2): an "
+            "explicit hellora_dr_r_init above r // 2 raises the default budget to it)."
+        },
     )
     hellora_dr_interval: int = field(default=10, metadata={"help": "Dynamic rank: optimizer steps between growths."})
     hellora_dr_grow_step: int = field(default=1, metadata={"help": "Dynamic rank: components added per grant."})

@@ -22,6 +22,9 @@ SCOPES = ("global", "layer", "module")
 # Dynamic rank's saliency routing term (hellora_trl.experimental.dynamic_rank).
 DR_ROUTING = ("profile", "live", "none")
 # Training recipes (hellora_trl.recipes.sft) and evaluation benchmarks (hellora_trl.recipes.eval).
+# Families of the offline tiny random models (`--tiny`, hellora_trl.recipes.offline builds one config per name).
+TINY_FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "phimoe", "deepseek_v2", "deepseek_v3",
+                 "gpt_oss")
 TASKS = ("gsm8k", "codealpaca", "saferpaca", "sft")  # sft: any TRL-format dataset, passed through
 EVAL_TASKS = ("gsm8k", "humaneval", "safety")
 # Expert-LoRA layer paths (hellora_trl.expert_lora).

@@ -668,8 +668,9 @@ class HELLoRATrainer(SFTTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """PEFT adapter as usual, plus the profile and hot map, so every checkpoint can be resumed or reloaded.
 
-        Everything is first written to a hidden staging folder and then renamed into place file by file, so an
-        interrupted save never leaves a torn adapter next to a good one.
+        Everything is first written to a hidden staging folder and then renamed into place file by file, the adapter
+        config last and the old one removed first (:func:`~hellora_trl.utils.publish_staged`), so an interrupted save
+        leaves a folder with no adapter config, never a new config beside old weights.
         """
         target = Path(output_dir or self.args.output_dir)
         staging = target / STAGING_DIR

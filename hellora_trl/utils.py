@@ -21,11 +21,30 @@ def default_mode(directory: bool = False) -> int:
     """What ``open(path, "w")`` (0666) or ``mkdir`` (0777) would give under the process umask.
 
     The one permission policy for everything HELLoRA writes: temp files from ``mkstemp``/``mkdtemp`` start private
-    (0600/0700), but a profile, adapter or report is an ordinary output that other users may need to read.
+    (0600/0700) and safetensors' ``save_file`` always creates 0600 files, but a profile, adapter, merged checkpoint
+    or report is an ordinary output that other users (a serving account, a shared team folder) may need to read.
+    :func:`atomic_write`, :func:`atomic_dir`, :func:`publish_staged` and :func:`apply_default_mode` apply it.
     """
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
+
+
+def apply_default_mode(path: str | os.PathLike, since: float | None = None) -> None:
+    """Give ``path`` (a file, or a folder and everything below it) the :func:`default_mode` permissions.
+
+    ``since``: only entries modified at or after this ``time.time()`` value (what a save just wrote into a folder
+    that holds older files). Symlinks are left alone.
+    """
+    path = Path(path)
+    file_mode, dir_mode = default_mode(), default_mode(directory=True)
+    entries = [path] + (sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
+    for entry in entries:
+        if entry.is_symlink() or not entry.exists():
+            continue
+        if since is not None and entry.stat().st_mtime < since:
+            continue
+        entry.chmod(dir_mode if entry.is_dir() else file_mode)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -89,7 +108,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, inputs: Iterable[Any
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        tmp.chmod(default_mode(directory=True))
+        apply_default_mode(tmp)  # the folder and every file in it (save_pretrained's safetensors come out 0600)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -102,10 +121,24 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, inputs: Iterable[Any
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_staged(staging: Path, target: Path) -> None:
-    """Move every entry of ``staging`` into ``target`` with atomic renames (same filesystem), then drop it."""
+COMMIT_FILES = ("adapter_config.json", "config.json")  # what makes a folder loadable: published last
+
+
+def publish_staged(staging: Path, target: Path, commit_files: Sequence[str] = COMMIT_FILES) -> None:
+    """Move every entry of ``staging`` into ``target`` with atomic renames (same filesystem), then drop it.
+
+    The renames are one at a time, so the loadable marker goes last: ``target``'s old ``commit_files`` (the adapter
+    or model config) are removed first and the new ones renamed in after everything else. A save killed half-way
+    leaves a folder with no config (loading it fails with "not found"), never a new config beside old weights or an
+    old config beside new ones. Entries get the :func:`default_mode` permissions.
+    """
     target.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(staging.iterdir()):
+    apply_default_mode(staging)
+    entries = sorted(staging.iterdir(), key=lambda e: (e.name in commit_files, e.name))
+    for entry in entries:
+        if entry.name in commit_files and (target / entry.name).is_file():
+            (target / entry.name).unlink()
+    for entry in entries:
         destination = target / entry.name
         if entry.is_dir() and destination.exists():
             shutil.rmtree(destination)

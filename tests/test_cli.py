@@ -18,7 +18,7 @@ HOT = [0, 3]
 
 
 def tiny_base():
-    """The model `--tiny olmoe` builds: `hellora train`'s offline default shape, seed 42."""
+    """The model `--tiny olmoe` builds (seed 42); not the lab model `hellora train` fine-tunes offline."""
     from hellora_trl.offline import tiny_moe_model
     from hellora_trl.sft import OFFLINE_MODEL
 
@@ -43,7 +43,7 @@ def adapter_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
-    """`hellora profile --tiny olmoe` on 24 generated GSM8K rows, model saved beside it."""
+    """`hellora profile --tiny olmoe` on 24 generated arithmetic rows, model saved beside it."""
     root = tmp_path_factory.mktemp("profile")
     argv = ["profile", "--tiny", "olmoe", "--limit", "24", "--batch_size", "8", "--max_length", "96",
             "--output", str(root / "p.json"), "--save_model_to", str(root / "model"), "--disable_tqdm"]
@@ -170,6 +170,57 @@ def test_select_rejects_a_profile_of_another_model(profiled, capsys):
     assert code == 1 and "does not match the model" in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["select", "--profile", "p.json", "--strategy", "foo"], "argument --strategy: invalid choice: 'foo'"),
+    (["select", "--profile", "p.json", "--k", "abc"], "argument --k"),
+    (["profile", "--tiny", "olmoe", "--limit"], "argument --limit: expected one argument"),
+    (["pretrain", "--steps", "many"], "argument --steps"),
+    (["train", "--hellora_k", "x"], "argument --hellora_k"),
+])
+def test_option_errors_are_one_line_with_status_1(argv, says, capsys):
+    # argparse used to print the whole usage block and exit with status 2 (docs/cli.md promises one line, status 1)
+    code, _, err = run(argv, capsys)
+    assert code == 1, err
+    assert err.strip().splitlines() == [err.strip()] and says in err and "usage:" not in err
+    assert err.startswith(f"hellora {argv[0]}: error: ") and f"see `hellora {argv[0]} --help`" in err
+
+
+def test_option_errors_restore_argparse(capsys):
+    import argparse
+
+    before = argparse.ArgumentParser.error
+    run(["select", "--strategy", "foo"], capsys)
+    assert argparse.ArgumentParser.error is before
+
+
+def test_pretrain_reads_config_like_every_command(tmp_path, capsys):
+    # `hellora pretrain --config` used to be refused ("arguments are not used by the HfArgumentParser")
+    config = tmp_path / "pre.yaml"
+    config.write_text("recipe: no_such_recipe\n")
+    code, _, err = run(["pretrain", "--config", config], capsys)
+    assert code == 1 and "unknown lab recipe 'no_such_recipe'" in err
+    code, _, err = run(["pretrain", "--config", config, "--recipe", "also_unknown"], capsys)  # the command line wins
+    assert code == 1 and "'also_unknown'" in err
+
+
+def test_adapter_of_another_shape_is_one_line(tmp_path, capsys):
+    # the main job's adapter on `--tiny olmoe` used to end in a multi-line "size mismatch" traceback
+    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.sft import OFFLINE_MODEL
+
+    model = tiny_moe_model("olmoe", seed=42, **{**OFFLINE_MODEL, "intermediate_size": 32})
+    peft_model = apply_hellora(model, {layer.name: HOT for layer in find_moe_layers(model)},
+                               default_lora_config(r=4, lora_alpha=8))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()  # the save's progress bar
+    code, _, err = run(["merge", "--adapter", tmp_path / "adapter", "--tiny", "olmoe", "--output_dir",
+                        tmp_path / "merged"], capsys)
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # (progress bars aside)
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err and "size mismatch for" not in err.replace(
+        errors[0], "")
+    assert "does not fit this base model (size mismatch" in err and "--model_name_or_path" in err
+
+
 def test_missing_inputs_fail_early_with_one_line(tmp_path, capsys):
     code, _, err = run(["select", "--profile", tmp_path / "nope.json"], capsys)
     assert code == 1 and "not found" in err and "Traceback" not in err
@@ -187,11 +238,27 @@ def test_missing_inputs_fail_early_with_one_line(tmp_path, capsys):
 def test_eval_gsm8k_on_adapter(adapter_dir, tmp_path, capsys):
     code, out, _ = run(["eval", "--adapter", adapter_dir, "--tiny", "olmoe", "--limit", 2, "--max_new_tokens", 4,
                         "--output_dir", tmp_path, "--disable_tqdm"], capsys)
-    assert code == 0 and "gsm8k:" in out
+    assert code == 0 and "arithmetic:" in out  # no dataset: the lab's held-out arithmetic rows, named for what they are
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["gsm8k"]["total"] == 2 and len(results["gsm8k"]["records"]) == 2
+    assert "gsm8k" not in results
+    assert results["arithmetic"]["total"] == 2 and len(results["arithmetic"]["records"]) == 2
     assert results["run"]["adapter"] == str(adapter_dir)
-    assert "| gsm8k.accuracy |" in (tmp_path / "results.md").read_text()
+    assert "| arithmetic.accuracy |" in (tmp_path / "results.md").read_text()
+
+
+def test_eval_without_a_dataset_scores_exactly_what_train_held_out(tmp_path):
+    """Issue 18: `hellora eval` without a dataset scored generate_math_problems(seed + 10000), other problems than
+    the arithmetic rows `hellora train` holds out, although its --help said they were the same."""
+    from hellora_trl.cli.commands.eval import EvalArguments, gsm8k_rows
+    from hellora_trl.recipes.sft import load_task_data, parse_args
+
+    script_args, training_args, _ = parse_args(["--output_dir", str(tmp_path / "a")])  # the offline default run
+    _, held_out = load_task_data(script_args, seed=training_args.seed)
+    assert len(held_out) == script_args.eval_limit and gsm8k_rows(EvalArguments()) == held_out
+    script_args, training_args, _ = parse_args(["--output_dir", str(tmp_path / "b"), "--seed", "5", "--train_limit",
+                                                "100", "--eval_limit", "8"])
+    _, held_out = load_task_data(script_args, seed=training_args.seed)
+    assert gsm8k_rows(EvalArguments(seed=5, train_limit=100, limit=8)) == held_out
 
 
 def test_eval_humaneval_and_safety(tmp_path, capsys):
@@ -357,8 +424,12 @@ def test_train_then_eval_merge_and_report_end_to_end(tmp_path, capsys):
 
     base = str(lab_model_path(os.environ["HELLORA_LAB_RECIPE"]))  # `hellora train` with no model: the lab model
     code, _, err = run(["eval", "--adapter", run_dir, "--model_name_or_path", base, "--limit", 2, "--max_new_tokens", 4,
-                        "--output_dir", tmp_path / "eval", "--disable_tqdm"], capsys)
+                        "--train_limit", 16, "--output_dir", tmp_path / "eval", "--disable_tqdm"], capsys)
     assert code == 0, err
+    scored = json.loads((tmp_path / "eval" / "results.json").read_text())["arithmetic"]["records"]
+    from hellora_trl.recipes.eval import held_out_arithmetic
+
+    assert [r["question"] for r in scored] == [r["question"] for r in held_out_arithmetic(2, 42, train_rows=16)]
     code, _, err = run(["merge", "--adapter", run_dir, "--model_name_or_path", base, "--output_dir", tmp_path / "merged"],
                        capsys)
     assert code == 0, err

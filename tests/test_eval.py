@@ -1,4 +1,4 @@
-"""Tests for hellora_trl.eval: answer grading, pass@k, the HumanEval sandbox, refusals, generation, result files."""
+"""Tests for hellora_trl.recipes.eval: answer grading, pass@k, the HumanEval sandbox, refusals, generation, result files."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hellora_trl.eval import (
+from hellora_trl.recipes.eval import (
     RefusalJudge,
     evaluate_gsm8k,
     evaluate_humaneval,
@@ -440,7 +440,7 @@ def test_write_results(tmp_path):
 
 def test_generate_batched_with_router_aux_loss_model():
     """Regression: a MoE model trained with output_router_logits=True failed in cached decoding."""
-    from hellora_trl.eval import generate_batched
+    from hellora_trl.recipes.eval import generate_batched
     from hellora_trl.offline import build_tokenizer, tiny_moe_model
 
     model = tiny_moe_model("olmoe", output_router_logits=True)
@@ -448,3 +448,126 @@ def test_generate_batched_with_router_aux_loss_model():
     out = generate_batched(model, tokenizer, ["Question: 1+1?\nAnswer:", "Hi"], max_new_tokens=4, progress=False)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     assert model.config.output_router_logits is True
+
+
+# ---------------------------------------------------------------- one evaluation path (issue 18)
+
+
+def _train_and_eval_args(tmp_path, task: str, **extra):
+    """Matching arguments for the two entry points: `hellora train`'s after-training evaluation and `hellora eval`."""
+    from types import SimpleNamespace
+
+    from hellora_trl.cli.commands.eval import EvalArguments
+    from hellora_trl.recipes.sft import HELLoRAScriptArguments
+
+    train_task = {"gsm8k": "gsm8k", "humaneval": "codealpaca", "safety": "saferpaca"}[task]
+    limit, budget = extra.pop("limit", 4), extra.pop("max_new_tokens", 6)
+    dataset, benign = extra.pop("dataset", None), extra.pop("benign", None)
+    script_args = HELLoRAScriptArguments(
+        task=train_task, eval_limit=limit, eval_max_new_tokens=budget, **extra,
+        **({"eval_dataset_path": str(dataset), "benign_eval_path": benign and str(benign)} if task != "gsm8k" else {}))
+    training_args = SimpleNamespace(disable_tqdm=True, output_dir=str(tmp_path / "train"))
+    eval_args = EvalArguments(task=task, dataset_name=dataset and str(dataset), benign_path=benign and str(benign),
+                              limit=limit, max_new_tokens=budget, output_dir=str(tmp_path / "eval"), disable_tqdm=True)
+    return script_args, training_args, eval_args
+
+
+def _without_timings(result: dict) -> dict:
+    result = dict(result)
+    result["results"] = [{k: v for k, v in r.items() if k != "elapsed"} for r in result.get("results", [])]
+    return result
+
+
+def test_train_and_eval_commands_score_humaneval_alike_with_stop_lines(tmp_path, monkeypatch):
+    """Issue 18: `hellora train` scored uncut HumanEval completions, `hellora eval` cut them at stop lines, so one
+    adapter got two pass@1 numbers. Both now go through evaluate_task: the code after a stop line is not run."""
+    from hellora_trl.cli.commands import eval as eval_command
+    from hellora_trl.recipes import sft
+    from hellora_trl.recipes.eval import tasks
+
+    path = tmp_path / "he.jsonl"
+    path.write_text(json.dumps(DOUBLE) + "\n")
+    completion = "    return 2 * x\n\nprint(undefined_name)\n"  # passes only when cut at "\nprint("
+    prompts = []
+
+    def stub(model, tokenizer, batch, **kwargs):
+        prompts.append((list(batch), kwargs))
+        return [completion for _ in batch]
+
+    monkeypatch.setattr(tasks, "generate_batched", stub)
+    script_args, training_args, eval_args = _train_and_eval_args(tmp_path, "humaneval", dataset=path)
+    from_train = sft.evaluate(None, None, script_args, None, training_args)
+    from_eval = eval_command.evaluate(eval_args, None, None)
+    assert from_train["humaneval"]["pass@1"] == from_eval["pass@1"] == 1.0
+    assert _without_timings(from_train["humaneval"]) == _without_timings(from_eval)
+    assert prompts[0] == prompts[1]  # same prompts, same generation settings
+    assert (tmp_path / "train" / "eval" / "humaneval_samples.jsonl").is_file()
+    assert (tmp_path / "eval" / "humaneval_samples.jsonl").is_file()
+
+
+def test_train_and_eval_commands_score_safety_alike(tmp_path, monkeypatch):
+    from hellora_trl.cli.commands import eval as eval_command
+    from hellora_trl.recipes import sft
+    from hellora_trl.recipes.eval import safety
+
+    (tmp_path / "harm.json").write_text(json.dumps({"instructions": ["a", "b", "c"], "inputs": []}))
+    (tmp_path / "ok.json").write_text(json.dumps(["d", "e"]))
+    monkeypatch.setattr(safety, "generate_batched",
+                        lambda model, tok, batch, **kw: ["I cannot." if p in "ab" else "Sure." for p in batch])
+    script_args, training_args, eval_args = _train_and_eval_args(
+        tmp_path, "safety", dataset=tmp_path / "harm.json", benign=tmp_path / "ok.json", limit=2)
+    from_train = sft.evaluate(None, None, script_args, None, training_args)
+    from_eval = eval_command.evaluate(eval_args, None, None)
+    assert from_train == {"safety": from_eval}
+    assert (from_eval["refusal_rate"], from_eval["n_harmful"], from_eval["n_benign"]) == (1.0, 2, 2)
+
+
+def test_train_and_eval_commands_score_the_same_held_out_arithmetic_on_a_tiny_model(tmp_path):
+    """One tiny model, both entry points, no dataset: the same rows, completions and accuracy, filed as arithmetic."""
+    from hellora_trl.cli.commands import eval as eval_command
+    from hellora_trl.offline import build_tokenizer, tiny_moe_model
+    from hellora_trl.recipes import sft
+
+    model, tokenizer = tiny_moe_model("olmoe"), build_tokenizer()
+    script_args, training_args, eval_args = _train_and_eval_args(tmp_path, "gsm8k", limit=3, max_new_tokens=4)
+    eval_args.seed = 7
+    _, held_out = sft.load_task_data(script_args, seed=7)
+    from_train = sft.evaluate(model, tokenizer, script_args, held_out, training_args)
+    from_eval = eval_command.evaluate(eval_args, model, tokenizer)
+    assert list(from_train) == ["arithmetic"] and from_train["arithmetic"] == from_eval
+    assert [r["question"] for r in from_eval["records"]] == [r["question"] for r in held_out]
+
+
+def test_held_out_arithmetic_is_what_training_holds_out():
+    from hellora_trl.recipes.eval import ARITHMETIC_TRAIN_ROWS, held_out_arithmetic
+    from hellora_trl.recipes.lab.corpus import arithmetic_splits
+
+    train, held_out = arithmetic_splits(ARITHMETIC_TRAIN_ROWS, 10, seed=3)
+    assert held_out_arithmetic(10, seed=3) == held_out
+    assert held_out_arithmetic(4, seed=3) == held_out[:4]  # a prefix: fewer rows are the first of them
+    assert not {r["question"] for r in held_out} & {r["question"] for r in train}
+    assert held_out_arithmetic(10, seed=3, train_rows=50) == arithmetic_splits(50, 10, seed=3)[1]
+    assert held_out_arithmetic(10, seed=4) != held_out
+    with pytest.raises(ValueError, match="n >= 1"):
+        held_out_arithmetic(0, seed=3)
+
+
+def test_metric_names_say_what_was_measured():
+    from hellora_trl.recipes.eval import metric_name
+
+    assert metric_name("gsm8k", None) == "arithmetic"
+    assert metric_name("gsm8k", "../shared/datasets/gsm8k") == "gsm8k"
+    assert metric_name("humaneval", "he.jsonl") == "humaneval" and metric_name("safety", None) == "safety"
+    with pytest.raises(ValueError, match="unknown evaluation task"):
+        metric_name("mmlu", None)
+
+
+def test_evaluate_task_rejects_bad_input():
+    from hellora_trl.recipes.eval import EvalSettings, evaluate_task
+
+    with pytest.raises(ValueError, match="unknown evaluation task"):
+        evaluate_task("mmlu", None, None, [], EvalSettings())
+    with pytest.raises(ValueError, match="no HumanEval problems"):
+        evaluate_task("humaneval", None, None, [], EvalSettings())
+    with pytest.raises(TypeError, match="safety rows"):
+        evaluate_task("safety", None, None, "harmful prompt", EvalSettings())

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from hellora_trl.recipes.sft import accumulation_steps, apply_effective_batch
 from hellora_trl.sft import parse_args
 
 from testing_utils import shared_dataset
@@ -22,12 +24,64 @@ def test_recipes_parse_with_paper_hyperparameters(config):
     script_args, training_args, model_args = parse_args(["--config", str(config), "--bf16", "false"])
     assert (model_args.lora_r, model_args.lora_alpha) == (32, 64)
     assert training_args.hellora_warmup_fraction == 0.1
+    assert script_args.effective_batch_size == 128  # declared, and derived for this 1-process run:
     effective = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     assert effective == 128
     expected = {"gsm8k": (4e-4, 3), "codealpaca": (2e-3, 2), "saferpaca": (4e-4, 1)}[script_args.task]
     assert (training_args.learning_rate, training_args.num_train_epochs) == expected
     k = {"olmoe": 8, "mixtral": 2, "deepseek": 12}[config.name.split("_")[0]]
     assert training_args.hellora_k == k
+
+
+@pytest.mark.parametrize("processes, steps", [(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)])
+def test_effective_batch_128_by_arithmetic(processes, steps):
+    assert accumulation_steps(128, 8, processes) == steps
+    assert 8 * processes * steps == 128
+
+
+@pytest.mark.parametrize("per_device, processes", [(8, 3), (8, 32), (6, 1), (16, 16)])
+def test_an_unreachable_effective_batch_is_refused(per_device, processes):
+    with pytest.raises(ValueError, match=f"effective batch 128 cannot be reached .* {processes} processes"):
+        accumulation_steps(128, per_device, processes)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_apply_effective_batch_on_8_processes_logs_on_the_main_process_only(rank, capsys):
+    args = SimpleNamespace(per_device_train_batch_size=8, world_size=8, process_index=rank,
+                           gradient_accumulation_steps=1)
+    apply_effective_batch(128, args)
+    assert args.gradient_accumulation_steps == 2
+    out = capsys.readouterr().out
+    expected = "effective batch 128 = 8 per device x 8 processes x 2 gradient accumulation steps\n"
+    assert out == (expected if rank == 0 else "")
+
+
+def test_apply_effective_batch_refuses_a_contradicting_accumulation():
+    args = SimpleNamespace(per_device_train_batch_size=8, world_size=8, process_index=0, gradient_accumulation_steps=16)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 16 contradicts effective_batch_size 128"):
+        apply_effective_batch(128, args)
+    args.gradient_accumulation_steps = 2  # the value it derives is accepted (README's old DDP command)
+    apply_effective_batch(128, args)
+    unset = SimpleNamespace(gradient_accumulation_steps=5)
+    apply_effective_batch(None, unset)
+    assert unset.gradient_accumulation_steps == 5
+
+
+@pytest.mark.slow
+def test_effective_batch_under_accelerate_launch_on_2_processes(tmp_path):
+    # the recipe YAML on 2 CPU processes (the shipped DDP config): every rank accumulates 8 steps (8 x 2 x 8 = 128),
+    # and only the main process logs it (each rank reports through its own JSON file, not through stdout)
+    from distributed_harness import launch_command, run
+
+    worker = Path(__file__).resolve().parent / "effective_batch_worker.py"
+    output, _ = run(launch_command("ddp.yaml", worker, [str(ROOT / "configs" / "olmoe_gsm8k.yaml"), str(tmp_path)]),
+                    timeout=300)
+    records = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for i, record in enumerate(records):
+        assert record == {"process_index": i, "world_size": 2, "per_device_train_batch_size": 8,
+                          "gradient_accumulation_steps": 8, "effective_batch_size": 128}
+    assert output.count("effective batch 128 = 8 per device x 2 processes x 8 gradient accumulation steps") == 1
+    assert output.count("effective batch") == 1
 
 
 def test_offline_default_applies_only_without_model_and_data(tmp_path):
@@ -52,7 +106,8 @@ def test_gsm8k_example_offline_default_end_to_end(tmp_path):
         "--eval_max_new_tokens", "8", "--disable_tqdm", "true",
     )
     summary = json.loads((out / "hellora_summary.json").read_text())
-    assert summary["gsm8k/total"] == 4 and 0 <= summary["gsm8k/accuracy"] <= 1
+    assert summary["arithmetic/total"] == 4 and 0 <= summary["arithmetic/accuracy"] <= 1
+    assert not any(key.startswith("gsm8k/") for key in summary)  # the lab task is not GSM8K
     # no model given: the lab model, with base vs adapted numbers and the routing concentration in the summary
     for key in ("lab/base_heldout_loss", "lab/adapted_heldout_loss", "lab/base_exact_match", "lab/adapted_exact_match",
                 "lab/routing_top_k_share_layer0", "lab/routing_min_top_k_share_over_uniform"):

@@ -78,5 +78,5 @@ def test_full_dry_run(tmp_path):
     assert set(summary["bench"]) == {"tiny", "tiny-qwen3", "tiny-scaling"}
     assert summary["bench"]["tiny-qwen3"]["autocast"] is True
     assert [r["experts"] for r in summary["bench"]["tiny-scaling"]["sweep"]] == [4, 8, 16]
-    assert summary["main_job"]["gsm8k/total"] == 2
+    assert summary["main_job"]["arithmetic/total"] == 2
     assert {p.name for p in out.iterdir()} == OUT_FILES

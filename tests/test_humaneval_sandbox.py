@@ -7,6 +7,7 @@ test and the completion, and a deny-list of patched os functions).
 from __future__ import annotations
 
 import dis
+import inspect
 import json
 import os
 import signal
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-import hellora_trl.eval as ev
-from hellora_trl.eval import evaluate_humaneval, load_humaneval, run_humaneval_sample
+from hellora_trl.recipes.eval import evaluate_humaneval, humaneval_runner, load_humaneval, run_humaneval_sample
+from hellora_trl.recipes.eval import humaneval as ev
 
 sys.path.insert(0, str(Path(__file__).parent))
 from humaneval_cheats import CHEATS, EVALUATOR_KILLERS  # noqa: E402
@@ -164,17 +165,16 @@ def test_plain_data_types_cross_the_boundary():
     assert result["verdict"] == "passed", result
 
 
-def _runner_functions() -> dict:
-    namespace: dict = {}
-    exec(compile(ev._RUNNER.rsplit("_runner()", 1)[0], "<runner>", "exec"), namespace)
-    return namespace
+def test_the_isolated_interpreter_runs_the_runner_module():
+    """The sandbox program is a real module, and its file is exactly what the evaluator hands to ``python -c``."""
+    assert ev.RUNNER_SOURCE == inspect.getsource(humaneval_runner)
+    assert 'if __name__ == "__main__":\n    _runner()' in ev.RUNNER_SOURCE  # importing it runs nothing
 
 
 def test_audit_hook_reads_no_global_or_closure_names():
     """The hook must not depend on anything the completion can rebind (module globals, builtins, os.path)."""
-    namespace = _runner_functions()
     for name in ("_hook", "_norm", "_under"):
-        function = namespace[name]
+        function = getattr(humaneval_runner, name)
         assert function.__closure__ is None and function.__kwdefaults__ is None
         ops = {ins.opname for ins in dis.get_instructions(function)}
         assert not ops & {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLOSURE", "STORE_GLOBAL", "MAKE_FUNCTION"}, name
@@ -212,24 +212,11 @@ def test_hostile_process_does_not_outlive_the_sample(monkeypatch):
     assert not survivors
 
 
-# A throw-away evaluator process. It loads the eval module from its file with stubs for its package imports
-# (hellora_trl.utils, the sibling data module; hellora_trl's __init__ pulls in torch, seconds per start on a
-# shared CPU box).
+# A throw-away evaluator process. It loads the harness module from its file (it imports nothing of hellora_trl, whose
+# __init__ pulls in torch, seconds per start on a shared CPU box).
 DISPOSABLE = textwrap.dedent("""\
-    import importlib.util, json, sys, types
+    import importlib.util, json, sys
     name, path = sys.argv[1], sys.argv[2]
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        package = types.ModuleType(".".join(parts[:i]))
-        package.__path__ = []
-        sys.modules[package.__name__] = package
-    stubs = {parts[0] + ".utils": ("atomic_write_text", "markdown_table"),
-             ".".join(parts[:-1]) + ".data": ("gsm8k_prompt",)}
-    for module_name, attrs in stubs.items():
-        stub = types.ModuleType(module_name)
-        for attr in attrs:
-            setattr(stub, attr, None)
-        sys.modules[module_name] = stub
     spec = importlib.util.spec_from_file_location(name, path)
     ev = importlib.util.module_from_spec(spec)
     sys.modules[name] = ev

@@ -35,8 +35,12 @@ FLOORS = [
     ["recipes.models"],
     ["recipes.prepare"],
     ["recipes.data"],
-    ["recipes.eval", "recipes.reporting"],
     ["recipes.lab.corpus"],
+    ["recipes.eval.humaneval_runner"],  # run as its own program by recipes.eval.humaneval; imports nothing here
+    ["recipes.eval.generation", "recipes.eval.humaneval", "recipes.eval.results"],
+    ["recipes.eval.gsm8k", "recipes.eval.safety"],
+    ["recipes.eval.tasks"],
+    ["recipes.eval", "recipes.reporting"],
     ["recipes.lab.model"],
     ["recipes.lab.quality"],
     ["recipes.lab"],  # the face the SFT recipe uses

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hellora_trl.utils import (
+    apply_default_mode,
     atomic_dir,
     atomic_write,
     atomic_write_text,
@@ -80,6 +81,88 @@ def test_publish_staged_moves_entries_and_replaces_folders(tmp_path):
     publish_staged(staging, target)
     assert not staging.exists() and (target / "f").read_text() == "f"
     assert [p.name for p in (target / "d").iterdir()] == ["new"]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_safetensors_weights_get_the_one_policy_too(tmp_path, umask_022):
+    # safetensors' save_file creates 0600 files: merged checkpoints and exports (atomic_dir) and staged adapters
+    # (publish_staged) used to come out owner-only while their json files were 0644
+    from safetensors.torch import save_file
+
+    with atomic_dir(tmp_path / "merged", overwrite=False) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "sub").mkdir(mode=0o700)
+        save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "x.safetensors"))
+    assert mode(tmp_path / "merged" / "model.safetensors") == 0o644
+    assert mode(tmp_path / "merged" / "sub") == 0o755 and mode(tmp_path / "merged" / "sub" / "x.safetensors") == 0o644
+    staging = tmp_path / "stage"
+    staging.mkdir()
+    save_file({"w": torch.zeros(2)}, str(staging / "adapter_model.safetensors"))
+    publish_staged(staging, tmp_path / "run")
+    assert mode(tmp_path / "run" / "adapter_model.safetensors") == 0o644
+
+
+def test_apply_default_mode_since_leaves_older_files(tmp_path, umask_022):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text("o")
+    new.write_text("n")
+    old.chmod(0o600)
+    new.chmod(0o600)
+    os.utime(old, (1_000_000, 1_000_000))
+    apply_default_mode(tmp_path, since=2_000_000)
+    assert mode(old) == 0o600 and mode(new) == 0o644
+
+
+def test_hellora_save_pretrained_and_model_saves_are_readable(tmp_path, olmoe, umask_022):
+    from hellora_trl import apply_hellora, default_lora_config, find_moe_layers
+    from hellora_trl.recipes.models import ModelSource, load_tokenizer, save_model_and_tokenizer
+
+    peft_model = apply_hellora(olmoe, {l.name: [0, 1] for l in find_moe_layers(olmoe)}, default_lora_config(r=2))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert mode(tmp_path / "adapter" / "adapter_model.safetensors") == 0o644
+    base = peft_model.get_base_model()
+    save_model_and_tokenizer(base, load_tokenizer(ModelSource(tiny_family="olmoe")), tmp_path / "model")
+    assert {mode(p) for p in (tmp_path / "model").iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("killed_at", range(4))
+def test_a_killed_publish_never_pairs_a_new_config_with_old_weights(tmp_path, monkeypatch, killed_at):
+    # publish_staged renamed adapter_config.json before adapter_model.safetensors: a kill between the two left a
+    # new config beside old weights, which loads silently as the wrong adapter
+    import hellora_trl.utils as utils
+
+    target, staging = tmp_path / "run", tmp_path / "run" / ".staging"
+    staging.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "hellora_profile.json"):
+        (target / name).write_text("old")
+        (staging / name).write_text("new")
+    calls = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if len(calls) == killed_at:
+            raise KeyboardInterrupt("killed")
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", replace)
+    if killed_at < 3:
+        with pytest.raises(KeyboardInterrupt):
+            publish_staged(staging, target)
+    else:
+        publish_staged(staging, target)
+    config = target / "adapter_config.json"
+    if config.exists():
+        assert config.read_text() == (target / "adapter_model.safetensors").read_text()
+    assert killed_at == 3 or not config.exists()  # (a finished publish has the new config)
+    if killed_at == 3:
+        assert {p.read_text() for p in target.iterdir() if p.is_file()} == {"new"}
 
 
 def test_unwrapping_and_names(olmoe):

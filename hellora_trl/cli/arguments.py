@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..constants import TASKS
+from ..constants import TASKS, TINY_FAMILIES
 
 TRAINER_SEED = 42  # transformers' default seed: the offline base model and warm-up slices of `hellora train`
 CONFIG_EPILOG = "Every option can also be set in a YAML file passed as --config x.yaml; command-line values win."
@@ -41,13 +41,14 @@ class ModelArguments:
     tiny: str | None = field(
         default=None,
         metadata={
-            "help": "Use an offline tiny random MoE model of this family instead (olmoe, mixtral, qwen2_moe, "
-            "qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss). `--tiny olmoe` is the model `hellora train` builds "
-            "when given no model."
+            "help": "Use an offline tiny random MoE model of this family instead. Not the lab model `hellora train` "
+            "fine-tunes when given no model: for that run's adapter pass --model_name_or_path <path `hellora "
+            "pretrain` prints>.",
+            "choices": list(TINY_FAMILIES),
         },
     )
     tiny_seed: int = field(
-        default=TRAINER_SEED, metadata={"help": "Weight seed of the tiny model (42 = `hellora train`'s default)."}
+        default=TRAINER_SEED, metadata={"help": "Weight seed of the tiny model."}
     )
     dtype: str = field(
         default="auto",

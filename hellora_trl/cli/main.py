@@ -5,13 +5,15 @@ imported only when that command runs, so ``hellora --help`` stays fast and torch
 rest of the command line itself (a ``TrlParser`` over dataclasses, so ``hellora <cmd> --help`` lists every field
 and ``--config x.yaml`` works).
 
-Errors a user can fix (missing files, a profile of another model, bad values) are printed as one line and exit with
-status 1; set ``HELLORA_TRACEBACK=1`` to see the full traceback instead.
+Errors a user can fix (missing files, a profile of another model, bad values, an option argparse rejects such as an
+invalid choice or a non-integer, an adapter that does not fit the model) are printed as one line and exit with
+status 1; set ``HELLORA_TRACEBACK=1`` to see the full traceback (and argparse's usage block) instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -47,7 +49,7 @@ COMMANDS: dict[str, Command] = {
         Command("report", "heatmaps, concentration, Jaccard and stability figures + report.md"),
         Command("merge", "base + adapter -> plain transformers checkpoint"),
         Command("export", "adapter -> merged checkpoint or stock-PEFT layout"),
-        Command("ablate", "ablation grid: selection / k / components / warm-up / variant"),
+        Command("ablate", "ablations: selection / k / components / warm-up / variant, one axis at a time"),
         Command("pretrain", "pretrain (or reuse the cached) small lab MoE with learned routing"),
     )
 }
@@ -66,6 +68,29 @@ def top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def one_line_option_errors(name: str):
+    """While a command runs, an option argparse rejects (invalid choice, wrong type, missing value) raises
+    :class:`CLIError` instead of printing the whole usage block and exiting with status 2: every parser a command
+    builds (``TrlParser``, ``HfArgumentParser``) inherits ``error`` from ``argparse.ArgumentParser``."""
+    original = argparse.ArgumentParser.error
+
+    def error(parser: argparse.ArgumentParser, message: str):
+        raise CLIError(f"{message} (see `hellora {name} --help`)")
+
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original
+
+
+def size_mismatch(err: RuntimeError) -> str | None:
+    """The first ``size mismatch`` line of a state-dict load error (an adapter trained on another model), or None."""
+    lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+    return lines[0] if lines else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hellora` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -76,11 +101,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name = argv[0]
     try:
-        return COMMANDS[name].run(argv[1:])
+        if os.environ.get("HELLORA_TRACEBACK"):
+            return COMMANDS[name].run(argv[1:])
+        with one_line_option_errors(name):
+            return COMMANDS[name].run(argv[1:])
     except (CLIError, OSError, ValueError, ImportError) as err:  # OSError: missing, read-only, a folder for a file
         if os.environ.get("HELLORA_TRACEBACK"):
             raise
         print(f"hellora {name}: error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        mismatch = size_mismatch(err)
+        if mismatch is None or os.environ.get("HELLORA_TRACEBACK"):
+            raise
+        print(f"hellora {name}: error: the adapter does not fit this base model ({mismatch}). Pass the model it was "
+              "trained on; for `hellora train`'s offline run that is the lab model: --model_name_or_path <the path "
+              "`hellora pretrain` prints>, not --tiny olmoe.", file=sys.stderr)
         return 1
     except Exception as err:
         if type(err).__module__.split(".")[0] != "yaml" or os.environ.get("HELLORA_TRACEBACK"):

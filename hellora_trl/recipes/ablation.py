@@ -1,4 +1,4 @@
-"""``hellora ablate``: the paper's ablation grid (selection, k, components, warm-up fraction, variant) in one run.
+"""``hellora ablate``: the paper's ablations (selection, k, components, warm-up fraction, variant) in one run.
 
 Every row trains a fresh copy of the same model on the same data with one setting changed from the baseline
 (``--full_grid`` crosses all axes instead) and records trainable %, adapter FLOPs per token, training throughput,
@@ -131,7 +131,7 @@ def run_row(script_args, training_args, model_args) -> dict[str, Any]:
     }
     results = evaluate(trainer.model, tokenizer, script_args, held_out, training_args)
     for task, result in results.items():
-        name = {"gsm8k": "accuracy", "humaneval": "pass@1", "safety": "refusal_rate"}[task]
+        name = {"arithmetic": "accuracy", "gsm8k": "accuracy", "humaneval": "pass@1", "safety": "refusal_rate"}[task]
         measured["metric"], measured["metric_value"] = f"{task}/{name}", result.get(name)
     return measured
 

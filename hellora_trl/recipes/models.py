@@ -1,8 +1,9 @@
 """The one model / tokenizer loader of the application layer (``hellora train``, the examples, every CLI command).
 
 A model is either a checkpoint (local directory or hub id, loaded with ``from_pretrained``) or, with no checkpoint,
-an offline tiny random MoE model built in process from a config (tests, demos, the offline recipe). The tiny OLMoE
-has the shape of the offline recipe (:data:`OFFLINE_MODEL`), so an adapter trained offline loads on it.
+an offline tiny random MoE model built in process from a config (tests, demos). The tiny models are not the lab
+model that ``hellora train`` fine-tunes when given no model (:mod:`hellora_trl.recipes.lab`, wider experts and
+vocabulary), so an adapter of that offline run loads on the lab checkpoint, not on ``--tiny olmoe``.
 
 Checkpoints load through the core's :func:`hellora_trl.utils.load_causal_lm`, which the exports use too, so the
 package has one ``from_pretrained`` for models.
@@ -11,15 +12,16 @@ package has one ``from_pretrained`` for models.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils import load_causal_lm
+from ..utils import apply_default_mode, load_causal_lm
 
 __all__ = ["OFFLINE_MODEL", "ModelSource", "load_model", "load_tokenizer", "save_model_and_tokenizer"]
 
-# The embedded offline default: small enough for a CPU box, large enough for a readable heatmap.
+# The tiny OLMoE of `--tiny olmoe` (tests, demos): small enough for a CPU box, large enough for a readable heatmap.
 OFFLINE_MODEL = dict(
     hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_experts=16, num_experts_per_tok=2
 )
@@ -115,6 +117,9 @@ def _with_pad(tokenizer):
 
 
 def save_model_and_tokenizer(model, tokenizer, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` of both, with the package's one permission policy (safetensors writes 0600)."""
+    start = time.time() - 1.0  # file systems with coarse timestamps
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    apply_default_mode(path, since=start)
     return Path(path)

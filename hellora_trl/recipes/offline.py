@@ -50,6 +50,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..constants import TINY_FAMILIES
+
 __all__ = [
     "CHAT_TEMPLATE",
     "MOE_FAMILIES",
@@ -469,7 +471,10 @@ _FAMILY_SETTINGS: dict[str, tuple[str, dict]] = {
         },
     ),
 }
-MOE_FAMILIES: tuple[str, ...] = tuple(_FAMILY_SETTINGS)
+MOE_FAMILIES: tuple[str, ...] = TINY_FAMILIES  # the CLI's --tiny choices; one settings entry per name
+if set(_FAMILY_SETTINGS) != set(TINY_FAMILIES):
+    raise ImportError(f"constants.TINY_FAMILIES {TINY_FAMILIES} and the tiny model settings {tuple(_FAMILY_SETTINGS)} "
+                      "differ: add the family to both.")
 
 
 def tiny_moe_config(family: str = "olmoe", **overrides) -> transformers.PretrainedConfig:

@@ -19,17 +19,17 @@ from peft import LoraConfig
 
 from ..config import HELLoRAConfig
 from ..constants import SUMMARY_FILE, TASKS
-from ..distributed import is_main_process
 from ..utils import atomic_write_text
+from .eval.gsm8k import ARITHMETIC_HELD_OUT_ROWS, ARITHMETIC_TRAIN_ROWS
 from .models import OFFLINE_MODEL, ModelSource, load_model, load_tokenizer  # noqa: F401  (OFFLINE_MODEL: re-exported)
 
 PAPER_DEFAULTS: dict[str, Any] = dict(lora_r=32, lora_alpha=64, lora_dropout=0.0, output_dir="outputs/hellora-sft")
 
-OFFLINE_TRAIN_ROWS = 1200
+OFFLINE_TRAIN_ROWS = ARITHMETIC_TRAIN_ROWS  # the lab's arithmetic task: train rows without --train_limit
 OFFLINE_DEFAULTS: dict[str, Any] = dict(
     output_dir="outputs/sft_gsm8k_offline",
     eval_max_new_tokens=24,
-    eval_limit=64,
+    eval_limit=ARITHMETIC_HELD_OUT_ROWS,  # `hellora eval` without a dataset scores the same rows by default
     num_train_epochs=2.0,
     per_device_train_batch_size=8,
     learning_rate=5e-3,
@@ -61,7 +61,7 @@ class HELLoRAScriptArguments:
         default=None,
         metadata={
             "help": "Hub id, local JSON/JSONL file or folder (e.g. ../shared/datasets/gsm8k). None with no model "
-            "either = the offline default (generated GSM8K-style problems)."
+            "either = the offline default (generated one-step arithmetic word problems in GSM8K's answer format)."
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
@@ -81,6 +81,14 @@ class HELLoRAScriptArguments:
     )
     benign_eval_path: str | None = field(
         default=None, metadata={"help": "saferpaca: benign instructions for the over-refusal rate."}
+    )
+    effective_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Target sequences per optimizer step (per_device_train_batch_size x gradient_accumulation_steps "
+            "x processes). When set, gradient_accumulation_steps is derived from the number of processes, and a "
+            "combination that cannot reach it exactly is refused. The recipe YAMLs set the paper's 128."
+        },
     )
     lab_recipe: str = field(
         default_factory=lambda: os.environ.get("HELLORA_LAB_RECIPE", "default"),
@@ -109,7 +117,7 @@ def parse_args(argv: Sequence[str] | None = None, task: str | None = None, prog:
     """``TrlParser`` over (script, HELLoRAConfig, ModelConfig): ``--config recipe.yaml`` plus CLI overrides.
 
     LoRA defaults are the paper's (r=32, alpha=64). When neither a model nor a dataset is given, the offline
-    defaults (tiny model, smaller rank, short run) replace the parser defaults and the arguments are parsed again,
+    defaults (the lab model, smaller rank, short run) replace the parser defaults and the arguments are parsed again,
     so anything the user wrote on the command line or in the YAML still wins. ``prog`` names the program in
     ``--help`` and errors (``hellora train``; default: the script's file name).
     """
@@ -124,7 +132,47 @@ def parse_args(argv: Sequence[str] | None = None, task: str | None = None, prog:
     script_args, training_args, model_args = _parser(task, {}, prog).parse_args_and_config(list(argv))
     if is_offline_default(script_args, model_args):
         script_args, training_args, model_args = _parser(task, OFFLINE_DEFAULTS, prog).parse_args_and_config(list(argv))
+    apply_effective_batch(script_args.effective_batch_size, training_args)
     return script_args, training_args, model_args
+
+
+def accumulation_steps(target: int, per_device: int, num_processes: int) -> int:
+    """``gradient_accumulation_steps`` that makes ``per_device x num_processes x steps == target`` exactly, or a
+    ValueError that says which per-device batches would work."""
+    for name, value in (("effective_batch_size", target), ("per_device_train_batch_size", per_device),
+                        ("processes", num_processes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    per_step = per_device * num_processes
+    if target % per_step:
+        fits = [b for b in range(1, target // num_processes + 1) if target % (b * num_processes) == 0]
+        raise ValueError(
+            f"effective batch {target} cannot be reached with per_device_train_batch_size {per_device} on "
+            f"{num_processes} processes ({per_device} x {num_processes} = {per_step} does not divide {target}); "
+            f"use a per-device batch in {fits} or another number of processes."
+        )
+    return target // per_step
+
+
+def apply_effective_batch(target: int | None, training_args) -> None:
+    """Derive ``training_args.gradient_accumulation_steps`` from ``target`` (``--effective_batch_size``), the
+    per-device batch and the number of processes of this launch, so a recipe keeps its effective batch on any
+    number of GPUs. An explicit ``gradient_accumulation_steps`` (not 1) that disagrees is refused; the main process
+    logs ``effective batch T = b per device x n processes x s accumulation steps``."""
+    if target is None:
+        return
+    per_device, processes = training_args.per_device_train_batch_size, training_args.world_size
+    steps = accumulation_steps(target, per_device, processes)
+    given = training_args.gradient_accumulation_steps
+    if given not in (1, steps):
+        raise ValueError(
+            f"gradient_accumulation_steps {given} contradicts effective_batch_size {target} (which needs {steps} "
+            f"with per-device batch {per_device} on {processes} processes); leave gradient_accumulation_steps out."
+        )
+    training_args.gradient_accumulation_steps = steps
+    if training_args.process_index == 0:
+        print(f"effective batch {target} = {per_device} per device x {processes} processes x {steps} gradient "
+              "accumulation steps", flush=True)
 
 
 def _asks_false(argv: Sequence[str], name: str) -> bool:
@@ -184,8 +232,9 @@ def lora_config_from(model_args) -> LoraConfig:
 
 
 def model_source(model_args, training_args: HELLoRAConfig) -> ModelSource:
-    """TRL's ModelConfig as a :class:`~hellora_trl.recipes.models.ModelSource`; no model = the offline tiny OLMoE
-    with the run's seed (float32)."""
+    """TRL's ModelConfig as a :class:`~hellora_trl.recipes.models.ModelSource`; no model = the tiny random OLMoE
+    with the run's seed (float32). (:func:`build_model_and_tokenizer` loads the lab model instead when no model is
+    given, so ``hellora train`` never trains the tiny one.)"""
     if model_args.model_name_or_path is None:
         return ModelSource(tiny_family="olmoe", tiny_seed=training_args.seed)
     remote = bool(getattr(model_args, "trust_remote_code", False) or getattr(training_args, "trust_remote_code", False))
@@ -217,6 +266,7 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
         if script_args.dataset_name is None:  # the lab target task: never in the pretraining corpus
             from . import lab
 
+            # the held-out rows are what `hellora eval` rebuilds without a dataset (recipes.eval.held_out_arithmetic)
             return lab.default_task(script_args.train_limit or OFFLINE_TRAIN_ROWS, max(script_args.eval_limit, 1),
                                     seed=seed, fmt=fmt)
         train = data.load_gsm8k(script_args.dataset_name, script_args.dataset_train_split, fmt=fmt, limit=script_args.train_limit)
@@ -242,33 +292,36 @@ def load_task_data(script_args: HELLoRAScriptArguments, seed: int = 0):
     return loader(script_args.dataset_name, split=script_args.dataset_train_split, limit=script_args.train_limit), None
 
 
-def evaluate(model, tokenizer, script_args: HELLoRAScriptArguments, held_out, training_args: HELLoRAConfig) -> dict:
-    """The task metric on held-out data: GSM8K accuracy, HumanEval pass@1, or refusal / over-refusal rates."""
-    from . import eval as ev
+EVAL_TASK = {"gsm8k": "gsm8k", "codealpaca": "humaneval", "saferpaca": "safety"}  # train task -> benchmark
 
-    if not script_args.eval_limit:
+
+def evaluate(model, tokenizer, script_args: HELLoRAScriptArguments, held_out, training_args: HELLoRAConfig) -> dict:
+    """The task metric on held-out data, through the evaluation path of ``hellora eval``
+    (:func:`hellora_trl.recipes.eval.evaluate_task`): arithmetic or GSM8K accuracy, HumanEval pass@1, or refusal /
+    over-refusal rates, filed under :func:`~hellora_trl.recipes.eval.metric_name`."""
+    from .eval import EvalSettings, evaluate_task, load_humaneval, load_instruction_set, metric_name
+
+    if not script_args.eval_limit or script_args.task not in EVAL_TASK:
         return {}
-    progress = not training_args.disable_tqdm
-    limit, budget = script_args.eval_limit, script_args.eval_max_new_tokens
-    if script_args.task == "gsm8k":
-        result = ev.evaluate_gsm8k(
-            model, tokenizer, held_out, limit=limit, max_new_tokens=budget, chat=script_args.chat_format, progress=progress
-        )
-        return {"gsm8k": result}
-    if script_args.task == "sft" or script_args.eval_dataset_path is None:
+    task = EVAL_TASK[script_args.task]
+    if task == "gsm8k":
+        rows = held_out
+    elif script_args.eval_dataset_path is None:
         return {}
-    if script_args.task == "codealpaca":
-        problems = ev.load_humaneval(script_args.eval_dataset_path)[:limit]
-        prompts = [p["prompt"] for p in problems]
-        completions = ev.generate_batched(model, tokenizer, prompts, max_new_tokens=budget, progress=progress)
-        if not is_main_process():  # the generated code runs once, in the main process's sandbox
-            return {}
-        samples = {p["task_id"]: [c] for p, c in zip(problems, completions)}
-        results_path = Path(training_args.output_dir) / "eval" / "humaneval_samples.jsonl"  # written as it goes
-        return {"humaneval": ev.evaluate_humaneval(problems, samples, ks=(1,), results_path=results_path)}
-    harmful = ev.load_instruction_set(script_args.eval_dataset_path)[:limit]
-    benign = ev.load_instruction_set(script_args.benign_eval_path)[:limit] if script_args.benign_eval_path else []
-    return {"safety": ev.evaluate_safety(model, tokenizer, harmful, benign, max_new_tokens=budget, progress=progress)}
+    elif task == "humaneval":
+        rows = load_humaneval(script_args.eval_dataset_path)
+    else:
+        benign = load_instruction_set(script_args.benign_eval_path) if script_args.benign_eval_path else []
+        rows = {"harmful": load_instruction_set(script_args.eval_dataset_path), "benign": benign}
+    settings = EvalSettings(
+        limit=script_args.eval_limit, max_new_tokens=script_args.eval_max_new_tokens, chat=script_args.chat_format,
+        progress=not training_args.disable_tqdm,
+        samples_path=Path(training_args.output_dir) / "eval" / "humaneval_samples.jsonl",  # written as it goes
+    )
+    result = evaluate_task(task, model, tokenizer, rows, settings)
+    if result is None:  # HumanEval programs run on the main process only
+        return {}
+    return {metric_name(task, script_args.dataset_name): result}  # no dataset: the lab's arithmetic task
 
 
 def build_trainer(script_args: HELLoRAScriptArguments, training_args: HELLoRAConfig, model_args):
@@ -347,14 +400,14 @@ def lab_baseline(trainer, tokenizer, script_args, held_out, model_args) -> dict 
 
     exact_match = None
     if script_args.eval_limit:
-        exact_match = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)["gsm8k"]["accuracy"]
+        exact_match = evaluate(trainer.model, tokenizer, script_args, held_out, trainer.args)["arithmetic"]["accuracy"]
     return lab.baseline(trainer.model, tokenizer, held_out, exact_match=exact_match)
 
 
 def _lab_after(base: dict, trainer, tokenizer, held_out, results: dict) -> dict:
     from . import lab
 
-    exact_match = results["gsm8k"]["accuracy"] if "gsm8k" in results else None
+    exact_match = results["arithmetic"]["accuracy"] if "arithmetic" in results else None
     return lab.compare(base, trainer.model, tokenizer, held_out, exact_match=exact_match,
                        profile=getattr(trainer, "hellora_profile", None))
 

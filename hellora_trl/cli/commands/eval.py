@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...constants import EVAL_TASKS, HELD_OUT_SEED_OFFSET
+from ...constants import EVAL_TASKS
+from ...recipes.eval.gsm8k import ARITHMETIC_HELD_OUT_ROWS, ARITHMETIC_TRAIN_ROWS
 from ..arguments import (
     TRAINER_SEED,
     CLIError,
@@ -18,9 +19,8 @@ from ..arguments import (
 )
 from ..loading import adapter_base, check_adapter, device_of, source_of
 
-DESCRIPTION = ("Evaluate a HELLoRA adapter (on its base model) or a merged checkpoint: GSM8K accuracy, HumanEval "
-               "pass@1, or refusal / over-refusal rates.")
-HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+DESCRIPTION = ("Evaluate a HELLoRA adapter (on its base model) or a merged checkpoint: GSM8K accuracy (without a "
+               "dataset: the lab's held-out arithmetic rows), HumanEval pass@1, or refusal / over-refusal rates.")
 
 
 @dataclass
@@ -33,12 +33,15 @@ class EvalArguments:
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "gsm8k: file, folder or hub id (None: generated problems, the held-out set of `hellora "
-                  "train` offline); humaneval: HumanEval .jsonl(.gz); safety: harmful instructions JSON/CSV."},
+        metadata={"help": "gsm8k: file, folder or hub id (None: the arithmetic rows `hellora train` without a "
+                  "dataset held out, for the same --seed and --train_limit; scored as `arithmetic`); humaneval: "
+                  "HumanEval .jsonl(.gz); safety: harmful instructions JSON/CSV."},
     )
     dataset_split: str = field(default="test", metadata={"help": "gsm8k split."})
     benign_path: str | None = field(default=None, metadata={"help": "safety: benign instructions (over-refusal)."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N examples."})
+    limit: int | None = field(default=None, metadata={
+        "help": f"Evaluate only the first N examples (gsm8k without a dataset: the first N held-out rows, default "
+                f"{ARITHMETIC_HELD_OUT_ROWS}, all that the offline `hellora train` run holds out)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per example."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
     chat: bool = field(default=False, metadata={"help": "gsm8k: wrap prompts in the chat template."})
@@ -46,7 +49,9 @@ class EvalArguments:
                                                 "choices": ["hf", "vllm"]})
     timeout: float = field(default=5.0, metadata={"help": "humaneval: seconds per program."})
     seed: int = field(default=TRAINER_SEED, metadata={
-        "help": f"Seed of the generated GSM8K problems (+{HELD_OUT_SEED_OFFSET}, the held-out set of `hellora train`)."})
+        "help": "gsm8k without a dataset: the --seed of the `hellora train` run whose held-out rows to score."})
+    train_limit: int = field(default=ARITHMETIC_TRAIN_ROWS, metadata={
+        "help": "gsm8k without a dataset: the --train_limit of that run (held-out rows exclude its train rows)."})
     output_dir: str = field(default="hellora_eval", metadata={"help": "Where results.json and results.md go."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
 
@@ -84,39 +89,43 @@ def eval_model(args: EvalArguments, model_args: ModelArguments):
 
 
 def gsm8k_rows(args: EvalArguments) -> list[dict]:
-    """The given split, or the generated held-out problems of the offline recipe (same seed offset)."""
+    """The given split, or the arithmetic rows `hellora train` without a dataset held out (same seed, train rows)."""
     if args.dataset_name is None:
-        from ...recipes.offline import generate_math_problems
+        from ...recipes.eval import held_out_arithmetic
 
-        return generate_math_problems(args.limit or 32, seed=args.seed + HELD_OUT_SEED_OFFSET)
+        return held_out_arithmetic(args.limit or ARITHMETIC_HELD_OUT_ROWS, args.seed, args.train_limit)
     from ...recipes.data import load_source
 
     raw = load_source(args.dataset_name, args.dataset_split, hub_config="main")
     return [dict(r) for r in raw.select(range(min(args.limit or len(raw), len(raw))))]
 
 
-def evaluate(args: EvalArguments, model, tokenizer) -> dict[str, Any]:
-    from ...recipes import eval as ev
+def task_rows(args: EvalArguments):
+    """The rows :func:`~hellora_trl.recipes.eval.evaluate_task` scores for ``args.task``."""
+    from ...recipes import eval as evaluation
 
-    common = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.disable_tqdm,
-                  backend=args.backend)
     if args.task == "gsm8k":
-        return ev.evaluate_gsm8k(model, tokenizer, gsm8k_rows(args), chat=args.chat, **common)
-    path = Path(args.dataset_name)
+        return gsm8k_rows(args)
     if args.task == "humaneval":
-        problems = ev.load_humaneval(path)[: args.limit]
-        completions = ev.generate_batched(model, tokenizer, [p["prompt"] for p in problems], **common)
-        samples = {p["task_id"]: [ev.cut_at_stops(c, HUMANEVAL_STOPS)] for p, c in zip(problems, completions)}
-        results_path = Path(args.output_dir) / "humaneval_samples.jsonl"  # every verdict as soon as it is known
-        return ev.evaluate_humaneval(problems, samples, ks=(1,), timeout=args.timeout, progress=not args.disable_tqdm,
-                                     results_path=results_path)
-    harmful = ev.load_instruction_set(path)[: args.limit]
-    benign = ev.load_instruction_set(args.benign_path)[: args.limit] if args.benign_path else []
-    return ev.evaluate_safety(model, tokenizer, harmful, benign, **common)
+        return evaluation.load_humaneval(args.dataset_name)
+    benign = evaluation.load_instruction_set(args.benign_path) if args.benign_path else []
+    return {"harmful": evaluation.load_instruction_set(args.dataset_name), "benign": benign}
+
+
+def evaluate(args: EvalArguments, model, tokenizer) -> dict[str, Any]:
+    """The task's metrics through the evaluation path `hellora train` uses too."""
+    from ...recipes.eval import EvalSettings, evaluate_task
+
+    settings = EvalSettings(
+        limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat,
+        backend=args.backend, progress=not args.disable_tqdm, timeout=args.timeout,
+        samples_path=Path(args.output_dir) / "humaneval_samples.jsonl",  # every verdict as soon as it is known
+    )
+    return evaluate_task(args.task, model, tokenizer, task_rows(args), settings)
 
 
 def run(argv: Sequence[str]) -> int:
-    from ...recipes.eval import write_results
+    from ...recipes.eval import metric_name, write_results
 
     args, model_args = parse_command("eval", (EvalArguments, ModelArguments), argv, DESCRIPTION)
     check_inputs(args)
@@ -124,7 +133,8 @@ def run(argv: Sequence[str]) -> int:
     result = evaluate(args, model, tokenizer)
     meta = {"model": model_args.describe(), "adapter": args.adapter, "task": args.task, "dataset": args.dataset_name,
             "limit": args.limit, "max_new_tokens": args.max_new_tokens, "backend": args.backend}
-    json_path, md_path = write_results({"run": meta, args.task: result}, args.output_dir)
+    name = metric_name(args.task, args.dataset_name)
+    json_path, md_path = write_results({"run": meta, name: result}, args.output_dir)
     headline = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    print(f"{args.task}: {json.dumps(headline)}\nWrote {json_path} and {md_path}")
+    print(f"{name}: {json.dumps(headline)}\nWrote {json_path} and {md_path}")
     return 0

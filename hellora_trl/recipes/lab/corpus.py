@@ -12,8 +12,9 @@ Two sources, one shape (``{domain: [document, ...]}``):
 The fine-tuning target (:func:`arithmetic_problems`) is one-step arithmetic word problems in GSM8K's answer format.
 That *format* (a single short question, a single calculator step) never occurs in the pretraining corpus, and the
 evaluation rows come from a different seed than the training rows and are de-duplicated against them, so every
-held-out number is on text pretraining never saw. With real data the target is GSM8K: pretraining reads only the
-train rows below :data:`SHARED_GSM8K_PRETRAIN_ROWS`, fine-tuning the rows after them, evaluation the test split.
+held-out number is on text pretraining never saw. With real data (``--data_dir``) pretraining reads at most the
+GSM8K train rows below :data:`SHARED_GSM8K_PRETRAIN_ROWS` (the first ``docs_per_domain`` of them) and never the
+test split; the rows above are left unread for fine-tuning, though no recipe here fine-tunes on them by itself.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 DOMAINS: tuple[str, ...] = ("math", "code", "safety", "prose")
-SHARED_GSM8K_PRETRAIN_ROWS = 6000  # GSM8K train rows [0, 6000) pretrain the lab model; the rest are fine-tuning data
+SHARED_GSM8K_PRETRAIN_ROWS = 6000  # pretraining reads GSM8K train rows below this only (then docs_per_domain cuts)
 # Seeds of the held-out material are far from any pretraining seed (pretraining uses seed*1000 + domain index).
 _HELDOUT_OFFSET = 7_919_000
 _TARGET_TRAIN_OFFSET = 104_729

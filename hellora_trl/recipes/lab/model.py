@@ -338,7 +338,9 @@ def _pretrain(recipe: LabRecipe, out: Path, progress: bool) -> Path:
         "parameters": sum(p.numel() for p in model.parameters()),
         "corpus": {
             "source": "generated in-project (hellora_trl.recipes.lab.corpus.generated_corpus)"
-            if recipe.data_dir is None else f"{recipe.data_dir}: GSM8K train[:6000], CodeAlpaca 2k and Saferpaca minus their last 64 rows",
+            if recipe.data_dir is None
+            else f"{recipe.data_dir}: the first {recipe.docs_per_domain} rows of GSM8K train[:6000] and of "
+            "CodeAlpaca 2k and Saferpaca minus their last 64 rows",
             "documents": {d: len(t) for d, t in corpus.items()},
             "tokens": domain_tokens,
         },
