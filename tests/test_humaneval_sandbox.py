@@ -373,3 +373,65 @@ def test_without_namespaces_the_hook_still_holds(monkeypatch, tmp_path):
     assert verdicts.pop("ok") == "passed" and set(verdicts.values()) == {"failed"}
     assert "pid-namespace" not in result["isolation"] and "audit-hook" in result["isolation"]
     assert victim.read_text() == "important" and sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
+
+
+# ---------------------------------------------------------------------------- issue 19 item 3: clean-up cannot crash
+DEEP_CHAIN = "    return 2 * x\nimport os\np = 'a'\nfor _ in range(1500):\n    os.mkdir(p)\n    p += '/a'\n"
+
+
+def test_a_deep_folder_chain_cannot_crash_the_harness_cleanup(monkeypatch):
+    """Review NS22: a 1,500-deep chain made the harness's own shutil.rmtree raise RecursionError."""
+    roots = []
+    real = ev.tempfile.mkdtemp
+
+    def recording(*args, **kwargs):
+        roots.append(real(*args, **kwargs))
+        return roots[-1]
+
+    monkeypatch.setattr(ev.tempfile, "mkdtemp", recording)
+    result = run_humaneval_sample(_problem("double", "unit/deep"), DEEP_CHAIN, timeout=20)
+    assert result["verdict"] == "passed", result  # the chain is only litter: the function itself is right
+    assert not os.path.exists(roots[0])  # removed, by the checker and the harness, without recursion
+
+
+def test_remove_tree_handles_deep_locked_and_symlinked_trees(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    top = tmp_path / "tree"
+    deep = top
+    for _ in range(2500):  # deeper than PATH_MAX allows as one path
+        deep = deep / "a"
+    os.makedirs(top)
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        for _ in range(2500):
+            os.mkdir("a", dir_fd=fd)
+            inner = os.open("a", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.symlink(str(outside), "link", dir_fd=fd)
+    finally:
+        os.close(fd)
+    locked = top / "locked"
+    locked.mkdir()
+    (locked / "f").write_text("y")
+    locked.chmod(0)
+    assert ev.remove_tree(str(top)) and not top.exists()
+    assert (outside / "keep").read_text() == "x"  # a symlink is removed, never followed
+
+
+def test_one_sample_that_breaks_the_harness_does_not_stop_the_others(monkeypatch):
+    real = ev.run_humaneval_sample
+
+    def flaky(problem, completion, **kwargs):
+        if "BOOM" in completion:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(problem, completion, **kwargs)
+
+    monkeypatch.setattr(ev, "run_humaneval_sample", flaky)
+    problem = _problem("double", "unit/double")
+    out = evaluate_humaneval({"unit/double": problem}, {"unit/double": ["    return 2 * x\n", "    # BOOM\n    return 0\n"]},
+                             ks=(1,), workers=1)
+    assert out["per_task"] == {"unit/double": {"n": 2, "correct": 1}}
+    assert "harness error: RecursionError" in out["results"][1]["error"]

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +67,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # The verdict is the checker's exit status plus one JSON line on a pipe that only the checker holds. The
 # candidate process can make its own sample fail, never pass.
 RUNNER_SOURCE = (Path(__file__).parent / "humaneval_runner.py").read_text(encoding="utf-8")
+# The runner's own iterative tree removal, for the evaluator's last clean-up of a sample folder (defined from the
+# same source the sandbox runs, without importing the package: the harness also loads standalone from its file).
+_RUNNER_NAMES: dict[str, Any] = {"__name__": "hellora_humaneval_runner"}
+exec(compile(RUNNER_SOURCE, str(Path(__file__).parent / "humaneval_runner.py"), "exec"), _RUNNER_NAMES)  # noqa: S102
+remove_tree = _RUNNER_NAMES["remove_tree"]
 
 _FSIZE_BYTES = 16 * 1024 * 1024
 _TAIL_CHARS = 2000
@@ -170,6 +174,20 @@ def _read_verdict(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def _remove_quietly(root: Path) -> None:
+    """Remove a sample's temp folder without recursion; a tree that cannot be removed is reported, never raised."""
+    try:
+        gone = remove_tree(str(root))
+    except Exception as err:  # noqa: BLE001 - nothing a completion left behind may stop the evaluation
+        gone, why = False, f"{type(err).__name__}: {err}"
+    else:
+        why = "a file in it cannot be removed"
+    if not gone:
+        import warnings
+
+        warnings.warn(f"HumanEval: could not remove the sample folder {root} ({why}); delete it by hand.", stacklevel=3)
+
+
 def run_humaneval_sample(
     problem: Mapping[str, Any], completion: str, timeout: float = 5.0, memory_mb: int = 1024
 ) -> dict[str, Any]:
@@ -263,7 +281,7 @@ def run_humaneval_sample(
         stderr = _read_tail(root / "stderr")
     finally:
         if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+            _remove_quietly(root)
 
     try:
         report = json.loads(raw.decode("ascii"))
@@ -386,8 +404,13 @@ def evaluate_humaneval(
         key = _sample_key(task_id, index, completion)
         if key in recorded:
             return recorded[key]
-        result = {**run_humaneval_sample(by_id[task_id], completion, timeout=timeout, memory_mb=memory_mb),
-                  "sample_index": index}
+        try:
+            sample = run_humaneval_sample(by_id[task_id], completion, timeout=timeout, memory_mb=memory_mb)
+        except Exception as err:  # noqa: BLE001 - one completion never stops the evaluation of the others
+            sample = {"task_id": task_id, "verdict": "failed", "passed": False,
+                      "error": _clean_text(f"harness error: {type(err).__name__}: {err}"[:2000]), "elapsed": None,
+                      "isolation": []}
+        result = {**sample, "sample_index": index}
         if sink is not None:
             line = json.dumps({"key": key, **result}, ensure_ascii=True) + "\n"
             with lock:

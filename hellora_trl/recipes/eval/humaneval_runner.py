@@ -338,6 +338,79 @@ class _Gone(Exception):
     pass
 
 
+def remove_tree(path):
+    """Remove ``path`` and everything under it without recursion and with at most two open folders at a time.
+
+    A completion may leave any tree in its work dir (a 1,500-deep folder chain made ``shutil.rmtree`` raise
+    ``RecursionError``; a deeper one exceeds PATH_MAX). This walks down with ``dir_fd``-relative calls, never
+    follows a symlink, makes a folder the completion locked (mode 000) searchable again, and climbs back up
+    through ``..``. Returns True when ``path`` is gone; never raises for what it finds inside.
+    """
+    import os, stat
+    flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.unlink(path)
+            return True
+        except OSError:
+            return False
+    names = []  # the folder names from path down to the current folder
+    try:
+        while True:
+            child = None
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        try:
+                            mode = os.stat(entry.name, dir_fd=fd, follow_symlinks=False).st_mode
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(mode):
+                            child = entry.name
+                            break
+                        try:
+                            os.unlink(entry.name, dir_fd=fd)
+                        except OSError:
+                            pass
+            except OSError:
+                pass
+            if child is not None:
+                try:
+                    inner = os.open(child, flags, dir_fd=fd)
+                except PermissionError:
+                    try:
+                        os.chmod(child, 0o700, dir_fd=fd)
+                        inner = os.open(child, flags, dir_fd=fd)
+                    except OSError:
+                        return False
+                except OSError:
+                    return False
+                names.append(child)
+                os.close(fd)
+                fd = inner
+                continue
+            if not names:
+                break
+            parent = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            try:
+                os.rmdir(names.pop(), dir_fd=fd)
+            except OSError:
+                return False
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
 def _check(root, verdict_fd, child, req_w, resp_r):
     """The checker: run the dataset's test against the remote candidate; report on the verdict pipe."""
     import builtins, json, os, resource, signal
@@ -416,6 +489,10 @@ def _check(root, verdict_fd, child, req_w, resp_r):
                 os.waitpid(child, 0)
             except OSError:
                 pass
+    try:  # the candidate is dead: its work dir goes now, iteratively (a deep tree cannot crash the checker)
+        remove_tree(root + "/work")
+    except BaseException:
+        pass
     data = (json.dumps(result, ensure_ascii=True) + "\n").encode("ascii")
     os.write(verdict_fd, data)
     os._exit(0 if result["verdict"] == "passed" else 1)
