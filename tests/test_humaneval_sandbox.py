@@ -495,8 +495,24 @@ def test_exists_is_false_outside_and_true_inside(tmp_path):
         f"    assert not os.path.exists({str(marker)!r}) and not os.path.exists('/etc/shadow')\n"
         f"    try:\n        pathlib.Path({str(marker)!r}).exists()\n        raise AssertionError('allowed')\n"
         "    except PermissionError:\n        pass\n"  # refused alike whether it exists or not
-        "    assert os.path.exists(json.__file__) and not os.path.exists('nothing_here')\n"
+        "    assert os.path.exists(os.getcwd()) and not os.path.exists('nothing_here')\n"
         "    open('mine', 'w').write('1')\n    assert os.path.getsize('mine') == 1\n"
     )
     result = _escape(tmp_path, body)
     assert result["verdict"] == "passed", result
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the uid drop applies to root only")
+def test_root_always_drops_to_nobody_and_named_imports_still_work():
+    """Review: with the Python install under a non-world-readable /root the candidate stayed uid 0 (no capabilities),
+    which let mkfifo / mknod create files where root may. Now it is uid nobody whatever the install's mode."""
+    body = "    import os, textwrap\n    assert textwrap.dedent(' a') == 'a'\n    raise RuntimeError(f'uid={os.getuid()},{os.geteuid()}')\n"
+    result = run_humaneval_sample(_problem("double", "unit/uid"), body)
+    assert "uid-nobody" in result["isolation"] and "uid=65534,65534" in result["error"], result
+
+
+def test_completion_imports_are_named_modules_only():
+    source = ("import os, numpy.linalg as la\nfrom collections import deque\nfrom . import sibling\n"
+              "import antigravity\nimport subprocess\n")
+    assert ev._completion_imports(source) == ["os", "numpy.linalg", "collections"]
+    assert ev._completion_imports("def f(:\n") == []

@@ -120,6 +120,37 @@ def _read_roots() -> tuple[str, ...]:
     return _READ_ROOTS
 
 
+# Installed modules that act when imported (a browser, a window, a printout): never imported on a completion's behalf.
+_NO_PRELOAD = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "webbrowser", "pydoc",
+                         "ensurepip", "venv", "pip", "setuptools", "distutils", "site", "test", "__main__", "__hello__",
+                         "__phello__", "ctypes", "subprocess", "multiprocessing", "socket", "pty", "sqlite3"})
+
+
+def _completion_imports(source: str) -> list[str]:
+    """The modules ``source`` imports by absolute name (``import a.b`` / ``from a.b import c``), for the runner to
+    import before it drops to uid nobody: an install that user cannot read still serves what the completion uses.
+    Only names (imported from the installation, never from the completion); unparsable source gives none."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return []
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found = [node.module]
+        else:
+            continue
+        for name in found:
+            parts = name.split(".")
+            if all(part.isidentifier() for part in parts) and parts[0] not in _NO_PRELOAD and name not in names:
+                names.append(name)
+    return names[:32]
+
+
 def _world_readable(path: str) -> bool:
     """True when every folder on the way to ``path`` can be entered by other users (so uid nobody can import)."""
     current = Path(path)
@@ -207,8 +238,9 @@ def run_humaneval_sample(
     process, ``mmap``, code-object construction and interpreter shutdown without the hook; rlimits
     (``memory_mb`` of address space, 0 disables; CPU ``timeout`` + 1 s; 16 MiB per file; no new
     processes); a minimal environment; and, where the OS permits, private network and PID
-    namespaces, no capabilities (uid nobody when root and the Python install is world-readable) and a
-    parent-death signal. The runner is a new session; its process group is SIGKILLed when the
+    namespaces, uid nobody whenever the evaluator runs as root (no capabilities if the uid change fails)
+    and a parent-death signal. Where that user cannot read the Python installation, the modules the
+    completion imports by name are imported before the uid changes; any other import then fails the sample. The runner is a new session; its process group is SIGKILLed when the
     sample ends. ``docs/eval.md`` says plainly what is and is not isolated.
 
     Returns ``{"task_id", "verdict": "passed" | "failed" | "timed out", "passed", "error",
@@ -224,7 +256,8 @@ def run_humaneval_sample(
     task_id, prompt, test, entry_point = _problem_parts(problem)
     reads = _read_roots()
     root_user = hasattr(os, "geteuid") and os.geteuid() == 0
-    drop_uid = root_user and all(_world_readable(r) for r in reads)
+    drop_uid = root_user  # always: uid 0 without capabilities can still write wherever root may (review NS1/NS2)
+    readable = all(_world_readable(r) for r in reads)
     cpu_s = int(math.ceil(timeout)) + 1
     env = {
         "PATH": "/usr/bin:/bin",
@@ -250,7 +283,8 @@ def run_humaneval_sample(
             "source": prompt + completion + "\n", "entry_point": entry_point, "workdir": os.path.realpath(workdir),
             "cpu_s": cpu_s, "mem_bytes": memory_mb * 1024 * 1024, "fsize_bytes": _FSIZE_BYTES,
             "read_roots": list(reads), "devices": ["/dev/null", "/dev/urandom", "/dev/zero"],
-            "preload": list(_PRELOAD), "drop_uid": drop_uid, "namespaces": _USE_NAMESPACES,
+            "preload": list(_PRELOAD) + ([] if readable else _completion_imports(prompt + completion)),
+            "drop_uid": drop_uid, "namespaces": _USE_NAMESPACES,
         })
         _write_private(root / "check.json", {
             "prompt": prompt, "test": test, "entry_point": entry_point, "cpu_s": cpu_s,
