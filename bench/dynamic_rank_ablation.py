@@ -13,6 +13,7 @@ optimizer step and the final spread of active ranks. Writes bench/results/dynami
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shlex
@@ -36,7 +37,8 @@ RESULTS = REPO / "bench" / "results" / "dynamic_rank.md"
 
 
 def rows(r: int, r_budget: int, r_init: int) -> list[dict[str, Any]]:
-    """The configurations: name plus DynamicRankCallback arguments (None: no callback, every rank trains)."""
+    """The configurations: name plus growth settings (None: plain HELLoRATrainer, every rank trains; otherwise
+    DynamicRankTrainer with these r_init/r_budget/routing, a uniform-growth callback or a warm Adam start)."""
     grow = dict(r_init=r_init, r_budget=r_budget)
     return [
         {"name": f"fixed r={r} (HELLoRA)", "dr": None},
@@ -92,7 +94,9 @@ def take_profile(args: argparse.Namespace, seed: int, work: Path) -> None:
 def run_row(row: dict[str, Any], args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     from hellora_trl.accounting import trainable_parameter_report
     from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.config import convert_config
     from hellora_trl.experimental.dynamic_rank import DynamicRankCallback, active_ranks
+    from hellora_trl.experimental.dynamic_rank_trainer import DynamicRankConfig, DynamicRankTrainer
     from hellora_trl.sft import build_model_and_tokenizer, load_task_data, lora_config_from
     from hellora_trl.trainer import HELLoRATrainer
 
@@ -101,22 +105,27 @@ def run_row(row: dict[str, Any], args: argparse.Namespace, seed: int, work: Path
     model, tokenizer = build_model_and_tokenizer(model_args, train_args)
     train, _ = load_task_data(script_args, seed=seed)
     held_out = synthetic_gsm8k(args.eval_rows, seed=10_000 + seed)
-    trainer = HELLoRATrainer(
+    trainer_class = HELLoRATrainer
+    if row["dr"] is not None:  # the opt-in experimental trainer, with this row's growth settings
+        dr = dict(row["dr"])
+        callback_class = uniform_callback() if row.get("uniform") else DynamicRankCallback
+        if dr.pop("warm_optimizer_state", False):
+            callback_class = functools.partial(callback_class, warm_optimizer_state=True)
+        trainer_class = type("RowTrainer", (DynamicRankTrainer,), {"callback_class": callback_class})
+        train_args = convert_config(
+            train_args, DynamicRankConfig, hellora_dr_r_init=dr["r_init"], hellora_dr_r_budget=dr["r_budget"],
+            hellora_dr_interval=args.interval, hellora_dr_grow_step=1, hellora_dr_grow_until=args.grow_until,
+            hellora_dr_routing=dr.get("routing", "profile"),
+        )
+    trainer = trainer_class(
         model=model, args=train_args, train_dataset=train, eval_dataset=held_out,
         processing_class=tokenizer, peft_config=lora_config_from(model_args),
     )
-    callback = None
-    if row["dr"] is not None:
-        options = dict(interval=args.interval, grow_step=1, grow_until=args.grow_until)
-        options.update(row["dr"])
-        cls = uniform_callback() if row.get("uniform") else DynamicRankCallback
-        callback = cls(**options, profile=lambda: trainer.hellora_profile)
-        trainer.add_callback(callback)
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    ranks = active_ranks(trainer.model) if callback is not None else None
+    ranks = active_ranks(trainer.model) if row["dr"] is not None else None
     flat = [v for layer in (ranks or {}).values() for v in layer]
     return {
         "trainable_percent": trainable_parameter_report(trainer.model)["trainable_percent"],

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     "ExpertProfile": "profile",
     "FAMILIES": "registry",
+    "HELLoRAArguments": "config",
     "HELLoRAConfig": "config",
+    "HELLoRAMixin": "trainer",
     "HELLoRATrainer": "trainer",
     "HotExpertLoraLayer": "expert_lora",
     "MoEFamily": "registry",
@@ -65,7 +67,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .accounting import adapter_flops_per_token, trainable_parameter_report
     from .adapter import apply_hellora, default_lora_config, hot_map_from_model, load_hellora
     from .baselines import all_experts_hot, apply_peft_all_experts, apply_peft_dora
-    from .config import HELLoRAConfig
+    from .config import HELLoRAArguments, HELLoRAConfig
     from .constants import VARIANTS
     from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
     from .export import export_peft_target_parameters, merge_adapter
@@ -73,7 +75,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .profiling import RoutingCounter, profile_experts
     from .registry import FAMILIES, MoEFamily, find_moe_layers, register_family
     from .selection import SelectionSettings, plan_hot_experts, select_hot_experts
-    from .trainer import HELLoRATrainer
+    from .trainer import HELLoRAMixin, HELLoRATrainer
     from .variants import (
         apply_masks,
         copy_lora_A,

@@ -22,7 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-from .adapter_state import install_saver, restore_extras
+from .adapter_card import AdapterCard, check_block, read_lora_config
+from .adapter_state import install_saver, restore_extras, set_extra
 from .constants import COMPONENTS, DEFAULT_DENSITY, HOT_KEY, PEFT_PREFIX, RUN_MARKER_FILE
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer
 from .profile import HotMap
@@ -228,9 +229,15 @@ def inject_adapter(
         mapping[router_type] = _router_factory
     if mapping:
         config._register_custom_module(mapping)
-    with explicit_v5_targets():
+    with explicit_v5_targets(), warnings.catch_warnings():
+        # PEFT reads the model's deprecated `is_gradient_checkpointing` alias (transformers renamed it to
+        # is_activation_checkpointing); the warning is PEFT's to fix and tells our users nothing.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
     install_saver(peft_model)  # saves write (or clear stale) side files of every adapter-state kind
+    # saves tag adapter_config.json (hellora block) and README.md as HELLoRA, with how to load or export it
+    set_extra(peft_model, adapter_name, "card", AdapterCard(
+        {name: [int(e) for e in ids] for name, ids in hot_experts.items()}, layers[0].num_experts))
     return peft_model
 
 
@@ -312,7 +319,7 @@ def load_hellora(
             "hellora_profile.json and figures may belong to the unfinished one.",
             stacklevel=2,
         )
-    config = LoraConfig.from_pretrained(str(path))
+    config = read_lora_config(path)  # the hellora block is read by check_block below
     weights = load_peft_weights(str(path), device="cpu")
     family = family_for(model)
     layers = find_moe_layers(model, family)
@@ -323,6 +330,7 @@ def load_hellora(
     else:
         hot = _hot_map_from_weight_keys(weights, layers)
     validate_hot_map(hot, [layer.name for layer in layers], layers[0].num_experts)
+    check_block(path, hot)  # the hellora block of adapter_config.json: a known format, the same hot map
     fuse = any(".lora_gate_up_A" in k for k in weights)
     config.inference_mode = not is_trainable
     peft_model = inject_adapter(model, config, hot, family, layers, fuse, adapter_name)

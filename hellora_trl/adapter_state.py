@@ -31,7 +31,11 @@ from .utils import apply_default_mode, unwrap_model
 _TABLE_ATTR = "_hellora_adapter_state"
 
 # kind -> the side files its state writes (removed when an adapter saved without that state).
-SIDE_FILES: dict[str, tuple[str, ...]] = {"variant": (VARIANT_FILE, MASKS_FILE), "dynamic_rank": (RANKS_FILE,)}
+# "card" (hellora_trl.adapter_card.AdapterCard) writes no side file: it adds the hellora block to PEFT's
+# adapter_config.json and tags README.md, so it runs after PEFT's own save and has nothing stale to remove.
+SIDE_FILES: dict[str, tuple[str, ...]] = {
+    "variant": (VARIANT_FILE, MASKS_FILE), "dynamic_rank": (RANKS_FILE,), "card": (),
+}
 # side file -> "module:function(model, directory, adapter_name)" that restores its state, in restore order.
 RESTORERS: dict[str, str] = {
     VARIANT_FILE: "hellora_trl.variants:restore_variant",

@@ -1,4 +1,9 @@
-"""``HELLoRAConfig``: TRL's ``SFTConfig`` plus the knobs of the HELLoRA method, with the paper's defaults."""
+"""``HELLoRAConfig``: TRL's ``SFTConfig`` plus the knobs of the HELLoRA method, with the paper's defaults.
+
+The knobs are :class:`HELLoRAArguments`, a dataclass mixed into a TRL config: ``HELLoRAConfig`` is
+``HELLoRAArguments`` + ``SFTConfig``, and a config for another TRL trainer is the same two lines
+(``@dataclass class C(HELLoRAArguments, DPOConfig): pass``).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,26 @@ import dataclasses
 import numbers
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .constants import COMPONENTS, DR_ROUTING, PROFILE_MODES, SCOPES, STRATEGIES, VARIANTS
+from .constants import COMPONENTS, PROFILE_MODES, SCOPES, STRATEGIES, VARIANTS
+
+# transformers renamed TrainingArguments.gradient_checkpointing to activation_checkpointing (the old name warns with
+# a FutureWarning); older releases in the supported range have only the old one. Code that reads or sets the switch
+# uses this name.
+CHECKPOINTING_FIELD = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
 
 
 @dataclass
-class HELLoRAConfig(SFTConfig):
-    """Everything ``SFTConfig`` takes, plus ``hellora_*`` fields (all readable from YAML and the command line)."""
+class HELLoRAArguments:
+    """The ``hellora_*`` fields (all readable from YAML and the command line) and their checks, for mixing in front
+    of a TRL config class (not used alone). Its ``__post_init__`` also fixes two TRL defaults: ``bf16`` follows the
+    hardware, and gradient checkpointing (on) is set under the name the installed transformers does not deprecate."""
 
     hellora_k: int | None = field(
         default=None,
@@ -39,7 +56,9 @@ class HELLoRAConfig(SFTConfig):
         },
     )
     hellora_warmup_fraction: float = field(
-        default=0.1, metadata={"help": "Share of the training set sampled (seeded, at random) for profiling."}
+        default=0.1,
+        metadata={"help": "Share of the training set sampled (seeded, at random) for profiling; with max_steps, at "
+                          "most the rows the run trains (max_steps x batch x accumulation x processes)."}
     )
     hellora_warmup_epochs: float = field(
         default=1.0, metadata={"help": "Epochs over the warm-up slice in 'lora_warmup' mode."}
@@ -113,36 +132,13 @@ class HELLoRAConfig(SFTConfig):
             "the LoRI-D stage itself first (same data and budget, saved to output_dir/lori_d)."
         },
     )
-    hellora_dynamic_rank: bool = field(
-        default=False,
-        metadata={
-            "help": "Dynamic rank for hot experts (DR-LoRA-style, beyond the paper): start at hellora_dr_r_init "
-            "active rank components per expert and grow the most salient experts (routing share x gradient) "
-            "within a per-layer budget of k x hellora_dr_r_budget. See docs/dynamic_rank.md."
-        },
-    )
-    hellora_dr_r_init: int | None = field(
-        default=None, metadata={"help": "Dynamic rank: initial active rank per hot expert (default max(1, r // 4))."}
-    )
-    hellora_dr_r_budget: int | None = field(
-        default=None,
-        metadata={
-            "help": "Dynamic rank: average active rank per hot expert (default max(hellora_dr_r_init, r // 2): an "
-            "explicit hellora_dr_r_init above r // 2 raises the default budget to it)."
-        },
-    )
-    hellora_dr_interval: int = field(default=10, metadata={"help": "Dynamic rank: optimizer steps between growths."})
-    hellora_dr_grow_step: int = field(default=1, metadata={"help": "Dynamic rank: components added per grant."})
-    hellora_dr_grow_until: float = field(
-        default=0.5, metadata={"help": "Dynamic rank: share of training after which ranks stop growing."}
-    )
-    hellora_dr_routing: str = field(
-        default="profile",
-        metadata={
-            "choices": list(DR_ROUTING),
-            "help": "Dynamic rank saliency routing term: 'profile' (the profiling counts), 'live' or 'none'.",
-        },
-    )
+    if CHECKPOINTING_FIELD == "activation_checkpointing":
+        # TRL sets the deprecated name to True by default, which made every config print transformers'
+        # FutureWarning; unset here, and TRL's default (on) goes to the new name in __post_init__.
+        gradient_checkpointing: bool | None = field(
+            default=None,
+            metadata={"help": "Deprecated spelling of activation_checkpointing (transformers warns when it is set)."},
+        )
     hellora_plots: bool = field(
         default=True,
         metadata={
@@ -158,8 +154,30 @@ class HELLoRAConfig(SFTConfig):
             from transformers.utils import is_torch_bf16_gpu_available
 
             self.bf16 = is_torch_bf16_gpu_available()
+        if (
+            CHECKPOINTING_FIELD == "activation_checkpointing"
+            and self.activation_checkpointing is None
+            and self.gradient_checkpointing is None
+        ):
+            self.activation_checkpointing = True  # TRL's default, under the name transformers does not warn about
         super().__post_init__()
         validate_hellora_fields(self)
+
+
+@dataclass
+class HELLoRAConfig(HELLoRAArguments, SFTConfig):
+    """Everything ``SFTConfig`` takes, plus the ``hellora_*`` fields of :class:`HELLoRAArguments`."""
+
+
+def convert_config(args: TrainingArguments, config_class: type, **overrides):
+    """``args`` (a ``TrainingArguments``, ``SFTConfig``, ``HELLoRAConfig``...) as ``config_class``: every value kept,
+    fields ``args`` lacks at ``config_class``'s defaults, ``overrides`` on top (what ``SFTTrainer`` does with a
+    ``TrainingArguments``)."""
+    values = args.to_dict()
+    # to_dict masks every *_token field (hub_token, and SFTConfig's eos_token/pad_token): the real values
+    values.update({name: getattr(args, name) for name in values if name.endswith("_token")})
+    known = {f.name for f in dataclasses.fields(config_class) if f.init}
+    return config_class(**{k: v for k, v in {**values, **overrides}.items() if k in known})
 
 
 def hellora_defaults() -> dict[str, object]:
@@ -187,13 +205,6 @@ def validate_hellora_fields(args) -> None:
         (args.hellora_variant in VARIANTS, f"hellora_variant must be one of {VARIANTS}"),
         (args.hellora_lori_scope in SCOPES, f"hellora_lori_scope must be one of {SCOPES}"),
         (0.0 < args.hellora_lori_density <= 1.0, "hellora_lori_density must be in (0, 1]"),
-        (
-            not (args.hellora_dynamic_rank and args.hellora_variant == "lori_s"),
-            "hellora_dynamic_rank cannot be combined with hellora_variant='lori_s' (both mask B)",
-        ),
-        (args.hellora_dr_routing in DR_ROUTING, f"hellora_dr_routing must be one of {DR_ROUTING}"),
-        (args.hellora_dr_interval >= 1 and args.hellora_dr_grow_step >= 1, "hellora_dr_interval/grow_step >= 1"),
-        (0.0 < args.hellora_dr_grow_until <= 1.0, "hellora_dr_grow_until must be in (0, 1]"),
         (_whole(args.hellora_min_k) and args.hellora_min_k >= 1, f"hellora_min_k must be a whole number >= 1, got {args.hellora_min_k!r}"),
         (
             args.hellora_max_k is None

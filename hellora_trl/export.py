@@ -37,7 +37,7 @@ from .adapter import hot_map_from_model, load_hellora
 from .constants import PEFT_PREFIX
 from .expert_lora import HotExpertLoraLayer, RouterLoraLayer, expert_factor_shapes
 from .registry import family_for, find_moe_layers
-from .utils import atomic_dir, check_output_apart, load_causal_lm
+from .utils import atomic_dir, check_output_dir, load_causal_lm
 
 __all__ = [
     "ExportError",
@@ -65,11 +65,14 @@ def _load_base(base_model: ModelOrPath) -> nn.Module:
 
 
 def _adapted_model(
-    base_model: ModelOrPath, adapter_dir: str | os.PathLike | None, adapter_name: str, out_dir: str | os.PathLike
+    base_model: ModelOrPath, adapter_dir: str | os.PathLike | None, adapter_name: str, out_dir: str | os.PathLike,
+    overwrite: bool = False,
 ) -> PeftModel:
     """The HELLoRA PeftModel to export: given directly, or rebuilt from ``adapter_dir`` on the base model.
 
-    ``out_dir`` is checked against the inputs before anything is loaded: it may not be, hold or lie inside them."""
+    ``out_dir`` is checked before anything is loaded (:func:`~hellora_trl.utils.check_output_dir`): it may not be,
+    hold or lie inside the inputs, be the current folder, a dangling link or a file, or be non-empty without
+    ``overwrite``."""
     if not isinstance(base_model, (nn.Module, str, os.PathLike)):
         raise TypeError(f"base_model must be a model, a path or a hub id, got {type(base_model).__name__}.")
     if isinstance(base_model, PeftModel):
@@ -80,10 +83,11 @@ def _adapted_model(
             )
         if adapter_name not in base_model.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; the model has {sorted(base_model.peft_config)}.")
+        check_output_dir(out_dir, overwrite=overwrite, flag="overwrite=True")
         return base_model
     if adapter_dir is None:
         raise ValueError("adapter_dir is required unless base_model is an adapted PeftModel.")
-    check_output_apart(out_dir, (adapter_dir, base_model))
+    check_output_dir(out_dir, overwrite=overwrite, inputs=(adapter_dir, base_model), flag="overwrite=True")
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"No adapter_config.json in {adapter_dir}: not a saved HELLoRA adapter directory.")
     return load_hellora(_load_base(base_model), adapter_dir, adapter_name=adapter_name)
@@ -106,7 +110,7 @@ def merge_adapter(
     base architecture. A model instance passed in is merged in place (as PEFT's ``merge_and_unload`` does).
     The merge runs in the base weights' dtype: a bf16 base loses the low bits of small updates, as any merge does.
     """
-    peft_model = _adapted_model(base_model, adapter_dir, adapter_name, out_dir)
+    peft_model = _adapted_model(base_model, adapter_dir, adapter_name, out_dir, overwrite)
     _check_mergeable(peft_model)
     merged = peft_model.merge_and_unload(safe_merge=safe_merge, adapter_names=[adapter_name])
     leftovers = [n for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -408,7 +412,7 @@ def export_peft_target_parameters(
     become one rank-2r pair on ``gate_up_proj`` (exact: block-diagonal B). The hot map is kept in the
     safetensors metadata (``hellora_hot_experts``) for reference.
     """
-    peft_model = _adapted_model(base_model, adapter_dir, adapter_name, out_dir)
+    peft_model = _adapted_model(base_model, adapter_dir, adapter_name, out_dir, overwrite)
     source = peft_model.peft_config[adapter_name]
     if not isinstance(source, LoraConfig):
         raise ExportError(f"Adapter {adapter_name!r} is {type(source).__name__}, not LoRA.")

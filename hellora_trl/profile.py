@@ -182,6 +182,9 @@ class ExpertProfile:
             )
         try:
             counts = torch.tensor(data["counts"])
+            if counts.numel() == 0:  # torch reads [] as float32: say what is wrong, not "NaN or 1.5"
+                raise ValueError(f"counts is empty (shape {tuple(counts.shape)}): the profile holds no MoE layer or "
+                                 "no expert; profile the model again (hellora profile)")
             if counts.dtype.is_floating_point or counts.dtype == torch.bool or counts.dtype.is_complex:
                 raise ValueError(f"counts must be whole numbers (got {counts.dtype} values, e.g. NaN or 1.5)")
             return cls(

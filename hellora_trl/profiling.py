@@ -24,28 +24,42 @@ from .utils import unwrap_model
 IGNORE_INDEX = -100  # label of tokens that are never a target (padding, masked prompts)
 
 
-def warmup_indices(num_rows: int, fraction: float, seed: int) -> list[int]:
-    """The seeded random ``fraction`` of ``num_rows`` rows (at least one), in order, that the warm-up sees.
+def warmup_row_cap(max_steps: int | None, rows_per_step: int) -> int | None:
+    """The most warm-up rows worth profiling for a run of ``max_steps`` optimizer steps of ``rows_per_step`` rows
+    (per-device batch x accumulation x processes): no more than the run itself trains on. None: no cap (no
+    ``max_steps``, i.e. epochs decide the length)."""
+    if max_steps is None or max_steps <= 0:
+        return None
+    return max(1, int(max_steps) * max(1, int(rows_per_step)))
 
-    The same (length, fraction, seed) always gives the same rows, whoever asks (trainer, CLI, report, plugin).
+
+def warmup_indices(num_rows: int, fraction: float, seed: int, max_rows: int | None = None) -> list[int]:
+    """The seeded random ``fraction`` of ``num_rows`` rows (at least one, at most ``max_rows``), in order, that the
+    warm-up sees.
+
+    The same (length, fraction, seed, max_rows) always gives the same rows, whoever asks (trainer, CLI, report,
+    plugin). ``max_rows`` (:func:`warmup_row_cap`) keeps a short run's warm-up no longer than the run.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}; e.g. 0.1 profiles a 10% warm-up slice.")
     if num_rows == 0:
         raise ValueError("The dataset is empty; there is nothing to sample a warm-up slice from.")
     count = min(num_rows, max(1, round(fraction * num_rows)))
+    if max_rows is not None:
+        count = max(1, min(count, int(max_rows)))
     if count == num_rows:
         return list(range(num_rows))
     return sorted(random.Random(seed).sample(range(num_rows), count))
 
 
-def warmup_slice(dataset, fraction: float, seed: int):
-    """The warm-up rows of a map-style ``datasets.Dataset`` (``fraction == 1`` returns ``dataset`` itself)."""
+def warmup_slice(dataset, fraction: float, seed: int, max_rows: int | None = None):
+    """The warm-up rows of a map-style ``datasets.Dataset`` (all of them: ``dataset`` itself), at most
+    ``max_rows`` of them when given."""
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "select"):
         raise ValueError(
             f"The warm-up slice needs a map-style datasets.Dataset (with len), got {type(dataset).__name__}."
         )
-    indices = warmup_indices(len(dataset), fraction, seed)
+    indices = warmup_indices(len(dataset), fraction, seed, max_rows)
     return dataset if len(indices) == len(dataset) else dataset.select(indices)
 
 

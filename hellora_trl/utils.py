@@ -92,27 +92,85 @@ def check_output_apart(out_dir: str | os.PathLike, inputs: Iterable[Any] = ()) -
             )
 
 
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def check_output_dir(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[Any] = (), flag: str = "--overwrite"
+) -> Path:
+    """Refuse, before any work, an output folder that a later atomic publish (:func:`atomic_dir`) could not
+    replace or would replace wrongly; returns it as a Path.
+
+    One-line ValueErrors for: a dangling symlink, a file (or a link to one) where the folder goes, a parent that is
+    a file, the current folder or one of its parents (a folder in use cannot be renamed away), a mount point, an
+    output that is, contains or lies inside one of ``inputs``, and a non-empty folder without ``overwrite``
+    (``flag`` names the option that allows it).
+    """
+    out = Path(out_dir).expanduser()
+    if _dangling(out):
+        raise ValueError(f"Output folder {out_dir} is a symlink to {os.readlink(out)}, which does not exist; "
+                         "remove the link or choose another --output_dir.")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"Output folder {out_dir} exists and is not a directory; choose another path.")
+    for parent in out.absolute().parents:
+        if parent.exists() or _dangling(parent):
+            if not parent.is_dir():
+                raise ValueError(f"Output folder {out_dir} lies under {parent}, which is not a directory.")
+            break
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"Output folder {out_dir} is the current directory or one of its parents; it is written "
+                         "elsewhere and renamed into place, which a folder in use cannot be. Name a new subfolder.")
+    if out.is_dir() and os.path.ismount(resolved):
+        raise ValueError(f"Output folder {out_dir} is a mount point and cannot be replaced; name a folder inside it.")
+    check_output_apart(out, inputs)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"Output folder {out_dir} is not empty; pass {flag} to replace it, or choose a fresh "
+                         "--output_dir.")
+    return out
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a path where a file cannot be written: a directory, a dangling symlink, a parent
+    that is a file, or a read-only parent folder. Returns it as a Path."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path (e.g. {Path(path) / 'out.json'}).")
+    if _dangling(out):
+        raise ValueError(f"{path} is a symlink to {os.readlink(out)}, which does not exist; remove the link or "
+                         "choose another path.")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{path} lies under {parent}, which is not a directory.")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"Cannot write {path}: {parent} is not writable (read-only or no permission).")
+            break
+    return out
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, inputs: Iterable[Any] = ()) -> Iterator[Path]:
     """Write into a hidden sibling directory, then rename it into place: readers never see half a folder.
 
-    ``inputs`` (paths the caller reads from) may not be, contain or lie inside ``out_dir``, ``overwrite`` or not.
+    ``out_dir`` is checked first (:func:`check_output_dir`): ``inputs`` (paths the caller reads from) may not be,
+    contain or lie inside it, ``overwrite`` or not. A failed swap leaves neither temp nor ``.old-`` folders behind.
     """
-    check_output_apart(out_dir, inputs)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it.")
+    out = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs, flag="overwrite=True")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
         apply_default_mode(tmp)  # the folder and every file in it (save_pretrained's safetensors come out 0600)
         old = None
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
+            try:
+                os.replace(out, old / out.name)
+            except OSError:
+                old.rmdir()  # nothing was moved: leave no empty .old- folder behind
+                raise
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -214,6 +214,38 @@ def test_lora_model_dir_reloads_the_trained_adapter(fake_axolotl, tmp_path):
     assert plugin.load_adapter(tiny_model(), cfg(tmp_path), config_only=True)[0] is None
 
 
+def axolotl_merge_dispatch(cfg) -> str:
+    """What Axolotl's merge-lora does with cfg.merge_method (0.21): legacy/standard -> the plugin's load path,
+    anything else -> the memory-efficient merge that skips the hot-expert factors."""
+    method = str(getattr(cfg, "merge_method", "") or "").strip().lower().replace("-", "_")
+    return "legacy" if method in {"legacy", "standard"} else "memory_efficient"
+
+
+def test_merge_lora_defaults_to_the_exact_merge_and_refuses_the_lossy_one(fake_axolotl):
+    """Ecosystem review (issue 19 item 11): Axolotl's default `merge-lora` silently dropped the hot-expert
+    updates. The plugin's args, merged into Axolotl's schema, now make the legacy merge the default."""
+    from pydantic import BaseModel
+
+    class AxolotlInput(BaseModel):  # the part of Axolotl's config schema the merge reads
+        adapter: str | None = None
+        merge_method: str | None = None
+
+    class Merged(AxolotlInput, axo.HELLoRAArgs):  # what merge_input_args builds from the plugins' args
+        pass
+
+    parsed = Merged(adapter="hellora", hellora_k=2)
+    assert parsed.merge_method == "legacy" and axolotl_merge_dispatch(parsed) == "legacy"
+    assert Merged(adapter="hellora", merge_method="standard").merge_method == "standard"
+    assert Merged(adapter="lora").merge_method is None  # other adapters keep Axolotl's default
+    for lossy in ("memory_efficient", "memory-efficient"):
+        with pytest.raises(ValueError, match="--merge-method legacy.*hellora export --format merged"):
+            Merged(adapter="hellora", merge_method=lossy)
+    raw = {"adapter": "hellora", "hellora_k": 2}  # the raw YAML dict the plugin sees at register()
+    load_plugin().register(raw)
+    assert raw["merge_method"] == "legacy"
+    assert axo.HELLoRAArgs(hellora_k=2).hellora_k == 2  # standalone use (hellora_args) is unchanged
+
+
 def test_example_config_has_valid_plugin_keys():
     yaml = pytest.importorskip("yaml")
     config = yaml.safe_load(CONFIG_YAML.read_text())
@@ -238,6 +270,7 @@ def test_against_real_axolotl_schema(tmp_path):
     raw = yaml.safe_load(CONFIG_YAML.read_text())
     parsed = input_config(**raw)
     assert parsed.adapter == "hellora" and parsed.hellora_k == 8
+    assert parsed.merge_method == "legacy"  # axolotl merge-lora takes the exact path
     with pytest.raises(ValueError):
         input_config(**{**raw, "hellora_warmup_fraction": 0})
     settings = DictDefault({**cfg(tmp_path), "hellora_profile_mode": "forward"})

@@ -326,3 +326,64 @@ def test_callback_with_live_routing_counts_while_training():
     assert callback._counter is None
     with pytest.raises(ValueError):
         DynamicRankCallback(r_init=3, r_budget=2)
+
+
+# ------------------------------------------------------------------------------------------------ the opt-in trainer
+def dr_trainer(tmp_path, config_class=None, **overrides):
+    from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.experimental.dynamic_rank_trainer import DynamicRankConfig, DynamicRankTrainer
+    from hellora_trl.offline import build_tokenizer
+
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=96, seed=0, disable_tqdm=True,
+        hellora_k=2, hellora_profile_mode="forward", hellora_warmup_fraction=0.25, hellora_plots=False,
+    )
+    kwargs.update(overrides)
+    args = (config_class or DynamicRankConfig)(**kwargs)
+    return DynamicRankTrainer(
+        model=tiny_model("olmoe"), args=args, train_dataset=synthetic_gsm8k(40, seed=0),
+        processing_class=build_tokenizer(), peft_config=default_lora_config(r=R, lora_alpha=8),
+    )
+
+
+def test_dynamic_rank_trainer_grows_within_budget_and_survives_save_load(tmp_path):
+    from hellora_trl import load_hellora
+
+    trainer = dr_trainer(tmp_path, hellora_dr_r_init=1, hellora_dr_r_budget=2, hellora_dr_interval=1,
+                         hellora_dr_grow_until=1.0)
+    trainer.train()
+    ranks = active_ranks(trainer.model)
+    assert ranks and all(sum(r) == 2 * 2 for r in ranks.values())  # k=2 experts x budget 2, all used
+    assert any(max(r) > 1 for r in ranks.values())  # something grew from r_init=1
+    assert trainer.run_fingerprint()["hellora"]["hellora_dr_r_budget"] == 2  # growth settings identify the run
+    trainer.save_model()
+    loaded = load_hellora(tiny_model("olmoe"), tmp_path / "run")
+    assert active_ranks(loaded) == ranks
+
+
+def test_dynamic_rank_trainer_resumes_with_the_checkpoints_ranks(tmp_path):
+    first = dr_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, hellora_dr_r_init=1,
+                       hellora_dr_r_budget=2, hellora_dr_interval=1, hellora_dr_grow_until=1.0)
+    first.train()
+    saved = active_ranks(first.model)
+    resumed = dr_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, hellora_dr_r_init=1,
+                         hellora_dr_r_budget=2, hellora_dr_interval=1, hellora_dr_grow_until=1.0)
+    resumed.train(resume_from_checkpoint=True)  # nothing left to train: the restored ranks are kept as they were
+    assert active_ranks(resumed.model) == saved and any(max(r) > 1 for r in saved.values())
+
+
+def test_dynamic_rank_trainer_converts_a_hellora_config_and_checks_its_settings(tmp_path):
+    from hellora_trl.config import HELLoRAConfig
+    from hellora_trl.experimental.dynamic_rank_trainer import DynamicRankConfig
+
+    trainer = dr_trainer(tmp_path, config_class=HELLoRAConfig, learning_rate=3e-3)
+    assert isinstance(trainer.args, DynamicRankConfig) and trainer.args.learning_rate == 3e-3
+    assert (trainer.dynamic_rank.r_init, trainer.dynamic_rank.r_budget) == (1, 2)  # max(1, r // 4), max(r_init, r // 2)
+    with pytest.raises(ValueError, match="lori_s"):
+        DynamicRankConfig(output_dir=str(tmp_path), use_cpu=True, hellora_variant="lori_s")
+    with pytest.raises(ValueError, match="hellora_dr_routing"):
+        DynamicRankConfig(output_dir=str(tmp_path), use_cpu=True, hellora_dr_routing="sometimes")
+    with pytest.raises(ValueError, match=r"r_init <= hellora_dr_r_budget <= r=4"):
+        dr_trainer(tmp_path, hellora_dr_r_init=2, hellora_dr_r_budget=8)
+

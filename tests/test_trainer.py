@@ -12,7 +12,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from hellora_trl import ExpertProfile, apply_hellora, default_lora_config, find_moe_layers
-from hellora_trl.config import HELLoRAConfig
+from hellora_trl.config import CHECKPOINTING_FIELD, HELLoRAConfig
 from hellora_trl.data import synthetic_gsm8k
 from hellora_trl.offline import build_tokenizer
 from hellora_trl.trainer import HEATMAP_FILE, PROFILE_FILE, HELLoRATrainer
@@ -117,8 +117,9 @@ def test_lora_warmup_mode_discards_warmup_adapters(tmp_path, tokenizer, dataset)
     trainer = make_trainer(tmp_path, tokenizer, dataset, model=model, hellora_profile_mode="lora_warmup", max_steps=1)
     trainer.train()
     profile = trainer.hellora_profile
-    assert profile.source["mode"] == "lora_warmup" and profile.source["warmup_rows"] == 10
-    # warm-up trained LoRA on all experts for ceil(10 rows / 4) = 3 steps, counting every routed token
+    # the 10-row slice (25% of 40) is capped by the rows this 1-step run trains: 1 x 4 (issue 19 item 13)
+    assert profile.source["mode"] == "lora_warmup" and profile.source["warmup_rows"] == 4
+    # warm-up trained LoRA on all experts for one step over those 4 rows, counting every routed token
     assert profile.counts.sum() == profile.tokens_seen * 2 * len(profile.layer_names)
     assert profile.source["warmup_loss"] is not None
     # the warm-up adapters are gone: the final model adapts 2 experts per layer, and the base is untouched
@@ -188,7 +189,7 @@ def test_gradient_accumulation_checkpointing_and_packing_run(tmp_path, tokenizer
         max_steps=2,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        gradient_checkpointing=True,
+        **{CHECKPOINTING_FIELD: True},
         packing=True,
     )
     trainer.train()
@@ -332,23 +333,6 @@ def test_save_model_publishes_through_a_staging_folder(tmp_path, tokenizer, data
     assert not (out / STAGING_DIR).exists()
 
 
-def test_dynamic_rank_grows_within_budget_and_survives_save_load(tmp_path, tokenizer, dataset):
-    from hellora_trl import load_hellora
-    from hellora_trl.dynamic_rank import active_ranks
-
-    trainer = make_trainer(
-        tmp_path, tokenizer, dataset, max_steps=4, hellora_dynamic_rank=True, hellora_dr_r_init=1,
-        hellora_dr_r_budget=2, hellora_dr_interval=1, hellora_dr_grow_until=1.0,
-    )
-    trainer.train()
-    ranks = active_ranks(trainer.model)
-    assert ranks and all(sum(r) == 2 * 2 for r in ranks.values())  # k=2 experts x budget 2, all used
-    assert any(max(r) > 1 for r in ranks.values())  # something grew from r_init=1
-    trainer.save_model()
-    loaded = load_hellora(tiny_model("olmoe"), tmp_path / "run")
-    assert active_ranks(loaded) == ranks
-
-
 def test_resume_from_a_checkpoint_without_hot_map_fails_clearly(tmp_path, tokenizer, dataset, olmoe):
     from hellora_trl import profile_experts
     from testing_utils import random_batch
@@ -446,7 +430,7 @@ def test_warmup_sub_run_ignores_eval_on_start_padding_free_and_trackers(tmp_path
         model=tiny_model("olmoe"), args=args, train_dataset=dataset, eval_dataset=dataset.select(range(4)),
         processing_class=tokenizer, peft_config=default_lora_config(**LORA),
     )
-    phase = trainer._phase_args("hellora_warmup")
+    phase = trainer.hellora_phase_args("hellora_warmup")
     assert not phase.eval_on_start and not phase.padding_free and phase.report_to == []
     trainer.train()
     assert trainer.state.global_step == 2
@@ -534,3 +518,125 @@ def test_an_empty_prepared_training_set_says_why(tmp_path, tokenizer, dataset):
     trainer.train_dataset = trainer.train_dataset.select([])
     with pytest.raises(ValueError, match="training set is empty after TRL's preparation"):
         trainer.train()
+
+
+def test_fingerprint_hashes_every_prepared_row(tmp_path, tokenizer, dataset):
+    """Issue 23 (claim 10): the 'prepared-data hash' hashed the row count and 16 sampled rows, so a dataset of the
+    same size with another row 1 (not among the sampled rows of 40) passed as the same run."""
+    changed = dataset.map(lambda row, i: {"prompt": ("Q" if i == 1 else "") + row["prompt"]}, with_indices=True)
+    same = make_trainer(tmp_path, tokenizer, dataset).run_fingerprint()["data"]
+    again = make_trainer(tmp_path, tokenizer, dataset).run_fingerprint()["data"]
+    other = make_trainer(tmp_path, tokenizer, changed).run_fingerprint()["data"]
+    assert same == again and same["rows"] == other["rows"] == len(dataset)
+    assert same["sha256"] != other["sha256"]
+
+
+def test_data_fingerprint_sees_order_and_token_boundaries():
+    from datasets import Dataset
+
+    from hellora_trl.checkpoints import data_fingerprint
+
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6]] * 20})
+    assert data_fingerprint(rows) == data_fingerprint(rows.select(range(60)))
+    assert data_fingerprint(rows) != data_fingerprint(rows.select(list(reversed(range(60)))))
+    moved = Dataset.from_dict({"input_ids": [[1, 2], [3, 4, 5], [6]] * 20})  # same tokens, other row boundaries
+    assert data_fingerprint(rows) != data_fingerprint(moved)
+    assert data_fingerprint(iter([])) is None  # no length: no fingerprint
+
+
+def test_overhead_figure_and_summary_share_one_definition(tmp_path, tokenizer, dataset):
+    """Issue 18 polish: hellora_overhead.png and hellora_summary.json's profile_seconds come from one definition,
+    which the figure states; a later run that loads its profile (0 s profiling) redraws the figure instead of
+    leaving the earlier run's numbers beside its own summary."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from hellora_trl.constants import OVERHEAD_FILE, SUMMARY_FILE
+    from hellora_trl.recipes.sft import write_run_outputs
+    from hellora_trl.trainer import OVERHEAD_DEFINITION
+
+    out = tmp_path / "run"
+    for expect_profiling in (True, False):
+        trainer = make_trainer(
+            tmp_path, tokenizer, dataset, max_steps=1, hellora_plots=True, hellora_profile_path=str(tmp_path / "p.json")
+        )
+        output = trainer.train()
+        write_run_outputs(output.metrics, {}, out)
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        figure = Image.open(out / OVERHEAD_FILE).text
+        drawn = json.loads(figure["hellora_seconds"])
+        assert drawn == trainer.overhead_seconds()
+        assert drawn["profiling"] == summary["profile_seconds"] == output.metrics["hellora/profile_seconds"]
+        assert (summary["profile_seconds"] > 0) is expect_profiling
+        assert figure["Description"] == OVERHEAD_DEFINITION and "hellora_summary.json" in OVERHEAD_DEFINITION
+
+
+def test_configs_do_not_warn_about_the_deprecated_checkpointing_name(tmp_path):
+    """Issue 18 polish: TRL's default gradient_checkpointing=True made every config print transformers'
+    FutureWarning (three times in the main job). The switch still defaults to on and the old name still works."""
+    from hellora_trl.config import CHECKPOINTING_FIELD
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = make_args(tmp_path)
+        off = make_args(tmp_path, **{CHECKPOINTING_FIELD: False})
+    assert getattr(args, CHECKPOINTING_FIELD) is True and args.gradient_checkpointing is True
+    assert getattr(off, CHECKPOINTING_FIELD) is False and off.gradient_checkpointing is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = make_args(tmp_path, gradient_checkpointing=False)  # the deprecated spelling is still honoured
+    assert getattr(old, CHECKPOINTING_FIELD) is False
+    model = tiny_model("olmoe")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_hellora(model, {layer.name: [0, 1] for layer in find_moe_layers(model)}, default_lora_config(**LORA))
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]  # PEFT's alias read, silenced
+
+
+def test_positional_args_and_the_core_knows_nothing_of_dynamic_rank(tmp_path, tokenizer, dataset):
+    """The mixin finds ``args`` by position in the wrapped trainer's signature too; HELLoRAConfig has no
+    dynamic-rank field any more (experimental.dynamic_rank_trainer owns them)."""
+    import inspect
+
+    import hellora_trl.trainer as trainer_module
+    from hellora_trl.config import hellora_defaults
+
+    args = make_args(tmp_path, seed=5)
+    trainer = HELLoRATrainer(tiny_model("olmoe"), args, None, dataset, processing_class=tokenizer,
+                             peft_config=default_lora_config(**LORA))
+    assert trainer.args is args and len(trainer.train_dataset) == len(dataset)
+    assert not [name for name in hellora_defaults() if "dynamic" in name or name.startswith("hellora_dr_")]
+    assert "dynamic" not in inspect.getsource(trainer_module).lower()
+
+
+def test_the_mixin_fronts_a_trainer_whose_args_come_later(tmp_path, tokenizer, dataset):
+    """HELLoRAMixin finds `args` in the wrapped trainer's own signature (DPOTrainer has ref_model before it), and
+    HELLoRAArguments mixes into another TRL config: a preference trainer is a few lines."""
+    from dataclasses import dataclass
+
+    from trl import DPOConfig, SFTTrainer
+
+    from hellora_trl.config import HELLoRAArguments
+    from hellora_trl.trainer import HELLoRAMixin
+
+    @dataclass
+    class PreferenceConfig(HELLoRAArguments, DPOConfig):
+        pass
+
+    config = PreferenceConfig(output_dir=str(tmp_path / "dpo"), use_cpu=True, hellora_k=3)
+    assert (config.hellora_k, config.beta) == (3, DPOConfig(output_dir="x", use_cpu=True).beta)
+
+    class ReferenceFirst(SFTTrainer):  # stands in for a trainer with another positional before args
+        def __init__(self, model, ref_model=None, args=None, **kwargs):
+            self.ref = ref_model
+            super().__init__(model, args, **kwargs)
+
+    class Fronted(HELLoRAMixin, ReferenceFirst):
+        hellora_phase_trainer = HELLoRATrainer.hellora_phase_trainer
+
+    args = make_args(tmp_path, seed=7)
+    trainer = Fronted(tiny_model("olmoe"), "reference", args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=default_lora_config(**LORA))
+    assert trainer.args is args and trainer.ref == "reference"
+    trainer.train()
+    assert trainer.state.global_step == 4 and trainer.hot_experts

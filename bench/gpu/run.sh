@@ -19,28 +19,87 @@
 # --python-version 3.12 / manylinux tags (what the lent machine would get; not imported here), or is skipped with a
 # message when no wheels were downloaded (bench/gpu/download_wheels.sh); pytest -m gpu skips with its reason
 # without CUDA; the bench runs the tiny presets; the main job runs 2 steps on the CPU.
+#
+# No value from the environment is pasted into code: every step is an argument array run as is under `timeout`
+# (the multi-command steps are functions of this script, re-entered with `run.sh --run-step NAME ARGS...`), so a
+# path with quotes or spaces stays one argument. OUT must be a folder (or not exist yet): anything else is refused
+# up front.
 set -uo pipefail
+SKIPPED=75  # exit status of a step that chose not to run
+
+# ------------------------------------------------------------------------------------- multi-command steps
+# Each takes its values as arguments; `run.sh --run-step NAME ARGS...` runs one (that is how step() calls them).
+install_wheels() {  # PY DRY WHEELS SITE
+    local py=$1 dry=$2 wheels=$3 site=$4
+    local found=("$wheels"/*.whl)
+    if [ ! -f "${found[0]}" ]; then
+        echo "No wheels in $wheels: install skipped, the image packages are used as they are" \
+             "(download them here with bench/gpu/download_wheels.sh and carry bench/gpu/wheels)."
+        return "$SKIPPED"
+    fi
+    du -sh -- "$wheels"
+    ls -- "$wheels"
+    local flags=(-q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site")
+    if [ "$dry" = 1 ]; then
+        # What the lent machine would install, resolved for its Python and platform; not imported here.
+        flags+=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312
+                --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    fi
+    "$py" -m pip install "${flags[@]}" -- "${found[@]}" || return
+    find "$site" -maxdepth 1 -iname '*.dist-info' -printf '%f\n'
+}
+
+show_stack() {  # PY STACK_JSON
+    "$1" bench/gpu/kit.py stack "$2" || return
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true; } | head -3
+}
+
+main_job() {  # PY STEPS EVAL OUTPUT_DIR
+    "$1" examples/sft_gsm8k.py --max_steps "$2" --eval_limit "$3" --output_dir "$4" --hellora_plots false || return
+    "$1" -c "import torch; print('main job device:', 'cuda' if torch.cuda.is_available() else 'cpu')"
+}
+
 cd "$(dirname "$0")/../.." || exit 1
+if [ "${1:-}" = --run-step ]; then
+    case ${2:-} in
+        install_wheels|show_stack|main_job) step_fn=$2; shift 2; "$step_fn" "$@"; exit ;;
+        *) echo "run.sh --run-step: unknown step '${2:-}'" >&2; exit 2 ;;
+    esac
+fi
+
 REPO=$(pwd)
+SELF=("bash" "$REPO/bench/gpu/run.sh" --run-step)
 DRY=${HELLORA_GPU_DRY_RUN:-0}
 OUT=${OUT:-$REPO/outputs/gpu_check}
 WHEELS=${HELLORA_WHEELS:-$REPO/bench/gpu/wheels}
 BUDGET=${HELLORA_GPU_BUDGET_S:-470}
 PY=${PYTHON:-python3}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/hellora-gpu.XXXXXX")
+case $BUDGET in
+    ''|*[!0-9]*) echo "run.sh: HELLORA_GPU_BUDGET_S must be a whole number of seconds, got '$BUDGET'." >&2; exit 2 ;;
+esac
+if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then
+    echo "run.sh: OUT=$OUT exists and is not a directory; set OUT to a folder (new or existing) for the results." >&2
+    exit 2
+fi
+if ! mkdir -p -- "$OUT"; then
+    echo "run.sh: cannot create OUT=$OUT; set OUT to a writable folder." >&2
+    exit 2
+fi
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hellora-gpu.XXXXXX") || exit 2
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
-mkdir -p "$OUT" "$WORK/bench"
+mkdir -p "$WORK/bench"
 [ "$DRY" = 1 ] && touch "$WORK/DRY_RUN"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-SKIPPED=75  # exit status of a step that chose not to run
 
 summarize() { "$PY" bench/gpu/kit.py summary "$WORK" "$OUT" >/dev/null 2>>"$OUT/install.log" || true; }
 
-# step NAME LIMIT LOG COMMAND: COMMAND (bash) under min(LIMIT, time left) seconds, output appended to $OUT/LOG.
+# step NAME LIMIT LOG COMMAND ARGS...: the command (an argument array, never re-parsed) under min(LIMIT, time
+# left) seconds, output appended to $OUT/LOG.
 step() {
-    local name=$1 limit=$2 log=$OUT/$3 command=$4
+    local name=$1 limit=$2 log=$OUT/$3
+    shift 3
     local left=$((DEADLINE - $(date +%s) - 5))  # 5 s kept for the last summary
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
     if [ "$limit" -lt 15 ]; then
@@ -49,10 +108,10 @@ step() {
         summarize
         return 0
     fi
-    echo "=== [$name] $command   (limit ${limit}s)" | tee -a "$log"
+    echo "=== [$name] $*   (limit ${limit}s)" | tee -a "$log"
     local t0 rc status
     t0=$(date +%s)
-    timeout -k 10 "$limit" bash -c "$command" >>"$log" 2>&1
+    timeout -k 10 "$limit" "$@" >>"$log" 2>&1
     rc=$?
     if [ "$rc" -eq 0 ]; then status=ok
     elif [ "$rc" -eq "$SKIPPED" ]; then status=skipped
@@ -65,44 +124,28 @@ step() {
 
 # ------------------------------------------------------------------------------------------------ 1. install
 SITE=$WORK/site
-PIP_TARGET_FLAGS="-q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target"
-if [ "$DRY" = 1 ]; then
-    # What the lent machine would install, resolved for its Python and platform; not imported here.
-    INSTALL="$PY -m pip install $PIP_TARGET_FLAGS '$SITE' --only-binary=:all: --python-version 3.12 \
-        --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64"
-else
-    INSTALL="$PY -m pip install $PIP_TARGET_FLAGS '$SITE'"
-fi
-step install 90 install.log "
-    if ! ls '$WHEELS'/*.whl >/dev/null 2>&1; then
-        echo 'No wheels in $WHEELS: install skipped, the image packages are used as they are' \
-             '(download them here with bench/gpu/download_wheels.sh and carry bench/gpu/wheels).'
-        exit $SKIPPED
-    fi
-    du -sh '$WHEELS'; ls '$WHEELS'
-    $INSTALL '$WHEELS'/*.whl && ls '$SITE' | grep -i dist-info"
+step install 90 install.log "${SELF[@]}" install_wheels "$PY" "$DRY" "$WHEELS" "$SITE"
 if [ "$DRY" != 1 ] && [ -d "$SITE" ]; then export PYTHONPATH="$SITE:$PYTHONPATH"; fi
-step stack 30 install.log "$PY bench/gpu/kit.py stack '$WORK/stack.json'; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3"
+step stack 30 install.log "${SELF[@]}" show_stack "$PY" "$WORK/stack.json"
 
 # ------------------------------------------------------------------------------------------------- 2. pytest
-step pytest 120 pytest.log "$PY -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider --junitxml='$WORK/pytest.xml'"
+step pytest 120 pytest.log "$PY" -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider "--junitxml=$WORK/pytest.xml"
 
 # -------------------------------------------------------------------------------------------------- 3. bench
 if [ "$DRY" = 1 ]; then
-    BENCH_ARGS="--steps 1 --warmup 1 --routers skewed --out '$WORK/bench'"
-    step bench-olmoe 120 bench.log "$PY bench/step_throughput.py --preset tiny $BENCH_ARGS"
-    step bench-qwen3 120 bench.log "$PY bench/step_throughput.py --preset tiny-qwen3 --autocast on --with-noautocast $BENCH_ARGS"
+    BENCH_ARGS=(--steps 1 --warmup 1 --routers skewed --out "$WORK/bench")
+    step bench-olmoe 120 bench.log "$PY" bench/step_throughput.py --preset tiny "${BENCH_ARGS[@]}"
+    step bench-qwen3 120 bench.log "$PY" bench/step_throughput.py --preset tiny-qwen3 --autocast on --with-noautocast \
+        "${BENCH_ARGS[@]}"
 else
-    BENCH_ARGS="--steps 5 --warmup 2 --out '$WORK/bench'"
-    step bench-olmoe 140 bench.log "$PY bench/step_throughput.py --preset olmoe-1b-7b --with-noautocast $BENCH_ARGS"
-    step bench-qwen3 120 bench.log "$PY bench/step_throughput.py --preset qwen3-moe $BENCH_ARGS"
+    BENCH_ARGS=(--steps 5 --warmup 2 --out "$WORK/bench")
+    step bench-olmoe 140 bench.log "$PY" bench/step_throughput.py --preset olmoe-1b-7b --with-noautocast "${BENCH_ARGS[@]}"
+    step bench-qwen3 120 bench.log "$PY" bench/step_throughput.py --preset qwen3-moe "${BENCH_ARGS[@]}"
 fi
 
 # ----------------------------------------------------------------------------------------------- 4. main job
 if [ "$DRY" = 1 ]; then MAIN_STEPS=2; MAIN_EVAL=2; else MAIN_STEPS=10; MAIN_EVAL=8; fi
-step main 90 main.log "$PY examples/sft_gsm8k.py --max_steps $MAIN_STEPS --eval_limit $MAIN_EVAL --output_dir '$WORK/main' \
-    --hellora_plots false && $PY -c \"import torch; print('main job device:', 'cuda' if torch.cuda.is_available() else 'cpu')\""
+step main 90 main.log "${SELF[@]}" main_job "$PY" "$MAIN_STEPS" "$MAIN_EVAL" "$WORK/main"
 
 # ------------------------------------------------------------------------- 5. expert-count sweep (what is left)
 # Real layer shapes (Qwen3-MoE 128 experts, DeepSeek-V3-like 256): last, so it never starves the main job; on its
@@ -115,7 +158,7 @@ fi
 
 summarize
 echo "HELLoRA GPU check done in $(($(date +%s) - START))s; results in $OUT:"
-ls -la "$OUT"
-cat "$OUT/summary.md"
-rm -rf "$WORK"
-"$PY" -c "import json,sys; sys.exit(0 if json.load(open('$OUT/summary.json'))['ok'] else 1)"
+ls -la -- "$OUT"
+cat -- "$OUT/summary.md"
+rm -rf -- "$WORK"
+"$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["ok"] else 1)' "$OUT/summary.json"

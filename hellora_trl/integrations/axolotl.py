@@ -13,7 +13,9 @@ Axolotl (tested against the hook contract of 0.19) builds the base model, then a
 does not know (``BasePlugin.load_adapter``). The plugin then profiles routing on a seeded slice of the
 prepared training set (or loads ``hellora_profile_path``), selects the hot experts and returns the HELLoRA
 ``PeftModel``; Axolotl's own trainer trains it and ``save_pretrained`` writes the compact adapter. The routing
-profile and hot map go to ``output_dir/hellora_profile.json``.
+profile and hot map go to ``output_dir/hellora_profile.json``. With ``adapter: hellora`` the plugin makes
+``axolotl merge-lora`` use its exact (legacy) merge, which loads the adapter through the plugin, and refuses the
+memory-efficient one, which would drop the hot-expert updates (:func:`exact_merge_method`).
 
 Axolotl is imported only when ``HELLoRAPlugin`` is first accessed, so this module (and ``HELLoRAArgs``) can be
 imported without it.
@@ -22,6 +24,7 @@ imported without it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +38,7 @@ from ..config import HELLoRAConfig, hellora_defaults, validate_hellora_fields
 from ..constants import PROFILE_FILE
 from ..distributed import is_main_process
 from ..profile import ExpertProfile
-from ..profiling import profile_experts, warmup_slice
+from ..profiling import profile_experts, warmup_row_cap, warmup_slice
 from ..selection import SelectionSettings, load_plan, plan_hot_experts, save_plan
 from .warmup import lora_warmup_profile
 
@@ -76,7 +79,41 @@ def _plugin_field(field: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
     return annotation, Field(default=field.default, description=field.metadata.get("help"))
 
 
+# Axolotl's `merge-lora` dispatches on cfg.merge_method: its default memory-efficient merge reads adapter tensors by
+# stock PEFT names and silently skips HELLoRA's hot-expert factors (rc 0, "Applied LoRA to 10/69 tensors", the
+# experts left as in the base); the legacy merge loads the adapter through this plugin (lora_model_dir ->
+# load_hellora -> merge_and_unload) and is exact. With adapter: hellora the plugin makes legacy the default and
+# refuses an explicit memory-efficient merge.
+EXACT_MERGE_METHOD = "legacy"
+MERGE_HINT = (
+    "merge_method {method!r} drops HELLoRA's hot-expert updates (Axolotl's memory-efficient merge does not know the "
+    "compact adapter layout). Merge with `axolotl merge-lora <config.yml> --merge-method legacy` (the plugin's "
+    "default with adapter: hellora), or `hellora export --format merged --model_name_or_path <base> --adapter "
+    "<output_dir> --output_dir <merged>`."
+)
+
+
+def exact_merge_method(cfg: Any) -> Any:
+    """With ``adapter: hellora``: set ``merge_method`` to the exact (legacy) merge when it is unset, refuse a
+    memory-efficient one (ValueError naming the commands that work). Mutates and returns ``cfg`` (a dict-like)."""
+    if not isinstance(cfg, Mapping) or cfg.get("adapter") != ADAPTER:
+        return cfg
+    method = cfg.get("merge_method")
+    normalized = str(method or "").strip().lower().replace("-", "_")
+    if not normalized:
+        cfg["merge_method"] = EXACT_MERGE_METHOD
+    elif normalized not in ("legacy", "standard"):
+        raise ValueError(MERGE_HINT.format(method=method))
+    return cfg
+
+
 class _HELLoRAArgsBase(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _exact_merge(cls, data: Any) -> Any:
+        """In Axolotl's merged config schema this sees the whole config: make the default merge exact."""
+        return exact_merge_method(dict(data)) if isinstance(data, Mapping) else data
+
     @model_validator(mode="after")
     def _check(self):
         validate_hellora_fields(SimpleNamespace(**{**hellora_defaults(), **self.model_dump()}))
@@ -144,6 +181,8 @@ class HELLoRAPluginMixin:
             import warnings
 
             warnings.warn(f"HELLoRAPlugin is listed but adapter is {cfg.get('adapter')!r}; set `adapter: {ADAPTER}`.")
+            return
+        exact_merge_method(cfg)  # also on the raw config, before Axolotl validates it
 
     def get_adapter_capabilities(self) -> list:
         from axolotl.integrations.base import AdapterCapabilities
@@ -199,12 +238,17 @@ class HELLoRAPluginMixin:
             return profile, stored
         dataset = self.training_dataset(cfg)
         seed = self._seed(cfg, args)
-        rows = warmup_slice(dataset, args.hellora_warmup_fraction, seed)
+        # a max_steps run warms up on no more rows than it trains on
+        rows_per_step = (int(_get(cfg, "micro_batch_size", 1)) * int(_get(cfg, "gradient_accumulation_steps", 1))
+                         * int(os.environ.get("WORLD_SIZE", "1")))
+        cap = warmup_row_cap(_get(cfg, "max_steps"), rows_per_step)
+        rows = warmup_slice(dataset, args.hellora_warmup_fraction, seed, max_rows=cap)
         batch_size = args.hellora_profile_batch_size or int(_get(cfg, "micro_batch_size", 1))
         source = {
             "mode": args.hellora_profile_mode,
             "warmup_fraction": args.hellora_warmup_fraction,
             "warmup_rows": len(rows),
+            "warmup_max_rows": cap,
             "train_rows": len(dataset),
             "seed": seed,
             "framework": "axolotl",
@@ -279,4 +323,5 @@ def __getattr__(name: str) -> Any:
 
 
 # HELLoRAPlugin is left out of __all__ so that `import *` does not import Axolotl.
-__all__ = ["ADAPTER", "HELLoRAArgs", "HELLoRAPluginMixin", "hellora_args", "lora_config_from_cfg"]
+__all__ = ["ADAPTER", "EXACT_MERGE_METHOD", "HELLoRAArgs", "HELLoRAPluginMixin", "exact_merge_method", "hellora_args",
+           "lora_config_from_cfg"]

@@ -106,12 +106,25 @@ def check_rows(rows: list[dict[str, Any]]) -> None:
             raise ValueError(f"Ablation k={row['k']} must be >= 1.")
 
 
-def run_row(script_args, training_args, model_args) -> dict[str, Any]:
-    """Train one configuration on a fresh model and measure it."""
+def check_ks_fit(rows: list[dict[str, Any]], model) -> None:
+    """Every row's k against the experts per MoE layer of ``model`` (known once it is loaded), before training."""
+    from ..registry import find_moe_layers
+
+    num_experts = find_moe_layers(model)[0].num_experts
+    too_big = sorted({row["k"] for row in rows if row["k"] is not None and row["k"] > num_experts})
+    if too_big:
+        raise ValueError(f"Ablation k={too_big} exceeds the {num_experts} experts per MoE layer of this model; give "
+                         f"--ks values of at most {num_experts}. No row was trained.")
+
+
+def run_row(script_args, training_args, model_args, before_train=None) -> dict[str, Any]:
+    """Train one configuration on a fresh model and measure it; ``before_train(trainer)`` runs first when given."""
     from ..accounting import adapter_flops_per_token, trainable_parameter_report
     from .sft import build_trainer, evaluate
 
     trainer, tokenizer, held_out = build_trainer(script_args, training_args, model_args)
+    if before_train is not None:
+        before_train(trainer)
     output = trainer.train()
     report = trainable_parameter_report(trainer.model)
     flops = adapter_flops_per_token(trainer.model, trainer.hellora_profile)
@@ -158,7 +171,9 @@ def run_grid(ablation: AblationArguments, script_args, training_args, model_args
     done: list[dict[str, Any]] = []
     for index, row in enumerate(tqdm(plan, desc="ablation", disable=not progress)):
         args = row_training_args(training_args, row, index)
-        measured = run_row(script_args, args, model_args)
+        # the first row's model tells how many experts there are: every row's k is checked before any training
+        check = (lambda trainer: check_ks_fit(plan, trainer.model)) if index == 0 else None
+        measured = run_row(script_args, args, model_args, before_train=check)
         done.append({"row": index, **row, **measured})
         write_tables(done, training_args.output_dir)
     return done

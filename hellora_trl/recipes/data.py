@@ -305,13 +305,68 @@ def load_saferpaca(
 # --------------------------------------------------------------------------------------------------------------
 
 
-# TRL's dataset formats (what SFTTrainer accepts as is): language modelling, conversational, prompt-completion.
-TRL_FORMATS = (("text",), ("messages",), ("prompt", "completion"), ("prompt",))
+# TRL's dataset formats that SFTTrainer trains on as is: language modelling, conversational, prompt-completion.
+# (Prompt-only rows are a format of TRL's online trainers, GRPO/RLOO; SFT has nothing to learn from them.)
+TRL_FORMATS = (("text",), ("messages",), ("prompt", "completion"))
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _message_problem(messages: Any, column: str) -> str | None:
+    if not isinstance(messages, list):
+        return f"{column!r} is a {type(messages).__name__}, not a list of {{'role', 'content'}} messages"
+    if not messages:
+        return f"{column!r} is an empty list"
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"{column}[{j}] is a {type(message).__name__}, not a {{'role', 'content'}} message"
+        if "role" not in message or message["role"] is None:
+            return f"{column}[{j}] has no 'role'"
+        if message["role"] not in CHAT_ROLES:
+            return f"{column}[{j}] has role {message['role']!r}; chat templates take {list(CHAT_ROLES)}"
+        if not isinstance(message.get("content"), (str, list)):
+            return f"{column}[{j}] has no text 'content' (got {type(message.get('content')).__name__})"
+    return None
+
+
+def _row_problem(row: dict[str, Any]) -> str | None:
+    """What is wrong with one TRL row (None: nothing). A column that is None is absent in that row (mixed files)."""
+    if row.get("messages") is not None:
+        return _message_problem(row["messages"], "messages")
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if prompt is not None or completion is not None:
+        if prompt is None or completion is None:
+            return f"'{'completion' if prompt is not None else 'prompt'}' is missing (null)"
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return None
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return _message_problem(prompt, "prompt") or _message_problem(completion, "completion")
+        return (f"'prompt' is a {type(prompt).__name__} and 'completion' a {type(completion).__name__}; both must be "
+                "strings or both lists of messages")
+    text = row.get("text")
+    if text is None:
+        return "it has no 'text', 'messages' or 'prompt' + 'completion' value"
+    if not isinstance(text, str):
+        return f"'text' is a {type(text).__name__}, not a string"
+    return None
+
+
+def check_sft_rows(ds: Dataset, name: str = "the dataset") -> None:
+    """Check every row of a TRL-format dataset before training; one line naming the first bad row and what is
+    wrong (missing or null keys, non-string text, empty or malformed messages, chat roles other than
+    :data:`CHAT_ROLES`), instead of a KeyError, jinja2 TemplateError or misleading "empty after preparation"."""
+    for i, row in enumerate(ds):
+        problem = _row_problem(row)
+        if problem:
+            raise ValueError(
+                f"{name} row {i}: {problem}. Task 'sft' takes TRL rows: {{'text': str}}, {{'messages': [{{'role', "
+                "'content'}}, ...]}} or {'prompt', 'completion'} (both strings or both message lists)."
+            )
 
 
 def load_sft(source: PathOrId, split: str = "train", *, limit: int | None = None) -> Dataset:
     """Any TRL-format dataset (``text``, ``messages`` or ``prompt``/``completion`` columns), passed through as is:
-    a hub id or a local JSON/JSONL file or folder. Fails early, naming the formats, when no TRL format fits."""
+    a hub id or a local JSON/JSONL file or folder. Fails early, naming the formats, when no TRL format fits, and
+    naming the first malformed row (:func:`check_sft_rows`)."""
     ds = load_source(source, split, hub_config=None)
     if not any(all(c in ds.column_names for c in columns) for columns in TRL_FORMATS):
         raise ValueError(
@@ -320,7 +375,9 @@ def load_sft(source: PathOrId, split: str = "train", *, limit: int | None = None
         )
     if len(ds) == 0:
         raise ValueError(f"{os.fspath(source)!r} (split {split!r}) is empty.")
-    return _apply_limit(ds, limit)
+    ds = _apply_limit(ds, limit)
+    check_sft_rows(ds, repr(os.fspath(source)))
+    return ds
 
 
 def gsm8k_prompt(question: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from peft import LoraConfig
 
-from ..config import HELLoRAConfig
+from ..config import CHECKPOINTING_FIELD, HELLoRAConfig
 from ..constants import SUMMARY_FILE, TASKS
 from ..utils import atomic_write_text
 from .eval.gsm8k import ARITHMETIC_HELD_OUT_ROWS, ARITHMETIC_TRAIN_ROWS
@@ -39,7 +39,7 @@ OFFLINE_DEFAULTS: dict[str, Any] = dict(
     save_strategy="no",
     report_to="none",
     max_length=160,
-    gradient_checkpointing=False,  # TRL turns it on by default; a tiny model has no memory to save
+    **{CHECKPOINTING_FIELD: False},  # TRL turns it on by default; a tiny model has no memory to save
     lora_r=8,
     lora_alpha=16,
 )

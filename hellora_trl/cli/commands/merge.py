@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..arguments import CLIError, ModelArguments, parse_command, require
+from ...utils import check_output_dir
+from ..arguments import ModelArguments, parse_command, require
 from ..loading import adapter_base, base_model_path, check_adapter
 
 DESCRIPTION = "Fold a HELLoRA adapter into its base model and write a plain transformers checkpoint (any engine serves it)."
@@ -28,8 +29,7 @@ def write_export(args: MergeArguments, model_args: ModelArguments, fmt: str) -> 
     check_adapter(args.adapter)
     adapter_base(args.adapter, model_args)
     write = export.merge_adapter if fmt == "merged" else export.export_peft_target_parameters
-    if not args.overwrite and Path(args.output_dir).is_dir() and any(Path(args.output_dir).iterdir()):
-        raise CLIError(f"{args.output_dir} is not empty; pass --overwrite to replace it.")
+    check_output_dir(args.output_dir, overwrite=args.overwrite, inputs=(args.adapter, model_args.model_name_or_path))
     with base_model_path(model_args) as base:
         return write(base, args.adapter, args.output_dir, overwrite=args.overwrite)
 

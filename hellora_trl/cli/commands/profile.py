@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...constants import PROFILE_FILE
+from ...utils import check_output_file
 from ..arguments import DataArguments, ModelArguments, parse_command
 from ..loading import data_source, device_of, prepared_rows, source_of
 
@@ -40,6 +41,7 @@ def run(argv: Sequence[str]) -> int:
 
     model_args, data_args, args = parse_command("profile", (ModelArguments, DataArguments, ProfileArguments), argv,
                                                 DESCRIPTION)
+    check_output_file(args.output)  # a directory or read-only place fails now, not after profiling
     source = source_of(model_args)
     tokenizer = load_tokenizer(source)
     rows = prepared_rows(data_args, tokenizer)  # the trainer's tokens; data problems surface before the model loads

@@ -3,11 +3,12 @@ stability PNGs + report.md / report.json."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...constants import STRATEGIES
+from ...constants import RUN_MARKER_FILE, STRATEGIES
 from ..arguments import CLIError, DataArguments, ModelArguments, parse_command, require
 from ..loading import data_source, device_of, prepared_rows, source_of
 
@@ -53,6 +54,14 @@ def load_profiles(specs: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict]
     for spec in specs:
         label, path = labelled(spec)
         profile, stored, _ = load_plan(path)
+        marker = Path(path).parent / RUN_MARKER_FILE
+        if marker.is_file():  # as load_hellora (eval / export / merge) warns about the same folder
+            warnings.warn(
+                f"{Path(path).parent} holds {RUN_MARKER_FILE}: a training run started writing there and did not "
+                f"finish (interrupted?); {Path(path).name} and its hot map may be the unfinished run's, not those "
+                "of the adapter saved there.",
+                stacklevel=2,
+            )
         if label is None:
             task = profile.source.get("task")
             label = f"{task} ({Path(path).stem})" if task else Path(path).stem

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...distributed import is_local_main_process, unsharded_construction
-from ...utils import default_mode
+from ...utils import atomic_dir, check_output_dir, default_mode
 
 __all__ = [
     "LAB_RECIPES",
@@ -646,10 +646,29 @@ class PretrainArguments:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Cache root (default: $HELLORA_LAB_CACHE, $HELLORA_HOME/lab or ~/.cache/hellora/lab)."}
     )
-    output_dir: str | None = field(default=None, metadata={"help": "Also copy the checkpoint to this directory."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Also copy the checkpoint to this directory (a new or empty one, or pass "
+                          "--overwrite_output_dir to replace what is there)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty --output_dir (its old files are removed)."}
+    )
     threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's choice)."})
 
+    def check(self) -> None:
+        """One-line errors for bad numbers and output paths, before any corpus, tokenizer or training work."""
+        for name in ("steps", "threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"--seed must be a whole number >= 0, got {self.seed!r}.")
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, overwrite=self.overwrite_output_dir, flag="--overwrite_output_dir")
+
     def to_recipe(self) -> LabRecipe:
+        self.check()
         base = LAB_RECIPES.get(self.recipe)
         if base is None:
             raise ValueError(f"unknown lab recipe {self.recipe!r}; choose one of {sorted(LAB_RECIPES)}.")
@@ -667,12 +686,14 @@ def run_pretrain(args: PretrainArguments) -> Path:
     """Build or reuse the checkpoint, print its card, copy it to ``output_dir`` when given; returns its path."""
     import torch
 
+    recipe = args.to_recipe()  # checks every argument first
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = args.to_recipe()
     path = lab_model_path(recipe, cache_dir=args.cache_dir, rebuild=args.rebuild)
     if args.output_dir:
-        shutil.copytree(path, args.output_dir, dirs_exist_ok=True)
+        # the cache entry is an input: it may not be, hold or lie inside the copy (checked again now it exists)
+        with atomic_dir(args.output_dir, args.overwrite_output_dir, inputs=(path,)) as tmp:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
         path_note = f" (copied to {args.output_dir})"
     else:
         path_note = ""

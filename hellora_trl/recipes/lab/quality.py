@@ -169,14 +169,14 @@ def attention_router_only(model, lora_config):
 
 
 def _args(out: Path, settings: FineTuneSettings, seed: int, **hellora):
-    from ...config import HELLoRAConfig
+    from ...config import CHECKPOINTING_FIELD, HELLoRAConfig
 
     return HELLoRAConfig(
         output_dir=str(out), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, lr_scheduler_type="linear", warmup_steps=settings.warmup_steps,
         logging_steps=10, save_strategy="no", report_to="none", seed=seed, data_seed=seed, max_length=96,
-        gradient_checkpointing=False, disable_tqdm=True, hellora_plots=False, bf16=False,
-        hellora_warmup_fraction=settings.warmup_fraction, **hellora,
+        disable_tqdm=True, hellora_plots=False, bf16=False, hellora_warmup_fraction=settings.warmup_fraction,
+        **{CHECKPOINTING_FIELD: False}, **hellora,
     )
 
 
@@ -227,10 +227,12 @@ def finetune(
     try:
         if config.kind == "hellora":
             options = dict(hellora_k=config.k, hellora_selection=config.selection, hellora_variant=config.variant,
-                           hellora_profile_path=str(profile_path), hellora_reselect=True,
-                           hellora_dynamic_rank=config.dynamic_rank, **config.extra)
-            trainer = HELLoRATrainer(model=model, args=_args(work, settings, seed, **options), train_dataset=train,
-                                     processing_class=tokenizer, peft_config=_lora(settings))
+                           hellora_profile_path=str(profile_path), hellora_reselect=True, **config.extra)
+            if config.dynamic_rank:  # the opt-in experimental trainer, its hellora_dr_* settings at their defaults
+                from ...experimental.dynamic_rank_trainer import DynamicRankTrainer
+            trainer_class = DynamicRankTrainer if config.dynamic_rank else HELLoRATrainer
+            trainer = trainer_class(model=model, args=_args(work, settings, seed, **options), train_dataset=train,
+                                    processing_class=tokenizer, peft_config=_lora(settings))
         else:
             peft_model = (attention_router_only if config.kind == "floor" else apply_peft_all_experts)(model, _lora(settings))
             trainer = SFTTrainer(model=peft_model, args=_args(work, settings, seed), train_dataset=train,
