@@ -130,10 +130,15 @@ def test_merge_jaccard_coverage_concentration():
 
 def test_profile_check_matches(olmoe):
     profile = profile_experts(olmoe, [random_batch(olmoe)], progress=False)
-    profile.check_matches(olmoe)
+    assert profile.check_matches(olmoe) is None
+    assert profile.layer_names == [f"model.layers.{i}.mlp.experts" for i in range(olmoe.config.num_hidden_layers)]
+    assert profile.num_experts == olmoe.config.num_experts
     other = tiny_model("olmoe", num_hidden_layers=1)
     with pytest.raises(ValueError, match="does not match"):
         profile.check_matches(other)
+    fewer = tiny_model("olmoe", num_experts=olmoe.config.num_experts // 2)  # same layers, other expert count
+    with pytest.raises(ValueError, match="experts per layer"):
+        profile.check_matches(fewer)
 
 
 def test_gradient_checkpoint_recompute_is_not_double_counted(olmoe):
