@@ -516,3 +516,11 @@ def test_completion_imports_are_named_modules_only():
               "import antigravity\nimport subprocess\n")
     assert ev._completion_imports(source) == ["os", "numpy.linalg", "collections"]
     assert ev._completion_imports("def f(:\n") == []
+
+
+def test_guarded_stand_ins_read_no_global_name():
+    """The os / _imp stand-ins and the call trampoline look up nothing the completion could rebind."""
+    for function in (humaneval_runner._guard, humaneval_runner._call_real):
+        assert function.__closure__ is None
+        ops = {ins.opname for ins in dis.get_instructions(function)}
+        assert not ops & {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLOSURE", "STORE_GLOBAL"}, function.__name__
