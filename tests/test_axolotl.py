@@ -26,7 +26,7 @@ import hellora_trl.integrations.axolotl as axo  # noqa: E402
 from hellora_trl import hot_map_from_model, profile_experts, select_hot_experts  # noqa: E402
 from hellora_trl.constants import COMPONENTS  # noqa: E402
 from hellora_trl.constants import PROFILE_MODES  # noqa: E402
-from hellora_trl.data import sample_fraction  # noqa: E402
+from hellora_trl.profiling import warmup_slice  # noqa: E402
 from hellora_trl.constants import STRATEGIES  # noqa: E402
 
 from testing_utils import random_batch, tiny_model  # noqa: E402
@@ -167,7 +167,7 @@ def test_forward_profile_selects_the_same_hot_experts_as_the_library(fake_axolot
     assert isinstance(peft_model, PeftModel) and lora_config.r == 4
     assert len(fake_axolotl) == 1  # the prepared training set was read once
     # Independently: the same seeded slice, forward profile, per-layer top-2.
-    rows = sample_fraction(tokenized_rows(), 0.5, 42)
+    rows = warmup_slice(tokenized_rows(), 0.5, 42)
     expected = select_hot_experts(profile_experts(tiny_model(), rows, batch_size=4, progress=False), k=2)
     assert hot_map_from_model(peft_model) == expected
     saved = json.loads((tmp_path / "out" / axo.PROFILE_FILE).read_text())
@@ -191,7 +191,7 @@ def test_lora_warmup_profiles_then_leaves_the_base_untouched(fake_axolotl, tmp_p
     saved = json.loads(profile_path.read_text())
     assert saved["source"]["mode"] == "lora_warmup" and saved["source"]["warmup_loss"] > 0
     # One epoch over the slice, each real token counted once (no recount under gradient checkpointing).
-    rows = sample_fraction(tokenized_rows(), 0.5, 42)
+    rows = warmup_slice(tokenized_rows(), 0.5, 42)
     assert saved["tokens_seen"] == sum(len(ids) for ids in rows["input_ids"])
     # Second run: the saved profile is reused, no dataset is read.
     again, _ = load_plugin().load_adapter(tiny_model(), settings)

@@ -160,20 +160,7 @@ def test_quality_helpers_on_the_tiny_lab_model(tiny_lab):
     assert parts["experts"] == 0 and parts["router"] > 0 and parts["attention"] > 0
 
 
-# ------------------------------------------------------------------------- the package face and the moved paths
-@pytest.mark.parametrize("old, new", [("lab_corpus", "corpus"), ("lab_quality", "quality")])
-def test_moved_lab_paths_warn_and_are_the_new_modules(old, new):
-    """The old flat modules still import, as the same module object (monkeypatching one patches the other), and
-    say where the code went and when the path goes away."""
-    import importlib
-    import sys
-
-    sys.modules.pop(f"hellora_trl.recipes.{old}", None)
-    with pytest.warns(FutureWarning, match=rf"hellora_trl\.recipes\.lab\.{new}.*0\.3\.0"):
-        moved = importlib.import_module(f"hellora_trl.recipes.{old}")
-    assert moved is importlib.import_module(f"hellora_trl.recipes.lab.{new}")
-
-
+# ---------------------------------------------------------------- the package face (moved paths: test_aliases.py)
 def test_the_face_is_what_the_sft_recipe_uses():
     """`hellora train` with no model or dataset takes its rows from the face, and the face re-exports the model's
     public names (docs/lab.md imports them from hellora_trl.recipes.lab)."""

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from hellora_trl import ExpertProfile, apply_hellora, default_lora_config, find_moe_layers
 from hellora_trl.config import CHECKPOINTING_FIELD, HELLoRAConfig
-from hellora_trl.data import synthetic_gsm8k
-from hellora_trl.offline import build_tokenizer
+from hellora_trl.recipes.data import synthetic_gsm8k
+from hellora_trl.recipes.offline import build_tokenizer
 from hellora_trl.trainer import HEATMAP_FILE, PROFILE_FILE, HELLoRATrainer
 
 from testing_utils import tiny_model
