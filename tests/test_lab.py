@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hellora_trl.recipes.lab import cache as lab_cache
 from hellora_trl.recipes.lab import model as lab
 from hellora_trl.recipes.lab.corpus import (
     DOMAINS,
@@ -278,7 +279,7 @@ def test_stale_temp_folders_of_killed_builds_are_cleaned_on_the_next_run(monkeyp
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    host = lab._host()
+    host = lab_cache.host_tag()
     cache = tmp_path / "cache"
     key = TINY.key()
     dead = cache / f".{key}.tmp-{host}-{gone.pid}-abc123"
@@ -288,7 +289,7 @@ def test_stale_temp_folders_of_killed_builds_are_cleaned_on_the_next_run(monkeyp
     for folder in (dead, live, elsewhere, ancient):
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"half")
-    past = time.time() - lab.STALE_SECONDS - 60
+    past = time.time() - lab_cache.STALE_SECONDS - 60
     os.utime(ancient, (past, past))
 
     def fake_pretrain(recipe, out, progress=True):
