@@ -18,6 +18,7 @@ from hellora_trl.recipes.lab.corpus import (
     shared_corpus,
     shared_heldout,
 )
+from hellora_trl.recipes.lab.targets import arithmetic_task
 
 TINY = lab.LAB_RECIPES["tiny"]
 
@@ -185,8 +186,8 @@ def test_the_face_is_what_the_sft_recipe_uses():
     train, held_out = load_task_data(HELLoRAScriptArguments(train_limit=12, eval_limit=5), seed=3)
     expected_train, expected_held_out = face.default_task(12, 5, seed=3)
     assert train[:] == expected_train[:] and held_out == expected_held_out
-    rows, _ = arithmetic_splits(12, 5, seed=3)
-    assert train["prompt"][0].endswith(rows[0]["question"] + "\nAnswer:")
+    rows, held_rows = arithmetic_task(12, 5, seed=3)  # the content split (issue 20), not the wording-only one
+    assert train["prompt"][0].endswith(rows[0]["question"] + "\nAnswer:") and held_out == held_rows
     assert face.load_lab_model is lab.load_lab_model and face.LAB_RECIPES is lab.LAB_RECIPES
     # the recipe imports the lab only through its face
     tree = ast.parse(Path(face.__file__).parents[1].joinpath("sft.py").read_text())

@@ -37,6 +37,7 @@ FLOORS = [
     ["recipes.data"],
     ["recipes.eval", "recipes.reporting"],
     ["recipes.lab.corpus"],
+    ["recipes.lab.targets"],
     ["recipes.lab.model"],
     ["recipes.lab.quality"],
     ["recipes.lab"],  # the face the SFT recipe uses

@@ -202,7 +202,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
         f"steps), seed {r['seed']}",
         f"- time: {card['seconds']:.0f} s on {card['threads']} torch thread(s)",
         f"- loss: first step {card['loss_first']:.3f}, mean of the last 20 steps {card['loss_last']:.3f}",
-        "- held-out loss per domain (documents pretraining never saw): "
+        "- held-out loss per domain (documents from seeds pretraining never used, same templates): "
         + ", ".join(f"{d} {v:.3f}" for d, v in card["heldout_loss"].items()),
         "- routing on held-out text, top-k share per layer (uniform: "
         f"{r['num_experts_per_tok'] / r['num_experts']:.3f}): "
