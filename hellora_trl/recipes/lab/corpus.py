@@ -33,6 +33,7 @@ __all__ = [
     "arithmetic_splits",
     "generated_corpus",
     "heldout_domain_texts",
+    "heldout_seed",
     "shared_corpus",
     "shared_heldout",
 ]
@@ -222,7 +223,12 @@ def heldout_domain_texts(n: int, seed: int = 0, domains: tuple[str, ...] = DOMAI
     """``n`` generated documents per domain from seeds pretraining never uses, but the same templates: many of them
     coincide verbatim with pretraining documents (issue 20 measured 17-20 of 32 code and 18-20 of 32 safety ones).
     The pretraining card uses them; forgetting is measured on :func:`~hellora_trl.recipes.lab.targets.forgetting_texts`."""
-    return {d: _GENERATORS[d](n, _HELDOUT_OFFSET + seed * 1000 + DOMAINS.index(d)) for d in domains}
+    return {d: _GENERATORS[d](n, heldout_seed(seed, d)) for d in domains}
+
+
+def heldout_seed(seed: int, domain: str) -> int:
+    """The generator seed of :func:`heldout_domain_texts`' documents of ``domain`` (recorded in the lab card)."""
+    return _HELDOUT_OFFSET + seed * 1000 + DOMAINS.index(domain)
 
 
 # ------------------------------------------------------------------------------------------------- target task

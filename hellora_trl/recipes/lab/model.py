@@ -40,6 +40,7 @@ __all__ = [
     "load_lab_model",
     "main",
     "pretrain_lab_model",
+    "weights_sha256",
 ]
 
 CARD_NAME = "lab_card.json"
@@ -200,7 +201,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
         f"- training: {card['steps']} steps x {r['batch_size']} x {r['seq_len']} tokens = {card['tokens_trained']:,} "
         f"tokens ({card['epochs']:.2f} epochs), AdamW lr {r['learning_rate']} (cosine, {r['warmup_steps']} warm-up "
         f"steps), seed {r['seed']}",
-        f"- time: {card['seconds']:.0f} s on {card['threads']} torch thread(s)",
+        f"- time: {card['seconds']:.0f} s on {card['threads']} torch thread(s); weights sha256 "
+        f"`{card['weights_sha256'][:16]}`",
         f"- loss: first step {card['loss_first']:.3f}, mean of the last 20 steps {card['loss_last']:.3f}",
         "- held-out loss per domain (documents from seeds pretraining never used, same templates): "
         + ", ".join(f"{d} {v:.3f}" for d, v in card["heldout_loss"].items()),
@@ -216,22 +218,39 @@ def _card_markdown(card: dict[str, Any]) -> str:
 
 
 def pretrain_lab_model(
-    recipe: LabRecipe | None = None, output_dir: str | os.PathLike | None = None, *, progress: bool = True
+    recipe: LabRecipe | None = None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """Pretrain the lab model of ``recipe`` from scratch and write it to ``output_dir``; returns the directory.
 
     Writes a transformers checkpoint (``config.json``, ``model.safetensors``, ``generation_config.json``), the
     tokenizer, ``lab_card.json`` / ``README.md`` (the data card: corpus, tokens, steps, time, held-out loss and
-    routing concentration per domain) and ``loss_curve.png``. Deterministic for a recipe on one machine (seeded
-    data order and init; CPU kernels may still differ across machines in the last bits).
+    routing concentration per domain) and ``loss_curve.png``. Deterministic for a recipe and a torch thread count
+    on one machine (seeded data order and init; CPU kernels reduce in a thread-dependent order, and may differ
+    across machines in the last bits): the card records ``threads``, every seed and ``weights_sha256``.
+    ``threads``: torch intra-op threads for this build (restored afterwards); default: the current setting.
     """
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}.")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return pretrain_lab_model(recipe, output_dir, progress=progress)
+        finally:
+            torch.set_num_threads(previous)
     import torch
     from datasets import Dataset
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     from ...profiling import profile_experts
-    from .corpus import heldout_domain_texts, shared_heldout
+    from .corpus import heldout_domain_texts, heldout_seed, shared_heldout
     from ..offline import build_tokenizer
 
     recipe = recipe or LabRecipe()
@@ -316,6 +335,16 @@ def pretrain_lab_model(
         "epochs": recipe.steps * recipe.batch_size / max(1, len(blocks)),
         "seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        # every seed the build uses: same recipe + same threads + same machine -> the same bits (weights_sha256)
+        "seeds": {
+            "corpus": {d: recipe.seed * 1000 + i for i, d in enumerate(corpus)} if recipe.data_dir is None else None,
+            "document_shuffle": recipe.seed,
+            "init": recipe.seed,
+            "block_order": recipe.seed,
+            "heldout_documents": {d: heldout_seed(recipe.seed, d) for d in heldout} if recipe.data_dir is None else None,
+        },
+        "weights_sha256": weights_sha256(out),
         "loss_first": losses[0],
         "loss_last": sum(tail) / len(tail),
         "losses": [round(x, 4) for x in losses],
@@ -326,6 +355,15 @@ def pretrain_lab_model(
     (out / CARD_NAME).write_text(json.dumps(card, indent=2))
     (out / "README.md").write_text(_card_markdown(card))
     return out
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint directory's ``model.safetensors`` (the identity of a lab model's weights)."""
+    digest = hashlib.sha256()
+    with open(Path(path) / "model.safetensors", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
@@ -339,11 +377,13 @@ def lab_model_path(
     cache_dir: str | os.PathLike | None = None,
     rebuild: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """The cached checkpoint directory of ``recipe`` (a :class:`LabRecipe` or a name in :data:`LAB_RECIPES`).
 
     Built on first use (or when ``rebuild``) into a temporary sibling directory and renamed into place, so an
-    interrupted run never leaves a half-written checkpoint behind that later runs would trust.
+    interrupted run never leaves a half-written checkpoint behind that later runs would trust. ``threads`` is the
+    torch thread count of a build (:func:`pretrain_lab_model`); it is not part of the cache key, the card records it.
     """
     if isinstance(recipe, str):
         if recipe not in LAB_RECIPES:
@@ -355,7 +395,7 @@ def lab_model_path(
     if (final / CARD_NAME).is_file() and not rebuild:
         return final
     with atomic_dir(final, overwrite=True) as tmp:  # a stale or half-built folder is replaced whole
-        pretrain_lab_model(recipe, tmp, progress=progress)
+        pretrain_lab_model(recipe, tmp, progress=progress, threads=threads)
     return final
 
 
