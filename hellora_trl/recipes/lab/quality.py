@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "FineTuneSettings",
     "QualityConfig",
+    "attention_only",
     "attention_router_only",
     "completion_loss",
     "domain_losses",
@@ -61,8 +62,10 @@ class FineTuneSettings:
 
 @dataclass
 class QualityConfig:
-    """One row: ``kind`` = ``floor`` (attention + router), ``peft_all`` (PEFT ``target_parameters`` on all
-    experts) or ``hellora`` (our expert layer on a selected hot set; k = num_experts is our all-experts LoRA)."""
+    """One row: ``kind`` = ``floor`` (attention + router), ``attention`` (attention only), ``peft_all`` (PEFT
+    ``target_parameters`` on all experts) or ``hellora`` (our expert layer on a selected hot set; k = num_experts is
+    our all-experts LoRA). ``lora``: ``LoraConfig`` fields over the settings' (e.g. a ``rank_pattern`` giving the
+    experts another rank than attention and router)."""
 
     name: str
     kind: str = "hellora"
@@ -71,6 +74,7 @@ class QualityConfig:
     variant: str = "lora"
     dynamic_rank: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -195,10 +199,24 @@ def _args(out: Path, settings: FineTuneSettings, seed: int, **hellora):
     )
 
 
-def _lora(settings: FineTuneSettings):
+def _lora(settings: FineTuneSettings, **overrides: Any):
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM")
+    fields = dict(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM")
+    return LoraConfig(**{**fields, **overrides})
+
+
+def attention_only(model, lora_config):
+    """LoRA on the attention projections only (no router, no experts): the floor without the router."""
+    import copy
+
+    from peft import get_peft_model
+
+    from ...registry import family_for
+
+    config = copy.deepcopy(lora_config)
+    config.target_modules = list(family_for(model).attention_targets)
+    return get_peft_model(model, config)
 
 
 def _load(model_path: str | Path):
@@ -245,9 +263,12 @@ def finetune(
                            hellora_profile_path=str(profile_path), hellora_reselect=True,
                            hellora_dynamic_rank=config.dynamic_rank, **config.extra)
             trainer = HELLoRATrainer(model=model, args=_args(work, settings, seed, **options), train_dataset=train,
-                                     processing_class=tokenizer, peft_config=_lora(settings))
+                                     processing_class=tokenizer, peft_config=_lora(settings, **config.lora))
         else:
-            peft_model = (attention_router_only if config.kind == "floor" else apply_peft_all_experts)(model, _lora(settings))
+            build = {"floor": attention_router_only, "attention": attention_only, "peft_all": apply_peft_all_experts}
+            if config.kind not in build:
+                raise ValueError(f"unknown kind {config.kind!r}; choose hellora or one of {sorted(build)}.")
+            peft_model = build[config.kind](model, _lora(settings, **config.lora))
             trainer = SFTTrainer(model=peft_model, args=_args(work, settings, seed), train_dataset=train,
                                  processing_class=tokenizer)
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -259,6 +280,7 @@ def finetune(
         result = {
             "trainable_percent": report["trainable_percent"],
             "trainable": report.get("trainable"),
+            "trainable_by_component": report.get("by_component"),
             "train_loss": output.metrics.get("train_loss"),
             "sec_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
             "seconds": seconds,
