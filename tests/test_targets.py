@@ -114,7 +114,10 @@ def test_split_losses_partition_the_completion_loss():
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in train + facts], vocab_size=300)
     model = tiny_moe_model("olmoe", vocab_size=len(tokenizer))
     legacy = [{"question": r["question"], "answer": r["answer"]} for r in held_out]
+    model.train()
     assert split_losses(model, tokenizer, held_out)["format_tokens"] > 5 * len(held_out)  # arithmetic: mostly format
+    assert model.training  # the caller's mode is restored
+    model.eval()
     for rows in (held_out, facts[:6]):
         split = split_losses(model, tokenizer, rows, batch_size=4)
         assert split["result_tokens"] >= len(rows) and split["format_tokens"] >= len(rows)  # eos is format

@@ -200,6 +200,7 @@ def split_losses(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -
     the token counts. The sequence is ``<bos> prompt completion <eos>`` with prompt tokens unscored."""
     import torch
 
+    was_training = model.training
     model.eval()
     sums = {"result": 0.0, "format": 0.0}
     counts = {"result": 0, "format": 0}
@@ -225,7 +226,7 @@ def split_losses(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -
                 selected = target_kind == code
                 sums[name] += float(nll[selected].sum())
                 counts[name] += int(selected.sum())
-    model.train()
+    model.train(was_training)
     total = counts["result"] + counts["format"]
     return {
         "whole": (sums["result"] + sums["format"]) / max(total, 1),
