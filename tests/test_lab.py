@@ -98,7 +98,7 @@ def test_cache_is_reused_and_rebuilt_on_request(tiny_lab, monkeypatch, tmp_path)
     cache, path = tiny_lab
     built = []
 
-    def fake_pretrain(recipe, out, progress=True):
+    def fake_pretrain(recipe, out, progress=True, threads=None):
         built.append(recipe.key())
         (Path(out) / lab.CARD_NAME).write_text("{}")
 
