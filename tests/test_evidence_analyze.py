@@ -104,3 +104,15 @@ def test_main_writes_json_and_markdown(tmp_path):
     assert analyze.main(["--runs", str(runs_dir), "--out", str(tmp_path / "out")]) == 0
     saved = json.loads((tmp_path / "out" / "evidence.json").read_text())
     assert saved["runs"] == len(list(runs_dir.iterdir())) and "PARTIAL" in (tmp_path / "out" / "evidence.md").read_text()
+
+
+def test_pairs_use_only_the_fine_tune_seeds_both_arms_ran():
+    """A model where hot ran seeds 0 and 1 but random only seed 0 is compared on seed 0 alone."""
+    runs = synthetic(models=1, ft_seeds=2, noise=0.0)
+    runs = [r for r in runs if not (r["arm"] == "random-k2" and r["ft_seed"] == 1)]
+    for r in runs:
+        if r["arm"] == "hot-k2" and r["ft_seed"] == 1:
+            r["target_split"]["result"] = 9.0  # a seed random never ran: must not enter the pair
+    table = analyze.per_model(runs)[("default", "arithmetic")]
+    assert analyze.paired(table, "random-k2", "hot-k2", "result") == [pytest.approx(0.3)]
+    assert table["hot-k2"][0]["result"] == pytest.approx((1.5 + 9.0) / 2)  # the pooled mean still uses both

@@ -70,16 +70,19 @@ def per_model(runs: list[dict]) -> dict[tuple, dict[str, dict[int, dict[str, flo
     grouped: dict[tuple, dict[str, dict[int, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in runs:
         base = bases.get((r["recipe"], r["pretrain_seed"], r["target"]))
-        grouped[(r["recipe"], r["target"])][r["arm"]][r["pretrain_seed"]].append(metrics_of(r, base if r["arm"] != "base" else None))
+        metrics = metrics_of(r, base if r["arm"] != "base" else None)
+        metrics["ft_seed"] = r.get("ft_seed")
+        grouped[(r["recipe"], r["target"])][r["arm"]][r["pretrain_seed"]].append(metrics)
     out: dict[tuple, dict] = {}
     for key, arms in grouped.items():
         out[key] = {}
         for arm, models in arms.items():
             out[key][arm] = {}
             for seed, rows in models.items():
-                names = set.intersection(*(set(m) for m in rows))
+                names = set.intersection(*(set(m) for m in rows)) - {"ft_seed"}
                 out[key][arm][seed] = {n: statistics.fmean(m[n] for m in rows) for n in names}
                 out[key][arm][seed]["n_ft"] = len(rows)
+                out[key][arm][seed]["by_ft"] = {m["ft_seed"]: m for m in rows}
     return out
 
 
@@ -127,18 +130,35 @@ def verdict(values: list[float], threshold: float, recipe: str, predicted: str =
             "per_model": values}
 
 
+def common_means(table: dict, model: int, arms: tuple[str, ...], metric: str) -> list[float] | None:
+    """Each arm's mean of ``metric`` over the fine-tune seeds all ``arms`` ran on ``model`` (paired by seed);
+    None if they share no seed."""
+    runs = [table[a][model]["by_ft"] for a in arms]
+    seeds = set.intersection(*(set(r) for r in runs))
+    seeds = {s for s in seeds if all(metric in r[s] for r in runs)}
+    if not seeds:
+        return None
+    return [statistics.fmean(r[s][metric] for s in seeds) for r in runs]
+
+
 def paired(table: dict, a: str, b: str, metric: str) -> list[float]:
-    """Per model: metric(a) - metric(b), over models where both arms ran."""
-    left, right = table.get(a, {}), table.get(b, {})
-    return [left[m][metric] - right[m][metric] for m in sorted(set(left) & set(right))
-            if metric in left[m] and metric in right[m]]
+    """Per model: metric(a) - metric(b), on the fine-tune seeds both arms ran, over models where both ran."""
+    out = []
+    for m in sorted(set(table.get(a, {})) & set(table.get(b, {}))):
+        means = common_means(table, m, (a, b), metric)
+        if means is not None:
+            out.append(means[0] - means[1])
+    return out
 
 
 def share_above_floor(table: dict, arm: str, metric: str = "result") -> list[float]:
     """S(arm) per model: (L_floor - L_arm) / (L_floor - L_all)."""
     out = []
     for m in sorted(set(table.get(arm, {})) & set(table.get("floor", {})) & set(table.get("all-r8", {}))):
-        floor, arm_l, all_l = table["floor"][m][metric], table[arm][m][metric], table["all-r8"][m][metric]
+        means = common_means(table, m, ("floor", arm, "all-r8"), metric)
+        if means is None:
+            continue
+        floor, arm_l, all_l = means
         if floor - all_l != 0:
             out.append((floor - arm_l) / (floor - all_l))
     return out
@@ -148,7 +168,10 @@ def floor_recovery(table: dict, metric: str = "result") -> dict[int, float]:
     """R_floor per model: (L_base - L_floor) / (L_base - L_all)."""
     out = {}
     for m in sorted(set(table.get("base", {})) & set(table.get("floor", {})) & set(table.get("all-r8", {}))):
-        base, floor, all_l = table["base"][m][metric], table["floor"][m][metric], table["all-r8"][m][metric]
+        means = common_means(table, m, ("floor", "all-r8"), metric)
+        if means is None or metric not in table["base"][m]:
+            continue
+        base, (floor, all_l) = table["base"][m][metric], means
         if base - all_l != 0:
             out[m] = (base - floor) / (base - all_l)
     return out
