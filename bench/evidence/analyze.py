@@ -2,7 +2,8 @@
 
 Reads ``bench/evidence/runs/*.json`` (bench/evidence/run.py) and writes ``bench/results/evidence.{md,json}``:
 per model and pooled means per arm and target, S(arm) and P(arm), paired differences with 95% percentile
-bootstrap intervals over pretrained models (10,000 resamples of the per-model means over fine-tune seeds), sign
+bootstrap intervals over pretrained models (10,000 resamples of the per-model means over the fine-tune seeds both
+arms ran), sign
 counts over models, and a verdict for H1-H6 by PLAN.md's decision rules:
 
 - **supported**: the interval entirely on the predicted side and the predicted sign in at least 4 of 5 models
