@@ -30,7 +30,7 @@ from hellora_trl.recipes.sft import (
 
 def main(script_args, training_args, model_args):
     # Model and data: a checkpoint (--model_name_or_path) or the cached lab model (pretrained in-project on first
-    # use); GSM8K, or generated arithmetic problems the lab model never saw
+    # use); GSM8K, or generated arithmetic problems held out by content (answers and calculator steps)
     model, tokenizer = build_model_and_tokenizer(model_args, training_args, script_args.lab_recipe)
     train_dataset, held_out = load_task_data(script_args, seed=training_args.seed)
 

@@ -539,14 +539,16 @@ def test_train_and_eval_commands_score_the_same_held_out_arithmetic_on_a_tiny_mo
 
 
 def test_held_out_arithmetic_is_what_training_holds_out():
+    from hellora_trl.recipes import lab
     from hellora_trl.recipes.eval import ARITHMETIC_TRAIN_ROWS, held_out_arithmetic
-    from hellora_trl.recipes.lab.corpus import arithmetic_splits
+    from hellora_trl.recipes.lab.targets import arithmetic_task
 
-    train, held_out = arithmetic_splits(ARITHMETIC_TRAIN_ROWS, 10, seed=3)
+    train, held_out = lab.default_task(ARITHMETIC_TRAIN_ROWS, 10, seed=3)  # what the train recipe holds out
     assert held_out_arithmetic(10, seed=3) == held_out
     assert held_out_arithmetic(4, seed=3) == held_out[:4]  # a prefix: fewer rows are the first of them
-    assert not {r["question"] for r in held_out} & {r["question"] for r in train}
-    assert held_out_arithmetic(10, seed=3, train_rows=50) == arithmetic_splits(50, 10, seed=3)[1]
+    assert not {r["prompt"] for r in held_out} & set(train["prompt"])
+    assert not {r["completion"] for r in held_out} & set(train["completion"])  # split by (op, a, b): no answer text shared
+    assert held_out_arithmetic(10, seed=3, train_rows=50) == arithmetic_task(50, 10, seed=3)[1]
     assert held_out_arithmetic(10, seed=4) != held_out
     with pytest.raises(ValueError, match="n >= 1"):
         held_out_arithmetic(0, seed=3)

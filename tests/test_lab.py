@@ -19,6 +19,7 @@ from hellora_trl.recipes.lab.corpus import (
     shared_corpus,
     shared_heldout,
 )
+from hellora_trl.recipes.lab.targets import arithmetic_task
 
 TINY = lab.LAB_RECIPES["tiny"]
 
@@ -98,7 +99,7 @@ def test_cache_is_reused_and_rebuilt_on_request(tiny_lab, monkeypatch, tmp_path)
     cache, path = tiny_lab
     built = []
 
-    def fake_pretrain(recipe, out, progress=True):
+    def fake_pretrain(recipe, out, progress=True, threads=None):
         built.append(recipe.key())
         (Path(out) / lab.CARD_NAME).write_text("{}")
 
@@ -173,8 +174,8 @@ def test_the_face_is_what_the_sft_recipe_uses():
     train, held_out = load_task_data(HELLoRAScriptArguments(train_limit=12, eval_limit=5), seed=3)
     expected_train, expected_held_out = face.default_task(12, 5, seed=3)
     assert train[:] == expected_train[:] and held_out == expected_held_out
-    rows, _ = arithmetic_splits(12, 5, seed=3)
-    assert train["prompt"][0].endswith(rows[0]["question"] + "\nAnswer:")
+    rows, held_rows = arithmetic_task(12, 5, seed=3)  # the content split (issue 20), not the wording-only one
+    assert train["prompt"][0].endswith(rows[0]["question"] + "\nAnswer:") and held_out == held_rows
     assert face.load_lab_model is lab.load_lab_model and face.LAB_RECIPES is lab.LAB_RECIPES
     # the recipe imports the lab only through its face
     tree = ast.parse(Path(face.__file__).parents[1].joinpath("sft.py").read_text())
@@ -254,7 +255,7 @@ def test_rebuild_replaces_a_damaged_entry(tiny_copy, monkeypatch):
     cache, path = tiny_copy
     (path / "model.safetensors").write_bytes(b"torn")
 
-    def fake_pretrain(recipe, out, progress=True):
+    def fake_pretrain(recipe, out, progress=True, threads=None):
         fake_entry(Path(out))
 
     monkeypatch.setattr(lab, "pretrain_lab_model", fake_pretrain)
@@ -292,7 +293,7 @@ def test_stale_temp_folders_of_killed_builds_are_cleaned_on_the_next_run(monkeyp
     past = time.time() - lab_cache.STALE_SECONDS - 60
     os.utime(ancient, (past, past))
 
-    def fake_pretrain(recipe, out, progress=True):
+    def fake_pretrain(recipe, out, progress=True, threads=None):
         fake_entry(Path(out))
 
     monkeypatch.setattr(lab, "pretrain_lab_model", fake_pretrain)
@@ -328,7 +329,7 @@ def test_other_ranks_stop_with_one_line_when_the_main_process_fails(monkeypatch,
     monkeypatch.setenv("MASTER_PORT", "29999")
     monkeypatch.setenv("LOCAL_RANK", "0")
 
-    def broken(recipe, out, progress=True):
+    def broken(recipe, out, progress=True, threads=None):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(lab, "pretrain_lab_model", broken)

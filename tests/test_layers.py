@@ -40,6 +40,7 @@ FLOORS = [
     ["recipes.prepare"],
     ["recipes.data"],
     ["recipes.lab.corpus", "recipes.lab.cache"],
+    ["recipes.lab.targets"],
     ["recipes.eval.humaneval_runner"],  # run as its own program by recipes.eval.humaneval; imports nothing here
     ["recipes.eval.generation", "recipes.eval.humaneval", "recipes.eval.results"],
     ["recipes.eval.gsm8k", "recipes.eval.safety"],

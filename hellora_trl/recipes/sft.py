@@ -3,7 +3,7 @@
 One function per step so the examples stay a few lines and every step can be tested. With no model given, the
 recipe fine-tunes the lab model (:mod:`hellora_trl.recipes.lab`, through its face: a small OLMoE pretrained
 in-project, cached after the first run); with no dataset either, the target task is generated one-step arithmetic
-word problems that the lab model never saw in pretraining, and the summary reports base vs adapted held-out loss
+word problems held out by content (``lab.default_task``), and the summary reports base vs adapted held-out loss
 and exact match.
 """
 

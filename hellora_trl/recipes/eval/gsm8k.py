@@ -104,11 +104,11 @@ def held_out_arithmetic(n: int, seed: int, train_rows: int = ARITHMETIC_TRAIN_RO
     ``seed`` is the run's seed and ``train_rows`` its ``--train_limit`` (held-out questions exclude the train
     questions, so they depend on both). The rows are a prefix: asking for fewer gives the first of them.
     """
-    from ..lab.corpus import arithmetic_splits
+    from ..lab.targets import arithmetic_task
 
     if n < 1:
         raise ValueError(f"held_out_arithmetic needs n >= 1 rows, got {n}.")
-    return arithmetic_splits(train_rows, n, seed=seed)[1]
+    return arithmetic_task(train_rows, n, seed=seed)[1]
 
 
 def evaluate_gsm8k(

@@ -4,7 +4,9 @@
   ``hellora pretrain``;
 - :mod:`~hellora_trl.recipes.lab.cache`: the cache's manifest check, stale-temp clean-up, build lock and the wait
   of the processes that do not build;
-- :mod:`~hellora_trl.recipes.lab.corpus`: the multi-domain pretraining text and the held-out arithmetic target task;
+- :mod:`~hellora_trl.recipes.lab.corpus`: the multi-domain pretraining text;
+- :mod:`~hellora_trl.recipes.lab.targets`: the fine-tuning targets held out by content (arithmetic, facts), the
+  forgetting documents, and the loss split into result and format tokens;
 - :mod:`~hellora_trl.recipes.lab.quality`: fine-tune one adapter configuration on the lab model and score it
   (``bench/quality.py``, the slow quality test).
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .corpus import arithmetic_splits
 from .model import (
     LAB_RECIPES,
     LabRecipe,
@@ -31,6 +32,7 @@ from .model import (
     read_card,
 )
 from .quality import completion_loss
+from .targets import arithmetic_task
 
 __all__ = [
     "LAB_RECIPES",
@@ -51,10 +53,12 @@ __all__ = [
 
 def default_task(train_rows: int, eval_rows: int, seed: int = 0, fmt: str = "prompt_completion"):
     """(train dataset in TRL's ``fmt``, held-out rows) of the lab's target task: one-step arithmetic word problems
-    in GSM8K's answer format, which pretraining never saw; no held-out question is among the training rows."""
+    in GSM8K's answer format, split by ``(op, a, b)`` (:func:`~hellora_trl.recipes.lab.targets.arithmetic_task`):
+    no held-out answer occurs among the training rows and no held-out calculator annotation in the generated
+    pretraining text."""
     from ..data import format_gsm8k
 
-    train, held_out = arithmetic_splits(train_rows, eval_rows, seed=seed)
+    train, held_out = arithmetic_task(train_rows, eval_rows, seed=seed)
     return format_gsm8k([r["question"] for r in train], [r["answer"] for r in train], fmt), held_out
 
 

@@ -9,12 +9,13 @@ Two sources, one shape (``{domain: [document, ...]}``):
   sentences).
 - :func:`shared_corpus`: the real GSM8K train / CodeAlpaca / Saferpaca text from ``../shared/datasets``.
 
-The fine-tuning target (:func:`arithmetic_problems`) is one-step arithmetic word problems in GSM8K's answer format.
-That *format* (a single short question, a single calculator step) never occurs in the pretraining corpus, and the
-evaluation rows come from a different seed than the training rows and are de-duplicated against them, so every
-held-out number is on text pretraining never saw. With real data (``--data_dir``) pretraining reads at most the
-GSM8K train rows below :data:`SHARED_GSM8K_PRETRAIN_ROWS` (the first ``docs_per_domain`` of them) and never the
-test split; the rows above are left unread for fine-tuning, though no recipe here fine-tunes on them by itself.
+:func:`arithmetic_splits` (one-step arithmetic word problems in GSM8K's answer format) is the older split, held out
+*by wording only*: its held-out questions differ from the training ones, but most held-out answers occur verbatim
+among the training answers and most calculator annotations in the pretraining math text (issue 20). The lab's
+targets held out by content are in :mod:`hellora_trl.recipes.lab.targets`. With real data (``--data_dir``)
+pretraining reads at most the GSM8K train rows below :data:`SHARED_GSM8K_PRETRAIN_ROWS` (the first
+``docs_per_domain`` of them) and never the test split; the rows above are left unread for fine-tuning, though no
+recipe here fine-tunes on them by itself.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "arithmetic_splits",
     "generated_corpus",
     "heldout_domain_texts",
+    "heldout_seed",
     "shared_corpus",
     "shared_heldout",
 ]
@@ -219,9 +221,15 @@ def generated_corpus(docs_per_domain: int, seed: int = 0) -> dict[str, list[str]
 
 
 def heldout_domain_texts(n: int, seed: int = 0, domains: tuple[str, ...] = DOMAINS) -> dict[str, list[str]]:
-    """``n`` generated documents per domain from seeds pretraining never uses. Templates repeat, so a short
-    document can coincide with a pretraining one; use them for held-out loss (forgetting), not novelty claims."""
-    return {d: _GENERATORS[d](n, _HELDOUT_OFFSET + seed * 1000 + DOMAINS.index(d)) for d in domains}
+    """``n`` generated documents per domain from seeds pretraining never uses, but the same templates: many of them
+    coincide verbatim with pretraining documents (issue 20 measured 17-20 of 32 code and 18-20 of 32 safety ones).
+    The pretraining card uses them; forgetting is measured on :func:`~hellora_trl.recipes.lab.targets.forgetting_texts`."""
+    return {d: _GENERATORS[d](n, heldout_seed(seed, d)) for d in domains}
+
+
+def heldout_seed(seed: int, domain: str) -> int:
+    """The generator seed of :func:`heldout_domain_texts`' documents of ``domain`` (recorded in the lab card)."""
+    return _HELDOUT_OFFSET + seed * 1000 + DOMAINS.index(domain)
 
 
 # ------------------------------------------------------------------------------------------------- target task
@@ -265,7 +273,8 @@ def arithmetic_problems(n: int, seed: int = 0, exclude: set[str] | None = None) 
 
 
 def arithmetic_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) arithmetic rows: different seeds, and no held-out question appears in train."""
+    """(train, held-out) arithmetic rows: different seeds, and no held-out question appears in train. Held out by
+    wording only (answers and annotations overlap; see the module docstring)."""
     train = arithmetic_problems(n_train, seed=_TARGET_TRAIN_OFFSET + seed)
     held_out = arithmetic_problems(n_eval, seed=_TARGET_EVAL_OFFSET + seed, exclude={r["question"] for r in train})
     return train, held_out

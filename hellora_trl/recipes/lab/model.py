@@ -69,6 +69,7 @@ __all__ = [
     "main",
     "pretrain_lab_model",
     "verify_entry",
+    "weights_sha256",
 ]
 
 
@@ -103,8 +104,12 @@ class LabRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-# Named recipes: the default (acceptance numbers, docs/lab.md), a smaller one for the slow test suite, and a tiny
-# one (seconds, routing barely trained) that the default test suite uses through HELLORA_LAB_RECIPE=tiny.
+# Named recipes: the default (acceptance numbers, docs/lab.md), a smaller one for the slow test suite, a tiny
+# one (seconds, routing barely trained) that the default test suite uses through HELLORA_LAB_RECIPE=tiny, and
+# "olmoe": the paper's routing shape (64 experts, top-8; OLMoE-1B-7B has 16 layers, the lab keeps 4) with narrow
+# experts, so 8 active experts are as wide as the default's 2. Build time, measured per step only: 1.45-1.95 s per
+# optimizer step on 1 torch thread of a shared 2-core machine (load ~8.5; the default recipe: ~1.0 s there), so
+# ~10-13 minutes for its 400 steps plus evaluation; an end-to-end build was not timed.
 LAB_RECIPES: dict[str, LabRecipe] = {
     "default": LabRecipe(),
     "small": LabRecipe(hidden_size=96, intermediate_size=96, num_hidden_layers=4, num_experts=16, steps=300,
@@ -112,6 +117,8 @@ LAB_RECIPES: dict[str, LabRecipe] = {
     "tiny": LabRecipe(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_experts=8, vocab_size=512, seq_len=64, batch_size=8, steps=20, warmup_steps=2,
                       docs_per_domain=60),
+    "olmoe": LabRecipe(hidden_size=128, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                       num_experts=64, num_experts_per_tok=8),
 }
 
 
@@ -228,9 +235,10 @@ def _card_markdown(card: dict[str, Any]) -> str:
         f"- training: {card['steps']} steps x {r['batch_size']} x {r['seq_len']} tokens = {card['tokens_trained']:,} "
         f"tokens ({card['epochs']:.2f} epochs), AdamW lr {r['learning_rate']} (cosine, {r['warmup_steps']} warm-up "
         f"steps), seed {r['seed']}",
-        f"- time: {card['seconds']:.0f} s on {card['threads']} torch thread(s)",
+        f"- time: {card['seconds']:.0f} s on {card['threads']} torch thread(s); weights sha256 "
+        f"`{card['weights_sha256'][:16]}`",
         f"- loss: first step {card['loss_first']:.3f}, mean of the last 20 steps {card['loss_last']:.3f}",
-        "- held-out loss per domain (documents pretraining never saw): "
+        "- held-out loss per domain (documents from seeds pretraining never used, same templates): "
         + ", ".join(f"{d} {v:.3f}" for d, v in card["heldout_loss"].items()),
         "- routing on held-out text, top-k share per layer (uniform: "
         f"{r['num_experts_per_tok'] / r['num_experts']:.3f}): "
@@ -244,21 +252,46 @@ def _card_markdown(card: dict[str, Any]) -> str:
 
 
 def pretrain_lab_model(
-    recipe: LabRecipe | None = None, output_dir: str | os.PathLike | None = None, *, progress: bool = True
+    recipe: LabRecipe | None = None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """Pretrain the lab model of ``recipe`` from scratch and write it to ``output_dir``; returns the directory.
 
     Writes a transformers checkpoint (``config.json``, ``model.safetensors``, ``generation_config.json``), the
     tokenizer, ``lab_card.json`` / ``README.md`` (the data card: corpus, tokens, steps, time, held-out loss and
-    routing concentration per domain) and ``loss_curve.png``. Deterministic for a recipe on one machine (seeded
-    data order and init; CPU kernels may still differ across machines in the last bits). The model is built and
-    trained whole, outside any ZeRO-3/FSDP construction context of the calling process, with no collective.
+    routing concentration per domain) and ``loss_curve.png``. Deterministic for a recipe and a torch thread count
+    on one machine (seeded data order and init; CPU kernels reduce in a thread-dependent order, and may differ
+    across machines in the last bits): the card records ``threads``, every seed and ``weights_sha256``.
+    ``threads``: torch intra-op threads for this build (restored afterwards); default: the current setting.
+    The model is built and trained whole, outside any ZeRO-3/FSDP construction context of the calling process,
+    with no collective.
     """
     recipe = recipe or LabRecipe()
     out = Path(output_dir) if output_dir is not None else lab_cache_dir() / recipe.key()
     out.mkdir(parents=True, exist_ok=True)
-    with unsharded_construction():  # one process trains this model alone: whole weights, never ZeRO-3 shards
+    with unsharded_construction(), _torch_threads(threads):  # one process, whole weights, never ZeRO-3 shards
         return _pretrain(recipe, out, progress)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch intra-op threads set to ``threads`` for the block (None: unchanged), restored afterwards."""
+    import torch
+
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}.")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _pretrain(recipe: LabRecipe, out: Path, progress: bool) -> Path:
@@ -268,7 +301,7 @@ def _pretrain(recipe: LabRecipe, out: Path, progress: bool) -> Path:
     from transformers import AutoModelForCausalLM
 
     from ...profiling import profile_experts
-    from .corpus import heldout_domain_texts, shared_heldout
+    from .corpus import heldout_domain_texts, heldout_seed, shared_heldout
     from ..offline import build_tokenizer
 
     started = time.perf_counter()
@@ -352,6 +385,16 @@ def _pretrain(recipe: LabRecipe, out: Path, progress: bool) -> Path:
         "epochs": recipe.steps * recipe.batch_size / max(1, len(blocks)),
         "seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        # every seed the build uses: same recipe + same threads + same machine -> the same bits (weights_sha256)
+        "seeds": {
+            "corpus": {d: recipe.seed * 1000 + i for i, d in enumerate(corpus)} if recipe.data_dir is None else None,
+            "document_shuffle": recipe.seed,
+            "init": recipe.seed,
+            "block_order": recipe.seed,
+            "heldout_documents": {d: heldout_seed(recipe.seed, d) for d in heldout} if recipe.data_dir is None else None,
+        },
+        "weights_sha256": weights_sha256(out),
         "loss_first": losses[0],
         "loss_last": sum(tail) / len(tail),
         "losses": [round(x, 4) for x in losses],
@@ -374,6 +417,15 @@ def _save_model(model, out: Path) -> None:
     model.generation_config.save_pretrained(out)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint directory's ``model.safetensors`` (the identity of a lab model's weights)."""
+    digest = hashlib.sha256()
+    with open(Path(path) / "model.safetensors", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
@@ -403,11 +455,11 @@ def rebuild_command(recipe: LabRecipe, cache_dir: str | os.PathLike | None = Non
     return " ".join(parts)
 
 
-def _publish(recipe: LabRecipe, root: Path, final: Path, progress: bool) -> None:
+def _publish(recipe: LabRecipe, root: Path, final: Path, progress: bool, threads: int | None = None) -> None:
     """Pretrain into a temp sibling named after this host and pid, write the manifest, rename it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.key()}.tmp-{host_tag()}-{os.getpid()}-", dir=root))
     try:
-        pretrain_lab_model(recipe, tmp, progress=progress)
+        pretrain_lab_model(recipe, tmp, progress=progress, threads=threads)
         write_manifest(tmp)
         tmp.chmod(default_mode(directory=True))
         old = None
@@ -428,6 +480,7 @@ def lab_model_path(
     cache_dir: str | os.PathLike | None = None,
     rebuild: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """The cached checkpoint directory of ``recipe`` (a :class:`LabRecipe` or a name in :data:`LAB_RECIPES`).
 
@@ -437,6 +490,8 @@ def lab_model_path(
     naming ``hellora pretrain --rebuild``, when it does not match). Temp folders of killed builds are removed.
     Under ``accelerate launch``/``torchrun`` only the first process of each machine builds (outside any ZeRO-3/FSDP
     construction context); the others wait for the published entry.
+    ``threads`` is the torch thread count of a build (:func:`pretrain_lab_model`); it is not part of the cache key,
+    the card records it.
     """
     if isinstance(recipe, str):
         if recipe not in LAB_RECIPES:
@@ -464,7 +519,7 @@ def lab_model_path(
             return final
         note.unlink(missing_ok=True)
         try:
-            _publish(recipe, root, final, progress)
+            _publish(recipe, root, final, progress, threads)
         except BaseException as err:
             with contextlib.suppress(OSError):
                 note.write_text(json.dumps({"job": job_id(), "time": time.time(), "pid": os.getpid(),

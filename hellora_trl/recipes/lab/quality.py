@@ -5,11 +5,12 @@ test. Every configuration of one seed starts from the same lab checkpoint, train
 order for the same steps, and HELLoRA rows select from one routing profile taken once per seed (the paper's LoRA
 warm-up), so differences between rows are the adapter placement, not the data or the profile.
 
-Metrics, all on data pretraining never saw (see :mod:`hellora_trl.recipes.lab.corpus`):
+Metrics, on rows held out by content (:mod:`hellora_trl.recipes.lab.targets`):
 
-- ``target_loss``: mean loss on the completion tokens (answer and end-of-sequence) of held-out target rows;
-- ``exact_match``: greedy generation, final answer equal to the gold one (GSM8K's ``#### n`` rule);
-- ``forgetting``: per untrained domain, held-out document loss after fine-tuning minus before, and its mean.
+- ``target_loss``: mean loss on the completion tokens (answer and end-of-sequence) of held-out target rows, and
+  ``target_split``: the same loss split into result tokens and format/copy tokens;
+- ``exact_match``: greedy generation, final answer equal to the gold one (GSM8K's ``#### n`` rule; arithmetic only);
+- ``domain_loss``: held-out document loss per pretraining domain (forgetting: after fine-tuning minus before).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 __all__ = [
     "FineTuneSettings",
     "QualityConfig",
+    "attention_only",
     "attention_router_only",
     "completion_loss",
     "domain_losses",
@@ -60,8 +62,10 @@ class FineTuneSettings:
 
 @dataclass
 class QualityConfig:
-    """One row: ``kind`` = ``floor`` (attention + router), ``peft_all`` (PEFT ``target_parameters`` on all
-    experts) or ``hellora`` (our expert layer on a selected hot set; k = num_experts is our all-experts LoRA)."""
+    """One row: ``kind`` = ``floor`` (attention + router), ``attention`` (attention only), ``peft_all`` (PEFT
+    ``target_parameters`` on all experts) or ``hellora`` (our expert layer on a selected hot set; k = num_experts is
+    our all-experts LoRA). ``lora``: ``LoraConfig`` fields over the settings' (e.g. a ``rank_pattern`` giving the
+    experts another rank than attention and router)."""
 
     name: str
     kind: str = "hellora"
@@ -70,28 +74,37 @@ class QualityConfig:
     variant: str = "lora"
     dynamic_rank: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def target_data(settings: FineTuneSettings, seed: int = 0):
-    """(train ``Dataset`` in prompt-completion format, held-out rows) of the arithmetic target task."""
-    from ..data import format_gsm8k
-    from .corpus import arithmetic_splits
+def target_data(settings: FineTuneSettings, seed: int = 0, target: str = "arithmetic"):
+    """(train ``Dataset`` in prompt-completion format, held-out rows) of a target held out by content
+    (:func:`~hellora_trl.recipes.lab.targets.target_task`: ``arithmetic`` or ``facts``)."""
+    from .targets import target_task, to_dataset
 
-    train, held_out = arithmetic_splits(settings.train_rows, settings.eval_rows, seed=seed)
-    return format_gsm8k([r["question"] for r in train], [r["answer"] for r in train], "prompt_completion"), held_out
+    train, held_out = target_task(target, settings.train_rows, settings.eval_rows, seed=seed)
+    return to_dataset(train), held_out
 
 
 def domain_texts(settings: FineTuneSettings, seed: int = 0, domains: Sequence[str] | None = None) -> dict[str, list[str]]:
-    from .corpus import DOMAINS, heldout_domain_texts
+    """Forgetting documents per domain (math included) from templates pretraining never used."""
+    from .corpus import DOMAINS
+    from .targets import forgetting_texts
 
-    return heldout_domain_texts(settings.domain_rows, seed=seed, domains=tuple(domains or DOMAINS))
+    return forgetting_texts(settings.domain_rows, seed=seed, domains=tuple(domains or DOMAINS))
 
 
 # --------------------------------------------------------------------------------------------------- metrics
 def completion_loss(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> float:
-    """Mean loss over the completion tokens (`` answer<eos>``) of GSM8K-format rows, prompt tokens unscored."""
+    """Mean loss over the completion tokens (`` answer<eos>``) of GSM8K-format rows, prompt tokens unscored; rows
+    of :mod:`~hellora_trl.recipes.lab.targets` (with ``result`` spans) are scored by their ``prompt``/``completion``."""
     from ..eval import gsm8k_prompt
+
+    if rows and "result" in rows[0]:
+        from .targets import split_losses
+
+        return split_losses(model, tokenizer, rows, batch_size)["whole"]
 
     model.eval()
     total, count = 0.0, 0
@@ -151,10 +164,16 @@ def routing_profile(model, tokenizer, rows: Sequence[dict], batch_size: int = 32
 
 def score(model, tokenizer, held_out: Sequence[dict], domains: dict[str, list[str]], settings: FineTuneSettings) -> dict:
     em = None
-    if settings.generate_rows:
+    if settings.generate_rows and held_out and "question" in held_out[0]:
         em = exact_match(model, tokenizer, held_out[: settings.generate_rows], settings.max_new_tokens)
+    split = None
+    if held_out and "result" in held_out[0]:
+        from .targets import split_losses
+
+        split = split_losses(model, tokenizer, held_out)
     return {
-        "target_loss": completion_loss(model, tokenizer, held_out),
+        "target_loss": split["whole"] if split else completion_loss(model, tokenizer, held_out),
+        "target_split": split,
         "exact_match": em,
         "domain_loss": domain_losses(model, tokenizer, domains),
     }
@@ -180,10 +199,24 @@ def _args(out: Path, settings: FineTuneSettings, seed: int, **hellora):
     )
 
 
-def _lora(settings: FineTuneSettings):
+def _lora(settings: FineTuneSettings, **overrides: Any):
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM")
+    fields = dict(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM")
+    return LoraConfig(**{**fields, **overrides})
+
+
+def attention_only(model, lora_config):
+    """LoRA on the attention projections only (no router, no experts): the floor without the router."""
+    import copy
+
+    from peft import get_peft_model
+
+    from ...registry import family_for
+
+    config = copy.deepcopy(lora_config)
+    config.target_modules = list(family_for(model).attention_targets)
+    return get_peft_model(model, config)
 
 
 def _load(model_path: str | Path):
@@ -232,9 +265,12 @@ def finetune(
                 from ...experimental.dynamic_rank_trainer import DynamicRankTrainer
             trainer_class = DynamicRankTrainer if config.dynamic_rank else HELLoRATrainer
             trainer = trainer_class(model=model, args=_args(work, settings, seed, **options), train_dataset=train,
-                                    processing_class=tokenizer, peft_config=_lora(settings))
+                                    processing_class=tokenizer, peft_config=_lora(settings, **config.lora))
         else:
-            peft_model = (attention_router_only if config.kind == "floor" else apply_peft_all_experts)(model, _lora(settings))
+            build = {"floor": attention_router_only, "attention": attention_only, "peft_all": apply_peft_all_experts}
+            if config.kind not in build:
+                raise ValueError(f"unknown kind {config.kind!r}; choose hellora or one of {sorted(build)}.")
+            peft_model = build[config.kind](model, _lora(settings, **config.lora))
             trainer = SFTTrainer(model=peft_model, args=_args(work, settings, seed), train_dataset=train,
                                  processing_class=tokenizer)
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -246,6 +282,7 @@ def finetune(
         result = {
             "trainable_percent": report["trainable_percent"],
             "trainable": report.get("trainable"),
+            "trainable_by_component": report.get("by_component"),
             "train_loss": output.metrics.get("train_loss"),
             "sec_per_step": output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
             "seconds": seconds,

@@ -1,0 +1,183 @@
+"""Run the pre-registered evidence experiments (bench/evidence/PLAN.md), resumable and chunked.
+
+One raw JSON per (recipe, pretraining seed, fine-tune seed, target, arm) under ``bench/evidence/runs/``, plus one
+``base`` JSON per (recipe, pretraining seed, target): the untrained model's target and forgetting losses. A unit
+whose file exists is skipped, so the same command continues where the last one stopped. ``--budget`` (seconds)
+stops the process before it starts a unit it cannot finish in time (exit code 3: more to do), so no single
+command runs past the limit; a driver repeats the command until it exits 0:
+
+    until python bench/evidence/run.py --budget 540; do :; done
+    python bench/evidence/run.py --pretrain-seeds 0 1 2 --targets arithmetic facts --arms floor hot-k2 random-k2
+
+Pretraining a lab model is one indivisible unit (minutes); it is cached per recipe and seed under ``--cache`` with
+the thread count recorded in its card (``--threads``, default 1), so every model of a run is built the same way.
+Every unit trains from the same checkpoint with the same rows, order, steps and learning rate; HELLoRA arms select
+from one routing profile per (model, fine-tune seed, target), taken once (the paper's LoRA warm-up) and saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+RUNS = Path(__file__).resolve().parent / "runs"
+MORE_TO_DO = 3
+PRIORITY_ARMS = ("floor", "attention", "hot-k2", "random-k2", "cold-k2", "all-r8", "all-matched")
+ALL_ARMS = PRIORITY_ARMS + ("hot-k1", "hot-k4", "hot-k8", "model-k2", "mass", "lori-d", "hellori-d-k2")
+
+
+def settings_for(target: str, steps: int):
+    from hellora_trl.recipes.lab.quality import FineTuneSettings
+
+    # fixed for every arm: steps, rows, batch, learning rate, rank 8 (PLAN.md "Arms")
+    return FineTuneSettings(steps=steps, train_rows=1200, eval_rows=128 if target == "arithmetic" else 48,
+                            domain_rows=32, generate_rows=32 if target == "arithmetic" else 0)
+
+
+def arm_config(arm: str, num_experts: int, lora_r: int):
+    """The QualityConfig of an arm name (``hot-k<k>``, ``random-k2``, ``all-matched``...)."""
+    from hellora_trl.recipes.lab.quality import QualityConfig
+
+    if arm == "floor":
+        return QualityConfig(arm, kind="floor")
+    if arm == "attention":
+        return QualityConfig(arm, kind="attention")
+    if arm == "all-r8":
+        return QualityConfig(arm, k=num_experts)
+    if arm == "all-matched":  # every expert at the rank whose expert parameters equal hot k=2 at rank lora_r
+        rank = max(1, round(2 * lora_r / num_experts))
+        pattern = r".*\.mlp\.experts"
+        return QualityConfig(arm, k=num_experts, lora={"rank_pattern": {pattern: rank}, "alpha_pattern": {pattern: 2 * rank}})
+    if arm == "mass":
+        return QualityConfig(arm, k=None, selection="mass")
+    if arm == "lori-d":
+        return QualityConfig(arm, k=num_experts, variant="lori_d")
+    if arm == "hellori-d-k2":
+        return QualityConfig(arm, k=2, variant="lori_d")
+    kind, _, k = arm.rpartition("-k")
+    strategies = {"hot": "layer", "random": "random", "cold": "cold", "model": "model"}
+    if kind in strategies and k.isdigit():
+        return QualityConfig(arm, k=int(k), selection=strategies[kind])
+    raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ALL_ARMS)} or hot-k<k>.")
+
+
+def unit_path(out: Path, recipe: str, pseed: int, fseed: int | None, target: str, arm: str) -> Path:
+    ft = "base" if fseed is None else f"f{fseed}"
+    return out / f"{recipe}-p{pseed}-{ft}-{target}-{arm}.json"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    from hellora_trl.utils import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def allows(self, estimate: float) -> bool:
+        return time.perf_counter() - self.start + estimate <= self.seconds
+
+
+def model_path(recipe_name: str, pseed: int, cache: Path, threads: int, budget: Budget, build_estimate: float):
+    """The cached checkpoint of (recipe, seed), built with ``threads`` threads; None if it cannot be built in time."""
+    from hellora_trl.recipes.lab import LAB_RECIPES, lab_model_path
+
+    recipe = dataclasses.replace(LAB_RECIPES[recipe_name], seed=pseed)
+    if not (cache / recipe.key() / "lab_card.json").is_file() and not budget.allows(build_estimate):
+        return None
+    return lab_model_path(recipe, cache_dir=cache, threads=threads, progress=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--ft-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--targets", nargs="+", default=["arithmetic", "facts"])
+    parser.add_argument("--arms", nargs="+", default=list(PRIORITY_ARMS))
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds this command may run (default 540)")
+    parser.add_argument("--unit-estimate", type=float, default=150.0, help="seconds one fine-tune unit may take")
+    parser.add_argument("--build-estimate", type=float, default=480.0, help="seconds one pretraining may take")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=None, help="lab model cache (default: the lab's own cache)")
+    parser.add_argument("--out", type=Path, default=RUNS)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from hellora_trl.recipes.lab import LAB_RECIPES, read_card
+    from hellora_trl.recipes.lab import quality as q
+
+    if args.recipe not in LAB_RECIPES:
+        raise SystemExit(f"unknown recipe {args.recipe!r}; choose one of {sorted(LAB_RECIPES)}.")
+    torch.set_num_threads(args.threads)
+    if args.cache is None:
+        from hellora_trl.recipes.lab import lab_cache_dir
+
+        args.cache = lab_cache_dir()
+    for arm in args.arms:
+        arm_config(arm, LAB_RECIPES[args.recipe].num_experts, 8)  # refuse bad names before any work
+    budget = Budget(args.budget)
+    last_unit = args.unit_estimate
+    for pseed in args.pretrain_seeds:
+        path = model_path(args.recipe, pseed, args.cache, args.threads, budget, args.build_estimate)
+        if path is None:
+            print(f"stop: no time left to pretrain {args.recipe} seed {pseed}")
+            return MORE_TO_DO
+        card = read_card(path)
+        experts = card["recipe"]["num_experts"]
+        identity = {"recipe": args.recipe, "pretrain_seed": pseed, "weights_sha256": card.get("weights_sha256"),
+                    "pretrain_threads": card["threads"], "recipe_key": card["key"]}
+        for target in args.targets:
+            settings = settings_for(target, args.steps)
+            train, held_out = q.target_data(settings, seed=0, target=target)  # one held-out set for every unit
+            domains = q.domain_texts(settings, seed=0)
+            base_file = unit_path(args.out, args.recipe, pseed, None, target, "base")
+            if not base_file.is_file():
+                model, tokenizer = q._load(path)
+                write_json(base_file, {**identity, "target": target, "arm": "base", "ft_seed": None,
+                                       "settings": dataclasses.asdict(settings),
+                                       **q.score(model, tokenizer, held_out, domains, settings)})
+            for fseed in args.ft_seeds:
+                profile_path = args.out / "profiles" / f"{args.recipe}-p{pseed}-f{fseed}-{target}.json"
+                for arm in args.arms:
+                    out = unit_path(args.out, args.recipe, pseed, fseed, target, arm)
+                    if out.is_file():
+                        continue
+                    if not budget.allows(last_unit * 1.2):
+                        print(f"stop: budget reached before {out.name}")
+                        return MORE_TO_DO
+                    started = time.perf_counter()
+                    config = arm_config(arm, experts, settings.lora_r)
+                    if config.kind == "hellora" and not profile_path.is_file():
+                        profile_path.parent.mkdir(parents=True, exist_ok=True)
+                        q.take_profile(path, train, settings, fseed, profile_path)
+                    result = q.finetune(config, path, train, settings, fseed, profile_path, held_out, domains)
+                    result["unit_seconds"] = time.perf_counter() - started
+                    write_json(out, {**identity, "target": target, "arm": arm, "ft_seed": fseed,
+                                     "config": dataclasses.asdict(config), "settings": dataclasses.asdict(settings),
+                                     "threads": args.threads, **result})
+                    last_unit = max(args.unit_estimate / 2, result["unit_seconds"])
+                    print(f"{out.name}: result loss {result['target_split']['result']:.4f} "
+                          f"({result['unit_seconds']:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

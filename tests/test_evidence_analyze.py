@@ -1,0 +1,118 @@
+"""bench/evidence/analyze.py on synthetic runs: a planted supported case, a planted refuted one, and the minimum
+counts of PLAN.md (below them nothing is decided)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "evidence"))
+
+import analyze  # noqa: E402
+
+ARMS = {  # planted result-token loss per arm (before noise); expert parameters per arm
+    "floor": (2.0, 0), "attention": (2.05, 0), "hot-k2": (1.5, 16), "random-k2": (1.8, 16), "cold-k2": (1.9, 16),
+    "all-r8": (1.4, 128), "all-matched": (1.7, 16),
+}
+
+
+def synthetic(models=5, ft_seeds=3, flip=False, noise=0.02, seed=0):
+    """Runs where hot k=2 wins everywhere (``flip``: where it loses everywhere: hot and random swapped, hot and
+    all-matched swapped, all-experts forgets less)."""
+    rng = random.Random(seed)
+    runs = []
+    for target in ("arithmetic", "facts"):
+        base_loss = 3.0
+        for m in range(models):
+            domain = {d: 2.0 for d in analyze.DOMAINS}
+            runs.append({"recipe": "default", "pretrain_seed": m, "ft_seed": None, "target": target, "arm": "base",
+                         "target_split": {"result": base_loss, "format": 1.0, "whole": 1.2}, "domain_loss": domain})
+            for f in range(ft_seeds):
+                for arm, (loss, params) in ARMS.items():
+                    if flip and arm in ("hot-k2", "random-k2"):
+                        loss = ARMS["random-k2" if arm == "hot-k2" else "hot-k2"][0]
+                    if flip and arm == "all-matched":
+                        loss = 1.45
+                    if target == "facts" and arm == "floor":
+                        loss = 2.7 if not flip else 1.45  # facts: the floor recovers little (or nearly all)
+                    forget = {"all-r8": 0.3, "hot-k2": 0.1}.get(arm, 0.05)
+                    if flip and arm in ("all-r8", "hot-k2"):
+                        forget = 0.4 - forget
+                    runs.append({
+                        "recipe": "default", "pretrain_seed": m, "ft_seed": f, "target": target, "arm": arm,
+                        "target_split": {"result": loss + rng.gauss(0, noise), "format": 0.5, "whole": 0.6},
+                        "domain_loss": {d: 2.0 + forget + rng.gauss(0, noise / 4) for d in analyze.DOMAINS},
+                        "trainable_by_component": {"experts": params, "attention": 10, "router": 1},
+                        "exact_match": 0.5,
+                    })
+    return runs
+
+
+def verdicts(runs):
+    data, md = analyze.analyze(runs)
+    return {h: e["verdict"] for h, e in data["hypotheses"].items()}, data, md
+
+
+def test_planted_supported_case():
+    v, data, md = verdicts(synthetic())
+    assert v["H1"] == "supported" and v["H2"] == "supported" and v["H3"] == "supported"
+    assert v["H4"] == "supported" and v["H5"] == "supported"
+    assert v["H6"] == "inconclusive"  # no olmoe runs
+    h3 = next(iter(data["hypotheses"]["H3"]["parts"].values()))
+    assert h3["threshold"] == pytest.approx(16 / 128) and h3["mean"] == pytest.approx(5 / 6, abs=0.05)
+    assert "PARTIAL" not in md and "| hot-k2 |" in md
+
+
+def test_planted_refuted_case():
+    v, data, _ = verdicts(synthetic(flip=True))
+    assert v["H1"] == "refuted" and v["H2"] == "refuted" and v["H5"] == "refuted"
+    parts = data["hypotheses"]["H1"]["parts"]
+    random_part = parts["default/arithmetic: random-k2 - hot-k2"]
+    assert random_part["verdict"] == "refuted" and random_part["ci95"][1] < 0 and random_part["sign"] == "0/5"
+    assert parts["default/arithmetic: cold-k2 - hot-k2"]["verdict"] == "supported"  # cold still loses: H1 overall refuted
+    assert v["H4"] == "refuted" and "note" not in data["hypotheses"]["H4"]
+
+
+def test_below_minimum_counts_nothing_is_decided():
+    v, data, md = verdicts(synthetic(models=3))
+    assert set(v.values()) == {"inconclusive"}
+    assert "below the pre-registered minimum of 5" in json.dumps(data)
+    assert "PARTIAL" in md
+    v, data, _ = verdicts(synthetic(ft_seeds=2))
+    assert set(v.values()) == {"inconclusive"} and "fine-tune seed(s) per model" in json.dumps(data)
+
+
+def test_mixed_signs_are_inconclusive():
+    runs = synthetic(noise=0.0)
+    for r in runs:  # hot wins against random in 3 models, loses in 2: the interval straddles 0
+        if r["arm"] == "random-k2" and r["pretrain_seed"] in (3, 4):
+            r["target_split"]["result"] = 1.2
+    v, data, _ = verdicts(runs)
+    part = data["hypotheses"]["H1"]["parts"]["default/arithmetic: random-k2 - hot-k2"]
+    assert part["verdict"] == "inconclusive" and part["sign"] == "3/5" and part["ci95"][0] < 0 < part["ci95"][1]
+
+
+def test_main_writes_json_and_markdown(tmp_path):
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    for i, r in enumerate(synthetic(models=2, ft_seeds=1)):
+        (runs_dir / f"{i}.json").write_text(json.dumps(r))
+    assert analyze.main(["--runs", str(runs_dir), "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "evidence.json").read_text())
+    assert saved["runs"] == len(list(runs_dir.iterdir())) and "PARTIAL" in (tmp_path / "out" / "evidence.md").read_text()
+
+
+def test_pairs_use_only_the_fine_tune_seeds_both_arms_ran():
+    """A model where hot ran seeds 0 and 1 but random only seed 0 is compared on seed 0 alone."""
+    runs = synthetic(models=1, ft_seeds=2, noise=0.0)
+    runs = [r for r in runs if not (r["arm"] == "random-k2" and r["ft_seed"] == 1)]
+    for r in runs:
+        if r["arm"] == "hot-k2" and r["ft_seed"] == 1:
+            r["target_split"]["result"] = 9.0  # a seed random never ran: must not enter the pair
+    table = analyze.per_model(runs)[("default", "arithmetic")]
+    assert analyze.paired(table, "random-k2", "hot-k2", "result") == [pytest.approx(0.3)]
+    assert table["hot-k2"][0]["result"] == pytest.approx((1.5 + 9.0) / 2)  # the pooled mean still uses both
