@@ -50,6 +50,7 @@ FLOORS = [
     ["recipes.lab"],  # the face the SFT recipe uses
     ["recipes.lab_corpus", "recipes.lab_quality"],  # moved paths (FutureWarning; removed in 0.3.0)
     ["recipes.sft"],
+    ["recipes.rl"],  # the DPO/GRPO recipes (issue 21)
     ["recipes.ablation"],
     ["integrations", "integrations.warmup"],
     ["integrations.axolotl"],
