@@ -92,9 +92,9 @@ def dpo_rows(rows: Sequence[dict], seed: int = 0) -> Dataset:
     return Dataset.from_dict({"prompt": prompts["prompt"], "chosen": chosen, "rejected": rejected})
 
 
-def load_rl_rows(dataset_name: str | None, split: str, limit: int | None) -> list[dict]:
+def load_rl_rows(dataset_name: str | None, split: str, limit: int | None, config: str | None = None) -> list[dict]:
     """``question``/``answer`` rows of a local file or hub dataset (GSM8K schema)."""
-    ds = load_source(dataset_name, split, None)
+    ds = load_source(dataset_name, split, config)
     missing = {"question", "answer"} - set(ds.column_names)
     if missing:
         raise ValueError(f"{dataset_name} needs question/answer columns (GSM8K schema); missing {sorted(missing)}.")
@@ -163,9 +163,11 @@ class RLScriptArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A GSM8K-schema dataset (question/answer; local file or hub id). None = the lab's "
-                          "generated arithmetic problems (the lab model never saw them)."},
+        metadata={"help": "A GSM8K-schema dataset (question/answer; local file or hub id), or for DPO a TRL "
+                          "preference dataset (prompt/chosen/rejected or chosen/rejected), passed through. None = the "
+                          "lab's generated arithmetic problems (the lab model never saw them)."},
     )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. 'main' for GSM8K)."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     train_limit: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     eval_limit: int = field(default=32, metadata={"help": "Held-out rows scored before and after training."})
@@ -261,7 +263,7 @@ def task_rows(script_args: RLScriptArguments, seed: int) -> tuple[list[dict], li
         from .lab.corpus import arithmetic_splits
 
         return arithmetic_splits(script_args.train_limit or 320, script_args.eval_limit, seed=seed)
-    rows = load_rl_rows(script_args.dataset_name, script_args.dataset_train_split, None)
+    rows = load_rl_rows(script_args.dataset_name, script_args.dataset_train_split, None, script_args.dataset_config)
     held = rows[-script_args.eval_limit:] if script_args.eval_limit else []
     train = rows[: len(rows) - len(held)]
     return (train[: script_args.train_limit] if script_args.train_limit else train), held
@@ -276,6 +278,21 @@ def build(kind: str, script_args: RLScriptArguments, training_args, model_args):
     if training_args.hellora_init_adapter:
         peft_config = None  # the SFT adapter's own shape (adapter_config.json)
     model, tokenizer = build_model_and_tokenizer(model_args, training_args, script_args.lab_recipe)
+    if kind == "dpo" and script_args.dataset_name is not None:
+        pairs = load_source(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+        if {"chosen", "rejected"} <= set(pairs.column_names):  # a TRL preference dataset: passed through
+            held_n = min(script_args.eval_limit, len(pairs) // 10) if "prompt" in pairs.column_names else 0
+            train = pairs.select(range(len(pairs) - held_n))
+            if script_args.train_limit:
+                train = train.select(range(min(script_args.train_limit, len(train))))
+            held = pairs.select(range(len(pairs) - held_n, len(pairs)))
+            if held_n and not isinstance(held[0]["prompt"], str):
+                held = held.select([])  # conversational pairs: no held-out log-prob measure
+            trainer = HELLoRADPOTrainer(
+                model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+                peft_config=peft_config,
+            )
+            return trainer, tokenizer, held
     train_rows, held_rows = task_rows(script_args, training_args.seed)
     if kind == "grpo":
         trainer = HELLoRAGRPOTrainer(
