@@ -9,10 +9,11 @@ selection, the adapter, checkpoints and figures are the mixin's; what differs pe
   with one taken for SFT on the same task). The rejected completion is left out by default: it is what the policy
   is pushed away from, usually close in domain to the chosen one, and counting it doubles the weight of completions
   against prompts. ``'chosen_rejected'`` counts both.
-* GRPO profiles **the prompts** (``hellora_profile_source='prompts'``, the default) or **prompts + rollouts of the
-  base policy** (``'rollouts'``: one sampled completion per prompt, ``max_completion_length`` tokens at the
-  config's ``temperature``), since GRPO trains on the policy's own tokens. ``bench/rl_rollout_jaccard.py`` measures
-  how far the two hot sets differ on the lab model; docs/rl.md gives the numbers behind the default.
+* GRPO profiles **prompts + rollouts of the base policy** (``hellora_profile_source='rollouts'``, the default: one
+  sampled completion per prompt, ``max_completion_length`` tokens at the config's ``temperature``), since GRPO
+  trains on the policy's own tokens, or **the prompts** only (``'prompts'``; required under ZeRO-3/FSDP).
+  ``bench/rl_rollout_jaccard.py`` measures how far the two hot sets differ on the lab model; docs/rl.md gives the
+  numbers behind the default.
 
 Profiling is forward-only (``hellora_profile_mode='forward'``, the default of these configs): the LoRA warm-up mode
 is a sub-run of the SFT objective and is refused here with one line.
@@ -102,7 +103,7 @@ class HELLoRAGRPOConfig(HELLoRARLArguments, GRPOConfig):
     """Everything ``GRPOConfig`` takes, plus the ``hellora_*`` fields."""
 
     hellora_profile_source: str = field(
-        default="prompts",
+        default="rollouts",  # measured: bench/rl_rollout_jaccard.py, docs/rl.md
         metadata={
             "choices": list(GRPO_PROFILE_SOURCES),
             "help": "What GRPO profiling counts: 'prompts' (the prompts only) or 'rollouts' (prompts + one "
@@ -305,6 +306,12 @@ class HELLoRAGRPOTrainer(HELLoRARLMixin, GRPOTrainer):
         self._hellora_peft_config_default = peft_config is None
         super().__init__(model, *pos, peft_config=peft_config, **kwargs)
         self.probe_reward_funcs()
+        has_profile = bool(self.args.hellora_profile_path and Path(self.args.hellora_profile_path).is_file())
+        if self.args.hellora_profile_source == "rollouts" and not has_profile and (self.is_fsdp_enabled or self._zero3):
+            raise ValueError(
+                "hellora_profile_source='rollouts' generates with the unsharded base model before training, which "
+                "ZeRO-3/FSDP do not allow: set hellora_profile_source='prompts', or pass hellora_profile_path."
+            )
 
     def probe_reward_funcs(self, rows: int = 2) -> None:
         data = self.train_dataset

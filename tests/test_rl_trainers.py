@@ -171,7 +171,7 @@ def test_wrong_dataset_format_is_one_clear_line(tmp_path, tokenizer, prompts, pa
 
 
 # ------------------------------------------------------------------------------------------------- GRPO
-def test_grpo_trains_hot_adapter_from_prompts(tmp_path, tokenizer, prompts):
+def test_grpo_trains_hot_adapter(tmp_path, tokenizer, prompts):
     trainer = make_grpo(tmp_path, tokenizer, prompts)
     trainer.train()
     assert trainer.hot_experts and all(len(ids) == 2 for ids in trainer.hot_experts.values())
@@ -194,6 +194,13 @@ def test_raising_reward_function_is_named_before_profiling(tmp_path, tokenizer, 
     with pytest.raises(ValueError, match="Reward function 'broken_reward' raised KeyError"):
         make_grpo(tmp_path, tokenizer, prompts, reward=broken_reward)
     assert not (tmp_path / "grpo" / PROFILE_FILE).exists()
+
+
+def test_profile_source_defaults(tmp_path):
+    """The defaults docs/rl.md states: DPO counts prompt + chosen; GRPO counts base-policy rollouts (measured)."""
+    assert dpo_args(tmp_path).hellora_profile_source == "chosen"
+    assert grpo_args(tmp_path).hellora_profile_source == "rollouts"
+    assert dpo_args(tmp_path).hellora_profile_mode == grpo_args(tmp_path).hellora_profile_mode == "forward"
 
 
 def test_unknown_profile_source_is_refused(tmp_path):
