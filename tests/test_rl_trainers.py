@@ -179,6 +179,15 @@ def test_grpo_trains_hot_adapter(tmp_path, tokenizer, prompts):
     assert any("reward" in log for log in trainer.state.log_history)
 
 
+def test_grpo_with_kl_uses_the_adapter_disabled_base_as_reference(tmp_path, tokenizer, prompts):
+    """beta > 0: no reference copy is loaded (TRL would load one from the hub id of a bare model); the KL term is
+    taken against the adapter-disabled base and training runs."""
+    trainer = make_grpo(tmp_path, tokenizer, prompts, beta=0.1, max_steps=1, hellora_profile_source="prompts")
+    assert trainer.ref_model is None
+    trainer.train()
+    assert any("kl" in log for log in trainer.state.log_history)
+
+
 def test_grpo_rollouts_count_more_tokens_than_prompts(tmp_path, tokenizer, prompts):
     counts = {}
     for source in ("prompts", "rollouts"):
