@@ -278,3 +278,23 @@ def test_init_adapter_hot_map_must_fit_the_model(tmp_path, tokenizer, pairs, sft
     other = tiny_model("olmoe", num_experts=4, num_experts_per_tok=2)
     with pytest.raises(ValueError, match="does not fit this model"):
         make_dpo(tmp_path, tokenizer, pairs, model=other, hellora_init_adapter=str(path))
+
+
+# ------------------------------------------------------------------------------------------------- DDP (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+def test_ddp_two_processes_identical_adapters_and_all_reduced_profile(kind, tmp_path):
+    from pathlib import Path
+
+    from distributed_harness import launch_command, run
+
+    worker = Path(__file__).resolve().parent / "rl_distributed_worker.py"
+    run(launch_command("ddp.yaml", worker, ["--kind", kind, "--out", str(tmp_path)]), timeout=600)
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["hot"] == ranks[1]["hot"]
+    assert torch.equal(ranks[0]["counts"], ranks[1]["counts"]) and ranks[0]["counts"].sum() > 0  # summed over ranks
+    assert ranks[0]["adapter"].keys() == ranks[1]["adapter"].keys() and ranks[0]["adapter"]
+    for name, value in ranks[0]["adapter"].items():
+        torch.testing.assert_close(value, ranks[1]["adapter"][name], rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for n, v in ranks[0]["adapter"].items() if "lora_B" in n)  # it trained
