@@ -280,6 +280,36 @@ def test_init_adapter_hot_map_must_fit_the_model(tmp_path, tokenizer, pairs, sft
         make_dpo(tmp_path, tokenizer, pairs, model=other, hellora_init_adapter=str(path))
 
 
+# ------------------------------------------------------------------------------------------------- drop-in pieces
+class Seen(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+def test_checkpoint_resume_callbacks_and_accumulation(kind, tmp_path, tokenizer, pairs, prompts):
+    """A user callback runs, gradient accumulation counts optimizer steps, a checkpoint carries the hot map and
+    resuming from it rebuilds the adapter without profiling again."""
+    opts = dict(save_strategy="steps", save_steps=1, max_steps=2, gradient_accumulation_steps=2,
+                hellora_profile_source="prompts" if kind == "grpo" else "chosen")
+    make = (lambda: make_dpo(tmp_path, tokenizer, pairs, **opts)) if kind == "dpo" else (
+        lambda: make_grpo(tmp_path, tokenizer, prompts, **opts))
+    first = make()
+    seen = Seen()
+    first.add_callback(seen)
+    first.train()
+    assert seen.steps == 2 and first.state.global_step == 2
+    checkpoint = tmp_path / kind / "checkpoint-1"
+    assert (checkpoint / PROFILE_FILE).is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+    again = make()
+    again.run_profiling = lambda: pytest.fail("resume profiled again")
+    again.train(resume_from_checkpoint=str(checkpoint))
+    assert again.state.global_step == 2 and again.hot_experts == first.hot_experts
+
+
 # ------------------------------------------------------------------------------------------------- DDP (slow)
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dpo", "grpo"])
