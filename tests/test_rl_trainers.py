@@ -212,6 +212,14 @@ def test_profile_source_defaults(tmp_path):
     assert dpo_args(tmp_path).hellora_profile_mode == grpo_args(tmp_path).hellora_profile_mode == "forward"
 
 
+def test_reward_function_of_the_wrong_length_is_refused(tmp_path, tokenizer, prompts):
+    def one_reward(completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="Reward function 'one_reward' returned list of length 1 for 2 completions"):
+        make_grpo(tmp_path, tokenizer, prompts, reward=one_reward)
+
+
 def test_unknown_profile_source_is_refused(tmp_path):
     with pytest.raises(ValueError, match="hellora_profile_source must be one of"):
         grpo_args(tmp_path, hellora_profile_source="chosen")
