@@ -65,7 +65,7 @@ def uniform_callback():
 
 
 def training_args(out: Path, steps: int, seed: int, k: int, profile: Path):
-    from hellora_trl.sft import parse_args
+    from hellora_trl.recipes.sft import parse_args
 
     argv = [
         "--output_dir", str(out), "--max_steps", str(steps), "--seed", str(seed), "--hellora_k", str(k),
@@ -78,7 +78,7 @@ def training_args(out: Path, steps: int, seed: int, k: int, profile: Path):
 def take_profile(args: argparse.Namespace, seed: int, work: Path) -> None:
     """Profile once per seed (written to the shared profile path), so no row's adapter init follows a warm-up run
     that consumed random numbers and every row trains the same hot experts."""
-    from hellora_trl.sft import build_model_and_tokenizer, load_task_data, lora_config_from
+    from hellora_trl.recipes.sft import build_model_and_tokenizer, load_task_data, lora_config_from
     from hellora_trl.trainer import HELLoRATrainer
 
     script_args, train_args, model_args = training_args(work / "profile", args.steps, seed, args.k, work / "profile.json")
@@ -93,11 +93,11 @@ def take_profile(args: argparse.Namespace, seed: int, work: Path) -> None:
 
 def run_row(row: dict[str, Any], args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     from hellora_trl.accounting import trainable_parameter_report
-    from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.recipes.data import synthetic_gsm8k
     from hellora_trl.config import convert_config
     from hellora_trl.experimental.dynamic_rank import DynamicRankCallback, active_ranks
     from hellora_trl.experimental.dynamic_rank_trainer import DynamicRankConfig, DynamicRankTrainer
-    from hellora_trl.sft import build_model_and_tokenizer, load_task_data, lora_config_from
+    from hellora_trl.recipes.sft import build_model_and_tokenizer, load_task_data, lora_config_from
     from hellora_trl.trainer import HELLoRATrainer
 
     script_args, train_args, model_args = training_args(work / "run", args.steps, seed, args.k, work / "profile.json")
@@ -142,8 +142,8 @@ def hook_overhead(args: argparse.Namespace) -> dict[str, float]:
     alternated step by step on the same batch so a busy shared machine slows both alike."""
     from hellora_trl import apply_hellora, default_lora_config, find_moe_layers
     from hellora_trl.experimental.dynamic_rank import init_rank_masks
-    from hellora_trl.offline import tiny_moe_model
-    from hellora_trl.sft import OFFLINE_MODEL
+    from hellora_trl.recipes.offline import tiny_moe_model
+    from hellora_trl.recipes.models import OFFLINE_MODEL
 
     steps = {}
     for name in ("fixed", "masks"):

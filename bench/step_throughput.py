@@ -280,7 +280,7 @@ def build_base(preset: Preset, seed: int) -> tuple[nn.Module, dict[str, torch.Te
     """The frozen random model of ``preset`` and the fixed batch every configuration trains on."""
     from transformers import AutoModelForCausalLM
 
-    from hellora_trl.offline import tiny_moe_config, tiny_moe_model
+    from hellora_trl.recipes.offline import tiny_moe_config, tiny_moe_model
 
     dtype, device = getattr(torch, preset.dtype), preset.device
     if device == "cuda":  # random init on the GPU, in the benchmark's dtype: no float32 copy of a 7B model on the host

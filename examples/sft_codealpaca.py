@@ -6,7 +6,7 @@ Every field of TRL's SFTConfig, HELLoRAConfig (hellora_*) and ModelConfig (model
 accepted on the command line or in the YAML; `--help` lists them.
 """
 
-from hellora_trl.sft import main
+from hellora_trl.recipes.sft import main
 
 if __name__ == "__main__":
     main(task="codealpaca")

@@ -1,5 +1,18 @@
 """hellora_trl: Hot-Experts Layer-Level LoRA (HELLoRA) for Mixture-of-Experts models on TRL and PEFT.
 
+The method (``trainer.py`` runs it in this order: profile -> select -> build -> train -> save)::
+
+    warm-up slice of the training rows
+        |  a short LoRA warm-up (or forward passes); hooks count each router's top-k (profiling.py)
+        v
+    routing counts  C[layer, expert]   (ExpertProfile)                          (profile.py)
+        |  keep the k most-routed experts of EACH layer                         (selection.py)
+        v
+    hot map   {layer 0: [3, 7],  layer 1: [0, 5],  ...,  layer L: [2, 6]}
+        |  LoRA on attention + router + hot experts only; cold experts get none (adapter.py, expert_lora/)
+        v
+    SFT on those adapters (HELLoRATrainer = HELLoRAMixin + TRL's SFTTrainer); save adapter + hot map
+
 Public names are imported lazily (PEP 562), so `hellora --help` and light tools do not pay for importing
 torch, PEFT and TRL up front; `from hellora_trl import X` works as usual.
 """

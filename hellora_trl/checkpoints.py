@@ -37,14 +37,18 @@ __all__ = [
     "last_checkpoint_of_run",
     "list_checkpoints",
     "mark_in_progress",
+    "foreign_checkpoints",
+    "fresh_output_dir",
     "other_runs_checkpoints",
+    "refuse_other_runs",
+    "rotate_own_checkpoints",
     "run_differences",
     "warn_about_other_runs",
 ]
 
 CHECKPOINT_RE = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
 # hellora_* options that change neither the hot map nor the adapter's training: not part of a run's fingerprint.
-RUN_NEUTRAL = ("hellora_plots", "hellora_profile_batch_size")
+RUN_NEUTRAL = ("hellora_plots", "hellora_profile_batch_size", "hellora_overwrite_output_dir")
 _HASH_BATCH = 1024  # rows per Arrow batch while hashing a dataset
 
 
@@ -190,15 +194,80 @@ def other_runs_checkpoints(output_dir: str | os.PathLike, fingerprint: Mapping[s
     ]
 
 
-def warn_about_other_runs(others: Iterable[str], output_dir: str | os.PathLike, save_total_limit: int | None) -> None:
-    """A fresh run in an output_dir that holds another run's checkpoints: say so, since checkpoint rotation
-    (save_total_limit) deletes them and ``resume_from_checkpoint=True`` will never pick them."""
+def foreign_checkpoints(output_dir: str | os.PathLike, fingerprint: Mapping[str, Any]) -> list[str]:
+    """Names of the ``checkpoint-N`` folders of ``output_dir`` that are not complete checkpoints of the run
+    ``fingerprint`` describes: another run's, torn ones, and ones not written by HELLoRATrainer."""
+    return [
+        c.name
+        for c in list_checkpoints(output_dir)
+        if checkpoint_problem(c) is not None or checkpoint_run_differences(c, fingerprint)
+    ]
+
+
+def fresh_output_dir(output_dir: str | os.PathLike) -> str:
+    """A sibling path that does not exist yet (``<output_dir>-2``, ``-3``, ...), to suggest in messages."""
+    base = str(output_dir).rstrip("/\\") or "."
+    n = 2
+    while os.path.exists(f"{base}-{n}"):
+        n += 1
+    return f"{base}-{n}"
+
+
+def refuse_other_runs(others: Iterable[str], output_dir: str | os.PathLike, save_total_limit: int | None) -> None:
+    """A new run (not a resume) in an output_dir holding checkpoints it did not write: refused before any work,
+    naming the overwrite flag and a fresh path (its same-numbered saves would replace them)."""
     others = list(others)
     if not others:
         return
-    rotation = f" save_total_limit={save_total_limit} will delete them as this run saves." if save_total_limit else ""
+    rotation = f"; save_total_limit={save_total_limit} would also rotate" if save_total_limit else ""
+    raise ValueError(
+        f"output_dir {output_dir} holds checkpoints this run did not write ({', '.join(others[:5])}"
+        f"{', ...' if len(others) > 5 else ''}): a new run there would replace its same-numbered ones{rotation}. "
+        f"Train in a fresh output_dir (e.g. {fresh_output_dir(output_dir)}), resume that run with "
+        "resume_from_checkpoint=True, or pass --hellora_overwrite_output_dir true to write there anyway (other "
+        "runs' checkpoints are then never deleted by rotation, but same-numbered ones are replaced)."
+    )
+
+
+def rotate_own_checkpoints(
+    output_dir: str | os.PathLike, save_total_limit: int | None, keep: Iterable[str] = (), best: str | None = None
+) -> list[str]:
+    """transformers' checkpoint rotation limited to this run's checkpoints: the oldest of them beyond
+    ``save_total_limit`` are deleted (the newest and ``best`` kept); folders named in ``keep`` (other runs')
+    are never touched and do not count. Returns the deleted names."""
+    import shutil
+
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    keep = set(keep)
+    own = [c for c in reversed(list_checkpoints(output_dir)) if c.name not in keep]  # oldest step first
+    if len(own) <= save_total_limit:
+        return []
+    protected = {own[-1].name}
+    if best:
+        protected.add(Path(best).name)
+    deleted = []
+    remaining = len(own)
+    for checkpoint in own:
+        if remaining <= max(save_total_limit, len(protected)):
+            break
+        if checkpoint.name not in protected:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            deleted.append(checkpoint.name)
+            remaining -= 1
+    return deleted
+
+
+def warn_about_other_runs(others: Iterable[str], output_dir: str | os.PathLike, save_total_limit: int | None) -> None:
+    """A new run let into an output_dir that holds checkpoints it did not write (``hellora_overwrite_output_dir``):
+    say what happens to them."""
+    others = list(others)
+    if not others:
+        return
+    rotation = f" save_total_limit={save_total_limit} rotates only this run's checkpoints." if save_total_limit else ""
     logger.warning(
-        "HELLoRA: output_dir %s holds checkpoints of another run (%s).%s Use a fresh output_dir to keep runs apart.",
+        "HELLoRA: hellora_overwrite_output_dir: output_dir %s holds checkpoints this run did not write (%s); its "
+        "same-numbered saves replace them, the others stay.%s",
         output_dir, ", ".join(others[:5]), rotation,
     )
 

@@ -139,6 +139,14 @@ class HELLoRAArguments:
             default=None,
             metadata={"help": "Deprecated spelling of activation_checkpointing (transformers warns when it is set)."},
         )
+    hellora_overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a new run in an output_dir that holds another run's checkpoints (refused otherwise). Its "
+            "same-numbered checkpoints are replaced; save_total_limit still never deletes a checkpoint this run did "
+            "not write."
+        },
+    )
     hellora_plots: bool = field(
         default=True,
         metadata={

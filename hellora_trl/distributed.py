@@ -12,6 +12,8 @@ Nothing here changes a single-process or DDP run: without partitioned parameters
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from typing import Iterator
 
 import torch
@@ -41,6 +43,51 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def is_local_main_process() -> bool:
+    """Whether this process is the first one on its machine (``LOCAL_RANK`` 0, as set by ``accelerate launch`` and
+    ``torchrun``; True outside a launched run). Works before any process group exists."""
+    if os.environ.get("LOCAL_RANK", "").strip().lstrip("-").isdigit():
+        return int(os.environ["LOCAL_RANK"]) == 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        return PartialState().is_local_main_process
+    return True
+
+
+@contextlib.contextmanager
+def unsharded_construction() -> Iterator[None]:
+    """Build models whole inside the block, even in a process set up for ZeRO-3 or FSDP.
+
+    A training run under DeepSpeed ZeRO-3 makes transformers build every model inside ``deepspeed.zero.Init``
+    (its weights partitioned at construction), and a ``zero.Init`` entered by the caller patches every module's
+    constructor; FSDP's CPU-RAM-efficient loading puts non-first ranks' weights on the meta device. A model that
+    one process builds and trains on its own (the lab model's pretraining) needs real, whole weights: inside
+    this block transformers' ZeRO-3 flag is cleared, an active ``zero.Init`` is paused and accelerate's FSDP
+    switch reads off, and all three are restored on exit. A no-op in a plain run.
+    """
+    hf_ds = sys.modules.get("transformers.integrations.deepspeed")
+    hf_ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None) if hf_ds is not None else None
+    ds_init = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    ds_active = ds_init is not None and getattr(ds_init, "top_level_context", None) is not None
+    fsdp_env = os.environ.get("ACCELERATE_USE_FSDP")
+    if hf_ref is not None:
+        hf_ds.unset_hf_deepspeed_config()
+    if ds_active:
+        ds_init.shutdown_init_context()
+    if fsdp_env is not None:
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if fsdp_env is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp_env
+        if ds_active:
+            ds_init.restore_init_context()
+        if hf_ref is not None and hf_ref() is not None:
+            hf_ds.set_hf_deepspeed_config(hf_ref())
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:

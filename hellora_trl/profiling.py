@@ -352,6 +352,7 @@ def profile_experts(
     progress: bool = True,
     source: dict[str, Any] | None = None,
     pad_batches_to: int | None = None,
+    reduce: bool = True,
 ) -> ExpertProfile:
     """Forward-only profiling: count the router's token->expert assignments per MoE layer.
 
@@ -362,12 +363,15 @@ def profile_experts(
     ``pad_batches_to`` (distributed runs, where ranks hold shards of different sizes): run uncounted one-token
     forwards until this many batches ran, so every rank makes the same number of forward passes (ZeRO-3 gathers
     weights collectively in each one); ``data`` may then be empty on this rank.
+
+    ``reduce=False``: this process's counts only, no collective (a model one process holds alone, such as the lab
+    model that the main process pretrains while the other ranks wait).
     """
     counter = RoutingCounter(model)
     _run_counted(model, counter, data, batch_size, max_batches, progress, "HELLoRA profiling", pad_batches_to)
     meta = {"mode": "forward", "batch_size": batch_size, "max_batches": max_batches}
     meta.update(source or {})
-    return counter.to_profile(meta)
+    return counter.to_profile(meta, reduce=reduce)
 
 
 def profile_rows(

@@ -1,7 +1,14 @@
-"""Moved to :mod:`hellora_trl.recipes.reporting`; this documented path stays importable as the same module object."""
+"""Moved to :mod:`hellora_trl.recipes.reporting`. This path still imports (as the same module object) but warns, and it
+is removed in hellora-trl 0.3.0."""
 
 import sys
+import warnings
 
 from .recipes import reporting as _module
 
+warnings.warn(
+    "hellora_trl.reporting moved to hellora_trl.recipes.reporting; the old path is removed in hellora-trl 0.3.0.",
+    FutureWarning,
+    stacklevel=2,
+)
 sys.modules[__name__] = _module

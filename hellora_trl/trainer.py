@@ -38,10 +38,14 @@ from .checkpoints import (
     checkpoint_problem,
     clear_in_progress,
     data_fingerprint,
+    foreign_checkpoints,
     hellora_settings,
     last_checkpoint_of_run,
+    list_checkpoints,
     mark_in_progress,
     other_runs_checkpoints,
+    refuse_other_runs,
+    rotate_own_checkpoints,
     run_differences,
     warn_about_other_runs,
 )
@@ -245,10 +249,17 @@ class HELLoRAMixin:
             problem = checkpoint_problem(resume_from_checkpoint)
             if problem is not None:
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
-        if self.args.should_save:
-            if resume_from_checkpoint is None:
-                others = other_runs_checkpoints(self.args.output_dir, self.run_fingerprint())
+        # Checkpoints this run did not write: a new run is refused unless told to overwrite, and rotation never
+        # deletes them either way (on every rank, before any profiling or training work).
+        self._hellora_foreign = set(foreign_checkpoints(self.args.output_dir, self.run_fingerprint()))
+        if resume_from_checkpoint is None:
+            others = sorted(self._hellora_foreign)
+            if others and not getattr(self.args, "hellora_overwrite_output_dir", False):
+                refuse_other_runs(others, self.args.output_dir, self.args.save_total_limit)
+            self._hellora_foreign |= {c.name for c in list_checkpoints(self.args.output_dir)}  # none are this run's
+            if self.args.should_save:
                 warn_about_other_runs(others, self.args.output_dir, self.args.save_total_limit)
+        if self.args.should_save:
             mark_in_progress(self.args.output_dir, self.run_fingerprint())
         if not isinstance(self.model, PeftModel):
             hot = self._hot_map(resume_from_checkpoint)  # profile -> select (or the checkpoint's hot map)
@@ -262,6 +273,25 @@ class HELLoRAMixin:
         self.hellora_timings["total"] = time.perf_counter() - start
         self._report_overhead(output)
         return output
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint save, with rotation (``save_total_limit``) limited to this run's checkpoints when
+        output_dir holds others (kept whatever the limit; see ``hellora_overwrite_output_dir``)."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        foreign = getattr(self, "_hellora_foreign", set())
+        foreign.discard(f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")  # this run writes that one now
+        limit = self.args.save_total_limit
+        if not foreign or not limit:
+            return super()._save_checkpoint(model, trial)
+        self.args.save_total_limit = None  # transformers' rotation would count and delete the others' folders
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_own_checkpoints(self._get_output_dir(trial=trial), limit, keep=foreign,
+                                   best=self.state.best_model_checkpoint)
 
     def run_fingerprint(self) -> dict[str, Any]:
         """What makes two trainings the same run: the model's MoE shape, the prepared training data (a hash of

@@ -72,7 +72,7 @@ def save_modulelist_base(path) -> None:
     """A tiny per-expert ModuleList MoE (experts run only when routed to) plus the offline tokenizer."""
     from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
 
-    from hellora_trl.offline import build_tokenizer
+    from hellora_trl.recipes.offline import build_tokenizer
 
     torch.manual_seed(0)
     config = LegacyMoEConfig(vocab_size=512, hidden_size=32, intermediate_size=16, num_local_experts=32, num_experts_per_tok=1)
@@ -108,7 +108,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from distributed_harness import apply_cpu_switches
-    from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.recipes.data import synthetic_gsm8k
     from hellora_trl.distributed import end_distributed
     from hellora_trl.utils import has_zero3_params
     from hellora_trl.trainer import HELLoRATrainer
@@ -144,7 +144,7 @@ def main() -> None:
 def evaluate_held_out(trainer, tokenizer, limit: int) -> dict:
     """The recipe's own post-training step (``recipes.sft.evaluate_and_write``, what ``run()`` and the example
     call) on generated held-out GSM8K problems; every rank calls it, as they do."""
-    from hellora_trl.offline import generate_math_problems
+    from hellora_trl.recipes.offline import generate_math_problems
     from hellora_trl.recipes.sft import HELLoRAScriptArguments, evaluate_and_write
 
     script_args = HELLoRAScriptArguments(task="gsm8k", eval_limit=limit, eval_max_new_tokens=6)

@@ -121,8 +121,9 @@ CHEATS: dict[str, tuple[str, str]] = {
                                         "    t = threading.Thread(target=lambda: done.append(open('{outside}/pwned_thread', 'w').write('x')))\n"
                                         "    t.start()\n    t.join()\n    return 2 * x if done else None\n"),
     # the stdlib beside the os module (a venv's own sysconfig paths have no lib-dynload)
-    "load_testcapi": ("double", "    import importlib.machinery, importlib.util, os, glob\n"
-                                "    path = glob.glob(os.path.dirname(os.__file__) + '/lib-dynload/_testcapi*.so')[0]\n"
+    "load_testcapi": ("double", "    import importlib.machinery, importlib.util, os\n"  # named, not listed: uid nobody
+                                "    path = (os.path.dirname(os.__file__) + '/lib-dynload/_testcapi'\n"  # may not list it
+                                "            + importlib.machinery.EXTENSION_SUFFIXES[0])\n"
                                 "    loader = importlib.machinery.ExtensionFileLoader('_testcapi', path)\n"
                                 "    loader.create_module(importlib.util.spec_from_loader('_testcapi', loader))\n"
                                 "    return 2 * x\n"),

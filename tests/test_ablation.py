@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from hellora_trl.ablation import AblationArguments, check_rows, grid_rows, main
+from hellora_trl.recipes.ablation import AblationArguments, check_rows, grid_rows, main
 
 BASE = {"selection": "layer", "k": None, "components": "all", "warmup_fraction": 0.1, "variant": "lora"}
 

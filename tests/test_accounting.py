@@ -135,7 +135,7 @@ def test_deepseek_v3_shape_256_routed_1_shared_selection_and_accounting():
     counts follow the hot lists, the shared expert gets plain LoRA (counted with the experts), and a training step reaches hot factors."""
     from hellora_trl import HotExpertLoraLayer
     from hellora_trl.registry import family_for
-    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.recipes.offline import tiny_moe_model
     from hellora_trl.selection import default_k
 
     model = tiny_moe_model("deepseek_v3", n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,

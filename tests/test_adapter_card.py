@@ -13,8 +13,8 @@ import yaml
 
 from hellora_trl import apply_hellora, default_lora_config, find_moe_layers, load_hellora
 from hellora_trl.adapter_card import CONFIG_KEY, read_block
-from hellora_trl.offline import tiny_moe_model
-from hellora_trl.sft import OFFLINE_MODEL
+from hellora_trl.recipes.offline import tiny_moe_model
+from hellora_trl.recipes.models import OFFLINE_MODEL
 
 HOT = [0, 3]
 

@@ -9,6 +9,7 @@ runs against the real Axolotl package when it is importable.
 
 import importlib
 import json
+import logging
 import sys
 import types
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import hellora_trl.integrations.axolotl as axo  # noqa: E402
 from hellora_trl import hot_map_from_model, profile_experts, select_hot_experts  # noqa: E402
 from hellora_trl.constants import COMPONENTS  # noqa: E402
 from hellora_trl.constants import PROFILE_MODES  # noqa: E402
-from hellora_trl.data import sample_fraction  # noqa: E402
+from hellora_trl.profiling import warmup_slice  # noqa: E402
 from hellora_trl.constants import STRATEGIES  # noqa: E402
 
 from testing_utils import random_batch, tiny_model  # noqa: E402
@@ -166,7 +167,7 @@ def test_forward_profile_selects_the_same_hot_experts_as_the_library(fake_axolot
     assert isinstance(peft_model, PeftModel) and lora_config.r == 4
     assert len(fake_axolotl) == 1  # the prepared training set was read once
     # Independently: the same seeded slice, forward profile, per-layer top-2.
-    rows = sample_fraction(tokenized_rows(), 0.5, 42)
+    rows = warmup_slice(tokenized_rows(), 0.5, 42)
     expected = select_hot_experts(profile_experts(tiny_model(), rows, batch_size=4, progress=False), k=2)
     assert hot_map_from_model(peft_model) == expected
     saved = json.loads((tmp_path / "out" / axo.PROFILE_FILE).read_text())
@@ -190,7 +191,7 @@ def test_lora_warmup_profiles_then_leaves_the_base_untouched(fake_axolotl, tmp_p
     saved = json.loads(profile_path.read_text())
     assert saved["source"]["mode"] == "lora_warmup" and saved["source"]["warmup_loss"] > 0
     # One epoch over the slice, each real token counted once (no recount under gradient checkpointing).
-    rows = sample_fraction(tokenized_rows(), 0.5, 42)
+    rows = warmup_slice(tokenized_rows(), 0.5, 42)
     assert saved["tokens_seen"] == sum(len(ids) for ids in rows["input_ids"])
     # Second run: the saved profile is reused, no dataset is read.
     again, _ = load_plugin().load_adapter(tiny_model(), settings)
@@ -278,3 +279,36 @@ def test_against_real_axolotl_schema(tmp_path):
     plugin.training_dataset = lambda _cfg: tokenized_rows()
     peft_model, _ = manager.load_adapter(tiny_model(), settings)
     assert isinstance(peft_model, PeftModel) and all(len(v) == 2 for v in hot_map_from_model(peft_model).values())
+
+
+# ---------------------------------------------------------------------------- issue 19 item 13 (Axolotl part)
+PLUGIN_LOGGER = "axolotl.integrations.hellora"
+
+
+def test_profiling_is_logged_on_axolotls_logger(fake_axolotl, tmp_path, caplog):
+    """The review saw ~45 s of profiling with no line from the plugin."""
+    caplog.set_level(logging.INFO, logger=PLUGIN_LOGGER)
+    load_plugin().load_adapter(tiny_model(), cfg(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.name == PLUGIN_LOGGER]
+    assert any(line.startswith("HELLoRA: profiling routing (forward) on 12 warm-up rows of 24") for line in lines), lines
+    assert any("hot experts chosen in" in line and "2 per layer" in line and "hellora_profile.json" in line
+               for line in lines), lines
+
+
+@pytest.mark.parametrize("resume", [{"resume_from_checkpoint": "checkpoint-3"}, {"auto_resume_from_checkpoints": True}])
+def test_resume_reuses_the_saved_profile_instead_of_profiling_again(fake_axolotl, tmp_path, caplog, resume):
+    """The review: on --resume-from-checkpoint the plugin re-profiled (about 14 s); Axolotl's checkpoints hold no
+    profile, the run's own output_dir/hellora_profile.json does."""
+    first, _ = load_plugin().load_adapter(tiny_model(), cfg(tmp_path))
+    (tmp_path / "out" / "checkpoint-3").mkdir()
+    caplog.set_level(logging.INFO, logger=PLUGIN_LOGGER)
+    again, _ = load_plugin().load_adapter(tiny_model(), cfg(tmp_path, **resume))
+    assert len(fake_axolotl) == 1  # the old code read the training set and profiled again
+    assert hot_map_from_model(again) == hot_map_from_model(first)
+    assert "resuming: reusing the routing profile and hot experts" in caplog.text
+
+
+def test_resume_without_a_saved_profile_profiles_again_and_says_so(fake_axolotl, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=PLUGIN_LOGGER)
+    load_plugin().load_adapter(tiny_model(), cfg(tmp_path, resume_from_checkpoint="checkpoint-3"))
+    assert len(fake_axolotl) == 1 and "is missing: profiling again" in caplog.text

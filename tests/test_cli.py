@@ -19,8 +19,8 @@ HOT = [0, 3]
 
 def tiny_base():
     """The model `--tiny olmoe` builds (seed 42); not the lab model `hellora train` fine-tunes offline."""
-    from hellora_trl.offline import tiny_moe_model
-    from hellora_trl.sft import OFFLINE_MODEL
+    from hellora_trl.recipes.offline import tiny_moe_model
+    from hellora_trl.recipes.models import OFFLINE_MODEL
 
     return tiny_moe_model("olmoe", seed=42, **OFFLINE_MODEL)
 
@@ -205,8 +205,8 @@ def test_pretrain_reads_config_like_every_command(tmp_path, capsys):
 
 def test_adapter_of_another_shape_is_one_line(tmp_path, capsys):
     # the main job's adapter on `--tiny olmoe` used to end in a multi-line "size mismatch" traceback
-    from hellora_trl.offline import tiny_moe_model
-    from hellora_trl.sft import OFFLINE_MODEL
+    from hellora_trl.recipes.offline import tiny_moe_model
+    from hellora_trl.recipes.models import OFFLINE_MODEL
 
     model = tiny_moe_model("olmoe", seed=42, **{**OFFLINE_MODEL, "intermediate_size": 32})
     peft_model = apply_hellora(model, {layer.name: HOT for layer in find_moe_layers(model)},
@@ -382,7 +382,7 @@ def test_report_rejects_profile_of_another_model(profiled, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ train / ablate
 def test_train_hands_every_argument_to_the_sft_recipe(monkeypatch):
     seen = {}
-    monkeypatch.setattr("hellora_trl.sft.main", lambda argv, **kwargs: seen.update(argv=argv, **kwargs))
+    monkeypatch.setattr("hellora_trl.recipes.sft.main", lambda argv, **kwargs: seen.update(argv=argv, **kwargs))
     argv = ["--config", "x.yaml", "--hellora_k", "4", "--learning_rate", "1e-4"]
     assert cli.main(["train", *argv]) == 0
     assert seen["argv"] == argv

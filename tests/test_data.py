@@ -1,4 +1,4 @@
-"""Dataset loaders: local files, hub dispatch, formats, clear errors, the warm-up slice and TRL compatibility."""
+"""Dataset loaders: local files, hub dispatch, formats, clear errors and TRL compatibility."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import datasets
 import pytest
 from datasets import Dataset
 
-from hellora_trl.data import (
+from hellora_trl.profiling import warmup_slice
+from hellora_trl.recipes.data import (
     load_alpaca,
     load_codealpaca,
     load_gsm8k,
     load_saferpaca,
-    sample_fraction,
     synthetic_gsm8k,
 )
-from hellora_trl.eval import extract_gsm8k_answer, gsm8k_prompt
-from hellora_trl.offline import build_tokenizer
+from hellora_trl.recipes.eval import extract_gsm8k_answer, gsm8k_prompt
+from hellora_trl.recipes.offline import build_tokenizer
 
 from testing_utils import shared_dataset
 
@@ -194,35 +194,6 @@ def test_load_alpaca_optional_input_and_concatenation(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Warm-up slice
-# --------------------------------------------------------------------------------------------------------------
-
-
-def test_sample_fraction_is_seeded_and_sized():
-    ds = Dataset.from_dict({"i": list(range(200))})
-    part = sample_fraction(ds, 0.1, seed=0)
-    assert len(part) == 20
-    assert part["i"][:] == sorted(part["i"][:])  # dataset order is kept
-    assert len(set(part["i"][:])) == 20
-    assert sample_fraction(ds, 0.1, seed=0)["i"][:] == part["i"][:]
-    assert sample_fraction(ds, 0.1, seed=1)["i"][:] != part["i"][:]
-    assert len(sample_fraction(ds, 0.0001, seed=0)) == 1  # at least one row
-    assert len(sample_fraction(ds, 1.0, seed=0)) == 200
-    assert len(sample_fraction(ds, 1, seed=0)) == 200
-
-
-@pytest.mark.parametrize("fraction", [0, 0.0, -0.5, 1.0001, 2, float("nan"), True, "0.5"])
-def test_sample_fraction_rejects_bad_fractions(fraction):
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        sample_fraction(Dataset.from_dict({"i": [1, 2]}), fraction, seed=0)
-
-
-def test_sample_fraction_rejects_empty_dataset():
-    with pytest.raises(ValueError, match="empty"):
-        sample_fraction(Dataset.from_dict({"i": []}), 0.5, seed=0)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # TRL compatibility
 # --------------------------------------------------------------------------------------------------------------
 
@@ -243,7 +214,7 @@ def test_messages_get_an_assistant_mask_from_the_offline_tokenizer(tokenizer, tm
 def test_sft_trainer_prepares_the_formatted_data(fmt, tokenizer, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.recipes.offline import tiny_moe_model
 
     ds = synthetic_gsm8k(4, seed=5, fmt=fmt)
     args = SFTConfig(
@@ -280,7 +251,7 @@ def test_real_gsm8k():
     test = load_gsm8k(shared_dataset("gsm8k", "test.jsonl"), fmt="messages")
     assert len(test) == 1319
     assert all(extract_gsm8k_answer(row["messages"][1]["content"]) is not None for row in test.select(range(50)))
-    warmup = sample_fraction(train, 0.1, seed=0)
+    warmup = warmup_slice(train, 0.1, seed=0)
     assert len(warmup) == 747
 
 

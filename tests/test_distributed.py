@@ -45,7 +45,7 @@ class Run:
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory) -> Path:
     """The tiny OLMoE and tokenizer saved like a hub checkpoint (the workers load it with from_pretrained)."""
-    from hellora_trl.offline import build_tokenizer, tiny_moe_model
+    from hellora_trl.recipes.offline import build_tokenizer, tiny_moe_model
 
     path = tmp_path_factory.mktemp("dist") / "base"
     tiny_moe_model("olmoe", seed=0).save_pretrained(path)
@@ -86,7 +86,7 @@ def single_process_profile(base: Path, tmp_path: Path, mode: str = "forward"):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.recipes.data import synthetic_gsm8k
     from hellora_trl.trainer import HELLoRATrainer
 
     trainer = HELLoRATrainer(
@@ -114,7 +114,7 @@ def _partition_like_zero3(module) -> None:
 
 def test_moe_layers_and_factor_shapes_are_read_from_ds_shape():
     from hellora_trl.expert_lora import RouterLoraLayer, expert_factor_shapes
-    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.recipes.offline import tiny_moe_model
     from hellora_trl.registry import find_moe_layers
 
     model = tiny_moe_model("olmoe", seed=0)
@@ -142,7 +142,7 @@ def test_shard_bounds_split_like_datasets_and_allow_empty_shards(n):
 
 def test_profile_pads_an_empty_shard_with_uncounted_forwards():
     """A rank whose warm-up shard is empty still runs the busiest rank's number of forwards, counting nothing."""
-    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.recipes.offline import tiny_moe_model
     from hellora_trl.profiling import profile_experts
 
     model = tiny_moe_model("olmoe", seed=0)
@@ -358,7 +358,7 @@ def test_zero3_profiles_a_modulelist_moe_whose_ranks_run_different_experts(tmp_p
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.recipes.data import synthetic_gsm8k
     from hellora_trl.trainer import HELLoRATrainer
     from modulelist_model import LegacyMoEForCausalLM
 

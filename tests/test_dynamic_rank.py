@@ -8,7 +8,7 @@ import torch
 
 from hellora_trl import ExpertProfile, apply_hellora, default_lora_config, find_moe_layers, load_hellora
 from hellora_trl import trainable_parameter_report
-from hellora_trl.dynamic_rank import (
+from hellora_trl.experimental.dynamic_rank import (
     RANKS_FILE,
     DynamicRankCallback,
     active_ranks,
@@ -242,7 +242,7 @@ def test_fixed_rank_save_removes_a_stale_ranks_file(tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / RANKS_FILE).is_file()
     adapted().save_pretrained(tmp_path)  # a plain adapter has no rank saver: file untouched by PEFT
-    from hellora_trl.dynamic_rank import save_dynamic_rank
+    from hellora_trl.experimental.dynamic_rank import save_dynamic_rank
 
     save_dynamic_rank(adapted(), tmp_path)
     assert not (tmp_path / RANKS_FILE).exists()
@@ -264,8 +264,8 @@ def test_deepcopy_keeps_ranks_enforced():
 # ------------------------------------------------------------------------------------------------ trainer
 def test_callback_grows_ranks_during_training_within_the_budget(tmp_path):
     from hellora_trl.config import HELLoRAConfig
-    from hellora_trl.data import synthetic_gsm8k
-    from hellora_trl.offline import build_tokenizer
+    from hellora_trl.recipes.data import synthetic_gsm8k
+    from hellora_trl.recipes.offline import build_tokenizer
     from hellora_trl.trainer import HELLoRATrainer
 
     args = HELLoRAConfig(
@@ -330,9 +330,9 @@ def test_callback_with_live_routing_counts_while_training():
 
 # ------------------------------------------------------------------------------------------------ the opt-in trainer
 def dr_trainer(tmp_path, config_class=None, **overrides):
-    from hellora_trl.data import synthetic_gsm8k
+    from hellora_trl.recipes.data import synthetic_gsm8k
     from hellora_trl.experimental.dynamic_rank_trainer import DynamicRankConfig, DynamicRankTrainer
-    from hellora_trl.offline import build_tokenizer
+    from hellora_trl.recipes.offline import build_tokenizer
 
     kwargs = dict(
         output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3,

@@ -441,7 +441,7 @@ def test_write_results(tmp_path):
 def test_generate_batched_with_router_aux_loss_model():
     """Regression: a MoE model trained with output_router_logits=True failed in cached decoding."""
     from hellora_trl.recipes.eval import generate_batched
-    from hellora_trl.offline import build_tokenizer, tiny_moe_model
+    from hellora_trl.recipes.offline import build_tokenizer, tiny_moe_model
 
     model = tiny_moe_model("olmoe", output_router_logits=True)
     tokenizer = build_tokenizer()
@@ -525,7 +525,7 @@ def test_train_and_eval_commands_score_safety_alike(tmp_path, monkeypatch):
 def test_train_and_eval_commands_score_the_same_held_out_arithmetic_on_a_tiny_model(tmp_path):
     """One tiny model, both entry points, no dataset: the same rows, completions and accuracy, filed as arithmetic."""
     from hellora_trl.cli.commands import eval as eval_command
-    from hellora_trl.offline import build_tokenizer, tiny_moe_model
+    from hellora_trl.recipes.offline import build_tokenizer, tiny_moe_model
     from hellora_trl.recipes import sft
 
     model, tokenizer = tiny_moe_model("olmoe"), build_tokenizer()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from hellora_trl.recipes.sft import accumulation_steps, apply_effective_batch
-from hellora_trl.sft import parse_args
+from hellora_trl.recipes.sft import parse_args
 
 from testing_utils import shared_dataset
 

@@ -21,7 +21,7 @@ from hellora_trl.export import (
     export_peft_target_parameters,
     merge_adapter,
 )
-from hellora_trl.offline import tiny_moe_config
+from hellora_trl.recipes.offline import tiny_moe_config
 
 from testing_utils import random_batch, tiny_model
 from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
@@ -166,7 +166,7 @@ def test_merged_export_loads_with_vanilla_transformers(tmp_path, family):
 
 
 def test_merge_from_a_base_path_copies_the_tokenizer(tmp_path):
-    from hellora_trl.offline import build_tokenizer
+    from hellora_trl.recipes.offline import build_tokenizer
 
     peft_model, _ = hellora_model("olmoe")
     batch = random_batch(peft_model)

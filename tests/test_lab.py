@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hellora_trl.recipes.lab import cache as lab_cache
 from hellora_trl.recipes.lab import model as lab
 from hellora_trl.recipes.lab.corpus import (
     DOMAINS,
@@ -90,7 +91,7 @@ def test_pretrain_writes_checkpoint_tokenizer_card_and_curve(tiny_lab):
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.model_type == "olmoe" and model.config.num_experts == TINY.num_experts
     assert AutoTokenizer.from_pretrained(path).chat_template
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary build left behind
+    assert not [p for p in cache.iterdir() if p.name.startswith(".") and p.is_dir()]  # no temporary build left behind
 
 
 def test_cache_is_reused_and_rebuilt_on_request(tiny_lab, monkeypatch, tmp_path):
@@ -160,20 +161,7 @@ def test_quality_helpers_on_the_tiny_lab_model(tiny_lab):
     assert parts["experts"] == 0 and parts["router"] > 0 and parts["attention"] > 0
 
 
-# ------------------------------------------------------------------------- the package face and the moved paths
-@pytest.mark.parametrize("old, new", [("lab_corpus", "corpus"), ("lab_quality", "quality")])
-def test_moved_lab_paths_warn_and_are_the_new_modules(old, new):
-    """The old flat modules still import, as the same module object (monkeypatching one patches the other), and
-    say where the code went and when the path goes away."""
-    import importlib
-    import sys
-
-    sys.modules.pop(f"hellora_trl.recipes.{old}", None)
-    with pytest.warns(FutureWarning, match=rf"hellora_trl\.recipes\.lab\.{new}.*0\.3\.0"):
-        moved = importlib.import_module(f"hellora_trl.recipes.{old}")
-    assert moved is importlib.import_module(f"hellora_trl.recipes.lab.{new}")
-
-
+# ---------------------------------------------------------------- the package face (moved paths: test_aliases.py)
 def test_the_face_is_what_the_sft_recipe_uses():
     """`hellora train` with no model or dataset takes its rows from the face, and the face re-exports the model's
     public names (docs/lab.md imports them from hellora_trl.recipes.lab)."""
@@ -212,3 +200,165 @@ def test_face_baseline_and_compare_on_the_tiny_lab_model(tiny_lab):
     assert after["adapted_exact_match"] == 0.5 and after["routing_uniform_top_k_share"] == 0.25
     assert after["routing_top_k_share_layer1"] == 0.3 and after["routing_min_top_k_share_over_uniform"] == 1.2
     assert set(face.compare(base, model, tokenizer, held_out)) == set(base) | {"adapted_heldout_loss"}
+
+
+# ---------------------------------------------------------------------------- the cache trusts nothing (#19 item 5)
+def fake_entry(out: Path) -> None:
+    """What a (fake) build writes: the files every entry must have."""
+    for name in ("config.json", lab.CARD_NAME):
+        (out / name).write_text("{}")
+    (out / "model.safetensors").write_bytes(b"rebuilt")
+
+
+@pytest.fixture
+def tiny_copy(tiny_lab, tmp_path):
+    """A private copy of the tiny lab entry (tests damage it)."""
+    import shutil
+
+    _, path = tiny_lab
+    cache = tmp_path / "cache"
+    shutil.copytree(path, cache / TINY.key())
+    return cache, cache / TINY.key()
+
+
+def test_published_entry_has_a_manifest_of_every_file(tiny_lab):
+    _, path = tiny_lab
+    files = json.loads((path / lab.MANIFEST_NAME).read_text())["files"]
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {lab.MANIFEST_NAME}
+    assert set(files) == on_disk and {"model.safetensors", "config.json", lab.CARD_NAME} <= on_disk
+    lab.verify_entry(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "no_manifest"])
+def test_a_damaged_entry_stops_with_one_line_naming_the_rebuild(tiny_copy, damage):
+    cache, path = tiny_copy
+    weights = path / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "delete":
+        (path / "config.json").unlink()
+    else:
+        (path / lab.MANIFEST_NAME).unlink()
+    with pytest.raises(lab.LabCacheError) as err:
+        lab.load_lab_model(TINY, cache_dir=cache, progress=False)  # the old code: SafetensorError, or trusted
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert f"hellora pretrain --rebuild --recipe tiny --cache_dir {cache}" in message
+
+
+def test_rebuild_replaces_a_damaged_entry(tiny_copy, monkeypatch):
+    cache, path = tiny_copy
+    (path / "model.safetensors").write_bytes(b"torn")
+
+    def fake_pretrain(recipe, out, progress=True):
+        fake_entry(Path(out))
+
+    monkeypatch.setattr(lab, "pretrain_lab_model", fake_pretrain)
+    assert lab.lab_model_path(TINY, cache_dir=cache, rebuild=True) == path
+    lab.verify_entry(path)
+    assert (path / "model.safetensors").read_bytes() == b"rebuilt" and not [p for p in cache.iterdir() if ".old-" in p.name]
+
+
+def test_rebuild_command_names_the_recipe_overrides():
+    assert lab.rebuild_command(lab.LAB_RECIPES["default"]) == "hellora pretrain --rebuild"
+    custom = dataclasses.replace(TINY, steps=7, seed=3, data_dir="/d")
+    assert lab.rebuild_command(custom, "/c") == (
+        "hellora pretrain --rebuild --recipe tiny --data_dir /d --steps 7 --seed 3 --cache_dir /c"
+    )
+
+
+def test_stale_temp_folders_of_killed_builds_are_cleaned_on_the_next_run(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = lab_cache.host_tag()
+    cache = tmp_path / "cache"
+    key = TINY.key()
+    dead = cache / f".{key}.tmp-{host}-{gone.pid}-abc123"
+    live = cache / f".{key}.tmp-{host}-{os.getpid()}-def456"
+    elsewhere = cache / f".{key}.tmp-otherhost-{gone.pid}-ghi789"
+    ancient = cache / f".{key}.tmp-xyz_old"  # the old naming (no pid), a day and more
+    for folder in (dead, live, elsewhere, ancient):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+    past = time.time() - lab_cache.STALE_SECONDS - 60
+    os.utime(ancient, (past, past))
+
+    def fake_pretrain(recipe, out, progress=True):
+        fake_entry(Path(out))
+
+    monkeypatch.setattr(lab, "pretrain_lab_model", fake_pretrain)
+    lab.lab_model_path(TINY, cache_dir=cache)
+    assert not dead.exists() and not ancient.exists()  # the old code left both forever
+    assert live.exists() and elsewhere.exists()  # a running build here, or a recent one on another machine
+
+
+# ---------------------------------------------------------------------------- one build per job (#19 item 0)
+def _publish_later(cache: Path, delay: float) -> None:
+    import threading
+
+    def publish():
+        import time
+
+        time.sleep(delay)
+        entry = cache / TINY.key()
+        entry.mkdir(parents=True)
+        fake_entry(entry)
+        lab.write_manifest(entry)
+
+    threading.Thread(target=publish, daemon=True).start()
+
+
+def test_other_ranks_wait_for_the_main_process_instead_of_building(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(lab, "pretrain_lab_model", lambda *a, **k: pytest.fail("a non-first rank built the model"))
+    _publish_later(tmp_path, 1.0)
+    assert lab.lab_model_path(TINY, cache_dir=tmp_path) == tmp_path / TINY.key()
+
+
+def test_other_ranks_stop_with_one_line_when_the_main_process_fails(monkeypatch, tmp_path):
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def broken(recipe, out, progress=True):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(lab, "pretrain_lab_model", broken)
+    with pytest.raises(OSError, match="No space"):
+        lab.lab_model_path(TINY, cache_dir=tmp_path)  # the main process: its own error
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(lab.LabCacheError, match="main process failed to build the lab model .*No space") as err:
+        lab.lab_model_path(TINY, cache_dir=tmp_path)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("MASTER_PORT", "30000")  # another job: an old failure note is not this job's
+    monkeypatch.setenv("HELLORA_LAB_WAIT_SECONDS", "1")
+    with pytest.raises(lab.LabCacheError, match="Waited 1 s for the main process"):
+        lab.lab_model_path(TINY, cache_dir=tmp_path)
+
+
+def test_pretraining_builds_the_model_whole_under_a_zero3_training_setup():
+    """transformers' ZeRO-3 flag (set by a ZeRO-3 TrainingArguments) is off inside the block and back after it."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from hellora_trl.distributed import unsharded_construction
+
+    keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with unsharded_construction():
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        del keep

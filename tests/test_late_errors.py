@@ -56,7 +56,7 @@ def test_profile_output_on_a_directory_fails_before_profiling(tmp_path, capsys, 
 
 def test_ablate_checks_every_k_before_training_a_row(tmp_path, monkeypatch):
     """Review 7.33: `hellora ablate --ks 100` trained one grid row before refusing."""
-    from hellora_trl.ablation import main
+    from hellora_trl.recipes.ablation import main
     from hellora_trl.trainer import HELLoRATrainer
 
     monkeypatch.setattr(HELLoRATrainer, "train", lambda self, *a, **k: pytest.fail("a row trained before the check"))

@@ -3,7 +3,8 @@
 Each module of ``hellora_trl`` sits on a floor (``FLOORS``, lowest first). A module may import modules of lower
 floors only; modules of one package (``expert_lora.layer`` -> ``expert_lora.ops``) may import each other downwards
 in file order. Imports inside functions must point down too; ``LAZY_UPWARD`` would list deliberate exceptions and
-is empty.
+is empty. The measured graph has no cycle, no module is over ``MAX_MODULE_LINES`` lines, and every public name of
+``hellora_trl`` imports.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ FLOORS = [
     ["recipes.models"],
     ["recipes.prepare"],
     ["recipes.data"],
-    ["recipes.lab.corpus"],
+    ["recipes.lab.corpus", "recipes.lab.cache"],
     ["recipes.eval.humaneval_runner"],  # run as its own program by recipes.eval.humaneval; imports nothing here
     ["recipes.eval.generation", "recipes.eval.humaneval", "recipes.eval.results"],
     ["recipes.eval.gsm8k", "recipes.eval.safety"],
@@ -192,3 +193,75 @@ def test_strategy_choices_match_the_implementations():
     from hellora_trl.selection import SELECTORS
 
     assert tuple(SELECTORS) == STRATEGIES
+
+
+# ------------------------------------------------------------------------------ the measured graph (issue 18)
+MAX_MODULE_LINES = 700
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (at module level or inside functions)."""
+    known = {module_name(path) for path in MODULES}
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        importer = module_name(path)
+        edges = graph.setdefault(importer, set())
+        for target, _, _ in imports(path):
+            probe = target
+            while probe and probe not in known:
+                probe = probe.rpartition(".")[0]
+            if probe and probe != importer:
+                edges.add(probe)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(f"hellora_trl.{m}" for m in cycle)
+
+
+def test_cycle_check_finds_a_cycle():
+    """The check itself can fail."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {module_name(path): len(path.read_text().splitlines()) for path in MODULES}
+    big = {name: lines for name, lines in sizes.items() if lines > MAX_MODULE_LINES}
+    assert not big, f"split these modules (over {MAX_MODULE_LINES} lines): {big}"
+
+
+def test_every_public_name_imports():
+    import hellora_trl
+
+    assert hellora_trl.__all__, "hellora_trl exports nothing"
+    missing = [name for name in hellora_trl.__all__ if getattr(hellora_trl, name, None) is None]
+    assert not missing, f"hellora_trl.__all__ names that do not import: {missing}"
+    namespace: dict = {}
+    exec("from hellora_trl import *", namespace)  # noqa: S102
+    assert set(hellora_trl.__all__) <= set(namespace)
+    assert isinstance(hellora_trl.__version__, str)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from hellora_trl.eval import extract_gsm8k_answer
-from hellora_trl.offline import (
+from hellora_trl.recipes.eval import extract_gsm8k_answer
+from hellora_trl.recipes.offline import (
     MOE_FAMILIES,
     build_tokenizer,
     generate_math_problems,

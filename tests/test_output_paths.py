@@ -135,8 +135,8 @@ def test_pretrain_output_dir_cases_on_the_tiny_lab_model(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    from hellora_trl.offline import tiny_moe_model
-    from hellora_trl.sft import OFFLINE_MODEL
+    from hellora_trl.recipes.offline import tiny_moe_model
+    from hellora_trl.recipes.models import OFFLINE_MODEL
 
     model = tiny_moe_model("olmoe", seed=42, **OFFLINE_MODEL)
     peft_model = apply_hellora(model, {layer.name: [0, 3] for layer in find_moe_layers(model)},

@@ -6,7 +6,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from hellora_trl import ExpertProfile, profile_experts
-from hellora_trl.profiling import pad_collate
+from hellora_trl.profiling import pad_collate, warmup_slice
 from hellora_trl.utils import atomic_write_text
 
 from modulelist_model import LegacyMoEConfig, LegacyMoEForCausalLM
@@ -130,10 +130,15 @@ def test_merge_jaccard_coverage_concentration():
 
 def test_profile_check_matches(olmoe):
     profile = profile_experts(olmoe, [random_batch(olmoe)], progress=False)
-    profile.check_matches(olmoe)
+    assert profile.check_matches(olmoe) is None
+    assert profile.layer_names == [f"model.layers.{i}.mlp.experts" for i in range(olmoe.config.num_hidden_layers)]
+    assert profile.num_experts == olmoe.config.num_experts
     other = tiny_model("olmoe", num_hidden_layers=1)
     with pytest.raises(ValueError, match="does not match"):
         profile.check_matches(other)
+    fewer = tiny_model("olmoe", num_experts=olmoe.config.num_experts // 2)  # same layers, other expert count
+    with pytest.raises(ValueError, match="experts per layer"):
+        profile.check_matches(fewer)
 
 
 def test_gradient_checkpoint_recompute_is_not_double_counted(olmoe):
@@ -346,3 +351,33 @@ def test_prepare_refuses_what_needs_the_model_or_is_not_prepared():
         prepare_dataset(rows, build_tokenizer(), sft_arguments(chat_template_path="x.jinja"))
     with pytest.raises(ValueError, match="empty"):
         prepare_dataset(Dataset.from_list([]), build_tokenizer(), sft_arguments())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Warm-up slice
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_warmup_slice_is_seeded_and_sized():
+    """(Was recipes.data.sample_fraction, a pass-through to this function.)"""
+    ds = Dataset.from_dict({"i": list(range(200))})
+    part = warmup_slice(ds, 0.1, seed=0)
+    assert len(part) == 20
+    assert part["i"][:] == sorted(part["i"][:])  # dataset order is kept
+    assert len(set(part["i"][:])) == 20
+    assert warmup_slice(ds, 0.1, seed=0)["i"][:] == part["i"][:]
+    assert warmup_slice(ds, 0.1, seed=1)["i"][:] != part["i"][:]
+    assert len(warmup_slice(ds, 0.0001, seed=0)) == 1  # at least one row
+    assert len(warmup_slice(ds, 1.0, seed=0)) == 200
+    assert len(warmup_slice(ds, 1, seed=0)) == 200
+
+
+@pytest.mark.parametrize("fraction", [0, 0.0, -0.5, 1.0001, 2, float("nan"), True, "0.5"])
+def test_warmup_slice_rejects_bad_fractions(fraction):
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        warmup_slice(Dataset.from_dict({"i": [1, 2]}), fraction, seed=0)
+
+
+def test_warmup_slice_rejects_empty_dataset():
+    with pytest.raises(ValueError, match="empty"):
+        warmup_slice(Dataset.from_dict({"i": []}), 0.5, seed=0)

@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from hellora_trl import HELLoRAConfig, HELLoRATrainer, default_lora_config, find_moe_layers, profile_experts
-from hellora_trl.data import synthetic_gsm8k
-from hellora_trl.offline import build_tokenizer
+from hellora_trl.recipes.data import synthetic_gsm8k
+from hellora_trl.recipes.offline import build_tokenizer
 from hellora_trl.registry import family_for, supported_model_types
 
 from testing_utils import random_batch, tiny_model

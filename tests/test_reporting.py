@@ -10,17 +10,16 @@ from datasets import Dataset
 from PIL import Image
 
 from hellora_trl import ExpertProfile, profile_experts, select_hot_experts
-from hellora_trl.reporting import (
+from hellora_trl.profiling import profile_rows, warmup_indices
+from hellora_trl.recipes.reporting import (
     check_same_model,
     jaccard_matrix,
     plot_concentration,
     plot_heatmap,
     plot_jaccard_matrix,
     plot_stability,
-    profile_rows,
     stability_from_profiles,
     subset_profile,
-    warmup_slice_indices,
     warmup_stability,
     write_report,
 )
@@ -127,7 +126,7 @@ def test_warmup_slices_are_the_trainers():
 
     ds = Dataset.from_dict({"row": list(range(200))})
     for fraction, seed in [(0.01, 42), (0.1, 3), (0.5, 42)]:
-        assert warmup_slice_indices(200, fraction, seed) == sample_warmup_slice(ds, fraction, seed)["row"]
+        assert warmup_indices(200, fraction, seed) == sample_warmup_slice(ds, fraction, seed)["row"]
 
 
 def test_warmup_stability_full_fraction_is_exact_and_subsets_sum():
@@ -140,7 +139,7 @@ def test_warmup_stability_full_fraction_is_exact_and_subsets_sum():
     for row in table["rows"]:
         assert 0.0 <= row["jaccard"] <= 1.0 and 0.0 < row["coverage"] <= table["ceiling"] + 1e-9
         assert row["repeats"] == 2
-    idx = warmup_slice_indices(20, 0.5, 0)
+    idx = warmup_indices(20, 0.5, 0)
     part = subset_profile(full, per_row, idx, {})
     assert torch.equal(part.counts, profile_experts(model, rows.select(idx), progress=False).counts)
 

@@ -74,9 +74,10 @@ def test_validate_hot_map_errors():
     names = ["a.experts", "b.experts"]
     with pytest.raises(ValueError, match="missing"):
         validate_hot_map({"a.experts": [0]}, names, 4)
-    with pytest.raises(ValueError, match="distinct ids"):
-        validate_hot_map({"a.experts": [0, 9], "b.experts": [1]}, names, 4)
-    with pytest.raises(ValueError, match="no hot experts"):
+    for bad in ([0, 9], [0, 4], [-1, 0], [2, 2]):
+        with pytest.raises(ValueError, match=r"Layer 'a\.experts': hot experts .* distinct ids in \[0, 4\)"):
+            validate_hot_map({"a.experts": bad, "b.experts": [1]}, names, 4)
+    with pytest.raises(ValueError, match=r"Layer 'a\.experts' has no hot experts"):
         validate_hot_map({"a.experts": [], "b.experts": [1]}, names, 4)
 
 

@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
 from hellora_trl import ExpertProfile, apply_hellora, default_lora_config, find_moe_layers
 from hellora_trl.config import CHECKPOINTING_FIELD, HELLoRAConfig
-from hellora_trl.data import synthetic_gsm8k
-from hellora_trl.offline import build_tokenizer
+from hellora_trl.recipes.data import synthetic_gsm8k
+from hellora_trl.recipes.offline import build_tokenizer
 from hellora_trl.trainer import HEATMAP_FILE, PROFILE_FILE, HELLoRATrainer
 
 from testing_utils import tiny_model
@@ -367,15 +367,43 @@ def test_resume_true_never_takes_another_runs_checkpoint(tmp_path, tokenizer, da
 
 def test_resume_true_picks_this_runs_newest_checkpoint_among_another_runs(tmp_path, tokenizer, dataset, caplog):
     checkpointed(tmp_path, tokenizer, dataset, hellora_k=2, max_steps=6).train()  # run A: checkpoints 2, 4, 6
-    run_b = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=2, save_steps=1)
+    run_b = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=2, save_steps=1,
+                         hellora_overwrite_output_dir=True)
     run_b.train()  # run B: checkpoints 1, 2 (its checkpoint-2 replaces A's)
-    # review 5.10: a fresh run beside another run's checkpoints is told (rotation would delete them)
-    assert "holds checkpoints of another run (checkpoint-6, checkpoint-4, checkpoint-2)" in caplog.text
+    # review 5.10: a new run let in beside another run's checkpoints is told what happens to them
+    assert "holds checkpoints this run did not write (checkpoint-2, checkpoint-4, checkpoint-6)" in caplog.text
     resumed = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=3, save_steps=1)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3  # resumed at B's step 2, not A's step 6 (0 steps)
     assert all(len(ids) == 3 for ids in resumed.hot_experts.values())
     assert "not resuming from checkpoint-6: from another run (hellora.hellora_k: 2 (checkpoint) != 3" in caplog.text
+
+
+def test_a_new_run_is_refused_beside_another_runs_checkpoints(tmp_path, tokenizer, dataset):
+    """Issue 19 item 2: a new run in a reused output_dir overwrote run A's same-numbered checkpoints and
+    save_total_limit deleted the rest, after only a warning."""
+    checkpointed(tmp_path, tokenizer, dataset, hellora_k=2).train()  # run A: checkpoint-2, checkpoint-4
+    out = tmp_path / "run"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    run_b = checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, save_total_limit=1)
+    with pytest.raises(ValueError) as err:
+        run_b.train()
+    message = str(err.value)
+    assert "checkpoint-2, checkpoint-4" in message and "--hellora_overwrite_output_dir true" in message
+    assert f"{out}-2" in message and "\n" not in message
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert run_b.state.global_step == 0 and not isinstance(run_b.model, PeftModel)  # refused before any work
+
+
+def test_rotation_never_deletes_checkpoints_this_run_did_not_write(tmp_path, tokenizer, dataset):
+    checkpointed(tmp_path, tokenizer, dataset, hellora_k=2, max_steps=6).train()  # run A: 2, 4, 6
+    out = tmp_path / "run"
+    a4, a6 = (out / "checkpoint-4" / PROFILE_FILE).read_bytes(), (out / "checkpoint-6" / PROFILE_FILE).read_bytes()
+    checkpointed(tmp_path, tokenizer, dataset, hellora_k=3, max_steps=3, save_steps=1, save_total_limit=1,
+                 hellora_overwrite_output_dir=True).train()  # run B: 1, 2 (replaces A's), 3
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]  # B keeps its newest; A's stay (old code: gone)
+    assert (out / "checkpoint-4" / PROFILE_FILE).read_bytes() == a4 and (out / "checkpoint-6" / PROFILE_FILE).read_bytes() == a6
 
 
 def test_torn_checkpoint_is_skipped_with_the_reason(tmp_path, tokenizer, dataset, caplog):

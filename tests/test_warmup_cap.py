@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from hellora_trl.config import HELLoRAConfig
-from hellora_trl.data import synthetic_gsm8k
-from hellora_trl.offline import build_tokenizer
+from hellora_trl.recipes.data import synthetic_gsm8k
+from hellora_trl.recipes.offline import build_tokenizer
 from hellora_trl.profiling import warmup_indices, warmup_row_cap
 from hellora_trl.trainer import ADAPTER_NOT_BUILT, HELLoRATrainer
 

@@ -34,7 +34,7 @@ requires_gpu = pytest.mark.skipif(
 
 def tiny_model(family: str = "olmoe", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """A tiny random model of ``family`` (same weights for the same seed)."""
-    from hellora_trl.offline import tiny_moe_model
+    from hellora_trl.recipes.offline import tiny_moe_model
 
     model = tiny_moe_model(family, seed=seed, **overrides)
     return model.to(dtype)

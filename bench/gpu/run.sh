@@ -151,9 +151,11 @@ step main 90 main.log "${SELF[@]}" main_job "$PY" "$MAIN_STEPS" "$MAIN_EVAL" "$W
 # Real layer shapes (Qwen3-MoE 128 experts, DeepSeek-V3-like 256): last, so it never starves the main job; on its
 # own: python bench/step_throughput.py --sweep gpu-scaling --runs 3 --steps 3 --warmup 1 --out DIR
 if [ "$DRY" = 1 ]; then
-    step bench-scaling 120 bench.log "$PY bench/step_throughput.py --sweep tiny-scaling --runs 1 --steps 1 --warmup 1 --out '$WORK/bench'"
+    step bench-scaling 120 bench.log "$PY" bench/step_throughput.py --sweep tiny-scaling --runs 1 --steps 1 --warmup 1 \
+        --out "$WORK/bench"
 else
-    step bench-scaling 150 bench.log "$PY bench/step_throughput.py --sweep gpu-scaling --runs 3 --steps 3 --warmup 1 --out '$WORK/bench'"
+    step bench-scaling 150 bench.log "$PY" bench/step_throughput.py --sweep gpu-scaling --runs 3 --steps 3 --warmup 1 \
+        --out "$WORK/bench"
 fi
 
 summarize

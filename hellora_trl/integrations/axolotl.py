@@ -13,7 +13,9 @@ Axolotl (tested against the hook contract of 0.19) builds the base model, then a
 does not know (``BasePlugin.load_adapter``). The plugin then profiles routing on a seeded slice of the
 prepared training set (or loads ``hellora_profile_path``), selects the hot experts and returns the HELLoRA
 ``PeftModel``; Axolotl's own trainer trains it and ``save_pretrained`` writes the compact adapter. The routing
-profile and hot map go to ``output_dir/hellora_profile.json``. With ``adapter: hellora`` the plugin makes
+profile and hot map go to ``output_dir/hellora_profile.json``; a resumed run (``resume_from_checkpoint``, or
+``auto_resume_from_checkpoints`` with a checkpoint in ``output_dir``) reuses that file instead of profiling again.
+The plugin logs what it does (on Axolotl's logger) before and after profiling. With ``adapter: hellora`` the plugin makes
 ``axolotl merge-lora`` use its exact (legacy) merge, which loads the adapter through the plugin, and refuses the
 memory-efficient one, which would drop the hot-expert updates (:func:`exact_merge_method`).
 
@@ -24,7 +26,9 @@ imported without it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,6 +47,8 @@ from ..selection import SelectionSettings, load_plan, plan_hot_experts, save_pla
 from .warmup import lora_warmup_profile
 
 ADAPTER = "hellora"
+# A child of Axolotl's own logger, so the plugin's lines appear with Axolotl's (its handler and INFO level).
+logger = logging.getLogger("axolotl.integrations.hellora")
 PLUGIN_PATH = f"{__name__}.HELLoRAPlugin"
 ARGS_PATH = f"{__name__}.HELLoRAArgs"
 INSTALL_HINT = (
@@ -207,10 +213,18 @@ class HELLoRAPluginMixin:
         if _get(cfg, "gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
             # Before profiling, so the LoRA warm-up runs with the memory profile of the real run.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_get(cfg, "gradient_checkpointing_kwargs"))
+        started = time.perf_counter()
         profile, stored = self.routing_profile(model, cfg, args, lora_config)
         settings = SelectionSettings.from_args(args, seed=self._seed(cfg, args))
         hot, record = plan_hot_experts(profile, settings, stored, origin=str(args.hellora_profile_path))
-        self._save_profile(cfg, args, profile, hot, record)
+        saved = self._save_profile(cfg, args, profile, hot, record)
+        if is_main_process():
+            sizes = sorted({len(ids) for ids in hot.values()})
+            logger.info(
+                "HELLoRA: hot experts chosen in %.1f s: %s per layer over %d MoE layers%s; attaching the adapter.",
+                time.perf_counter() - started, "/".join(map(str, sizes)), len(hot),
+                f" (profile and hot map saved to {', '.join(map(str, saved))})" if saved else "",
+            )
         peft_model = apply_hellora(
             model,
             hot,
@@ -232,10 +246,24 @@ class HELLoRAPluginMixin:
     ) -> tuple[ExpertProfile, dict[str, list[int]] | None]:
         """(profile, stored hot map): a saved profile (and the hot map stored with it) when ``hellora_profile_path``
         exists, else one taken now on the warm-up slice (and no stored map)."""
+        main = is_main_process()
         if args.hellora_profile_path and Path(args.hellora_profile_path).is_file():
             profile, stored, _ = load_plan(args.hellora_profile_path)
             profile.check_matches(model)
+            if main:
+                logger.info("HELLoRA: using the routing profile in %s (no profiling).", args.hellora_profile_path)
             return profile, stored
+        saved = Path(_get(cfg, "output_dir", ".")) / PROFILE_FILE
+        if self.resuming(cfg):
+            if saved.is_file():  # Axolotl's checkpoints hold no profile: the run's own file in output_dir does
+                profile, stored, _ = load_plan(saved)
+                profile.check_matches(model)
+                if main:
+                    logger.info("HELLoRA: resuming: reusing the routing profile and hot experts in %s (no profiling).",
+                                saved)
+                return profile, stored
+            if main:
+                logger.warning("HELLoRA: resuming, but %s is missing: profiling again (same seed and slice).", saved)
         dataset = self.training_dataset(cfg)
         seed = self._seed(cfg, args)
         # a max_steps run warms up on no more rows than it trains on
@@ -253,8 +281,14 @@ class HELLoRAPluginMixin:
             "seed": seed,
             "framework": "axolotl",
         }
+        if main:
+            logger.info(
+                "HELLoRA: profiling routing (%s) on %d warm-up rows of %d (fraction %g, seed %d, batch size %d) before "
+                "training; this can take a while on a large model.",
+                args.hellora_profile_mode, len(rows), len(dataset), args.hellora_warmup_fraction, seed, batch_size,
+            )
         if args.hellora_profile_mode == "forward":
-            return profile_experts(model, rows, batch_size=batch_size, progress=is_main_process(), source=source), None
+            return profile_experts(model, rows, batch_size=batch_size, progress=main, source=source), None
         profile = lora_warmup_profile(
             model,
             rows,
@@ -284,13 +318,25 @@ class HELLoRAPluginMixin:
             )
         return dataset
 
-    def _save_profile(self, cfg: Any, args: HELLoRAArgs, profile: ExpertProfile, hot, record: dict) -> None:
+    @staticmethod
+    def resuming(cfg: Any) -> bool:
+        """Whether Axolotl will resume this run: ``resume_from_checkpoint`` set, or ``auto_resume_from_checkpoints``
+        with a ``checkpoint-N`` folder in ``output_dir``."""
+        if _get(cfg, "resume_from_checkpoint"):
+            return True
+        if not _get(cfg, "auto_resume_from_checkpoints"):
+            return False
+        out = Path(_get(cfg, "output_dir", "."))
+        return out.is_dir() and any(p.is_dir() and p.name.startswith("checkpoint-") for p in out.iterdir())
+
+    def _save_profile(self, cfg: Any, args: HELLoRAArgs, profile: ExpertProfile, hot, record: dict) -> list[Path]:
         if not is_main_process():
-            return
+            return []
         targets = [Path(_get(cfg, "output_dir", ".")) / PROFILE_FILE]
         if args.hellora_profile_path and not Path(args.hellora_profile_path).is_file():
             targets.append(Path(args.hellora_profile_path))
         save_plan(profile, hot, {**record, "framework": "axolotl"}, *targets)
+        return targets
 
 
 def _plugin_class() -> type:

@@ -22,7 +22,6 @@ from typing import Any
 import datasets
 from datasets import Dataset
 
-from ..profiling import warmup_slice
 from .offline import generate_math_problems
 
 __all__ = [
@@ -31,7 +30,6 @@ __all__ = [
     "load_codealpaca",
     "load_gsm8k",
     "load_saferpaca",
-    "sample_fraction",
     "synthetic_gsm8k",
 ]
 
@@ -241,7 +239,7 @@ def load_gsm8k(
 
 
 def synthetic_gsm8k(n: int, seed: int = 0, fmt: str = "prompt_completion") -> Dataset:
-    """``n`` generated GSM8K-style problems (see :func:`hellora_trl.offline.generate_math_problems`), no I/O."""
+    """``n`` generated GSM8K-style problems (see :func:`hellora_trl.recipes.offline.generate_math_problems`), no I/O."""
     _check_fmt(fmt)
     if n < 1:
         raise ValueError(f"synthetic_gsm8k needs n >= 1 rows, got {n}.")
@@ -385,9 +383,3 @@ def gsm8k_prompt(question: str) -> str:
 
     Training data (prompt-completion) and evaluation use this same prompt."""
     return f"Question: {question.strip()}\nAnswer:"
-
-
-def sample_fraction(ds: Dataset, fraction: float, seed: int) -> Dataset:
-    """A seeded random ``fraction`` of the rows (at least one), kept in dataset order, for the profiling warm-up:
-    the same rows as the trainer's warm-up (:func:`hellora_trl.profiling.warmup_slice`)."""
-    return warmup_slice(ds, fraction, seed)

@@ -20,7 +20,7 @@ from ..plots import (  # noqa: F401  (the run figures live in the core; this mod
     short_layer_name,
 )
 from ..profile import ExpertProfile, HotMap, check_k
-from ..profiling import profile_rows, warmup_indices  # noqa: F401  (profile_rows: part of this module's API)
+from ..profiling import warmup_indices
 from ..selection import default_k, select_hot_experts, validate_hot_map
 from ..utils import atomic_write_text
 
@@ -102,11 +102,6 @@ def check_same_model(profiles: Mapping[str, ExpertProfile]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ warm-up stability
-def warmup_slice_indices(num_rows: int, fraction: float, seed: int) -> list[int]:
-    """The rows the trainer's warm-up slice takes for this (dataset length, fraction, seed)."""
-    return warmup_indices(num_rows, fraction, seed)
-
-
 def subset_profile(full: ExpertProfile, per_row: torch.Tensor, rows: Sequence[int], source: dict) -> ExpertProfile:
     """The profile of a subset of rows, built from per-row counts."""
     counts = per_row[list(rows)].sum(0).long()
@@ -146,7 +141,7 @@ def warmup_stability(
     for fraction in fractions:
         parts = []
         for seed in seeds:
-            idx = warmup_slice_indices(per_row.shape[0], fraction, seed)
+            idx = warmup_indices(per_row.shape[0], fraction, seed)
             parts.append(subset_profile(full, per_row, idx, {"fraction": fraction, "seed": seed, "rows": len(idx)}))
         rows.append(_stability_row(fraction, parts, full, k))
     return {"k": k, "ceiling": _mean(full.concentration(k)), "full_tokens": full.tokens_seen, "rows": rows}

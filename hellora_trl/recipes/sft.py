@@ -21,7 +21,7 @@ from ..config import CHECKPOINTING_FIELD, HELLoRAConfig
 from ..constants import SUMMARY_FILE, TASKS
 from ..utils import atomic_write_text
 from .eval.gsm8k import ARITHMETIC_HELD_OUT_ROWS, ARITHMETIC_TRAIN_ROWS
-from .models import OFFLINE_MODEL, ModelSource, load_model, load_tokenizer  # noqa: F401  (OFFLINE_MODEL: re-exported)
+from .models import ModelSource, load_model, load_tokenizer
 
 PAPER_DEFAULTS: dict[str, Any] = dict(lora_r=32, lora_alpha=64, lora_dropout=0.0, output_dir="outputs/hellora-sft")
 

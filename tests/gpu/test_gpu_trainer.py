@@ -6,8 +6,8 @@ import torch
 
 from hellora_trl import find_moe_layers, load_hellora
 from hellora_trl.config import HELLoRAConfig
-from hellora_trl.data import synthetic_gsm8k
-from hellora_trl.offline import build_tokenizer
+from hellora_trl.recipes.data import synthetic_gsm8k
+from hellora_trl.recipes.offline import build_tokenizer
 from hellora_trl.trainer import HELLoRATrainer
 
 from testing_utils import gpu_test_device, requires_gpu, tiny_model

@@ -91,11 +91,8 @@ def fraction_of(spec: str) -> tuple[float, Any]:
 def stability(args: ReportArguments, model_args: ModelArguments, data_args: DataArguments, profiles: dict) -> dict | None:
     """Table 10 from one full-data pass of a model (added to the report as 'full data'), or from labelled profiles."""
     from ...profile import ExpertProfile
-    from ...recipes.reporting import (
-        profile_rows,
-        stability_from_profiles,
-        warmup_stability,
-    )
+    from ...profiling import profile_rows
+    from ...recipes.reporting import stability_from_profiles, warmup_stability
 
     if args.stability_profiles:
         reference = ExpertProfile.load(require(args.reference_profile, "--reference_profile",

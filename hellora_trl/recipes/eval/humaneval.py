@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +67,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # The verdict is the checker's exit status plus one JSON line on a pipe that only the checker holds. The
 # candidate process can make its own sample fail, never pass.
 RUNNER_SOURCE = (Path(__file__).parent / "humaneval_runner.py").read_text(encoding="utf-8")
+# The runner's own iterative tree removal, for the evaluator's last clean-up of a sample folder (defined from the
+# same source the sandbox runs, without importing the package: the harness also loads standalone from its file).
+_RUNNER_NAMES: dict[str, Any] = {"__name__": "hellora_humaneval_runner"}
+exec(compile(RUNNER_SOURCE, str(Path(__file__).parent / "humaneval_runner.py"), "exec"), _RUNNER_NAMES)  # noqa: S102
+remove_tree = _RUNNER_NAMES["remove_tree"]
 
 _FSIZE_BYTES = 16 * 1024 * 1024
 _TAIL_CHARS = 2000
@@ -114,6 +118,37 @@ def _read_roots() -> tuple[str, ...]:
                     found.append(os.path.normpath(variant))
         _READ_ROOTS = tuple(found)
     return _READ_ROOTS
+
+
+# Installed modules that act when imported (a browser, a window, a printout): never imported on a completion's behalf.
+_NO_PRELOAD = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "webbrowser", "pydoc",
+                         "ensurepip", "venv", "pip", "setuptools", "distutils", "site", "test", "__main__", "__hello__",
+                         "__phello__", "ctypes", "subprocess", "multiprocessing", "socket", "pty", "sqlite3"})
+
+
+def _completion_imports(source: str) -> list[str]:
+    """The modules ``source`` imports by absolute name (``import a.b`` / ``from a.b import c``), for the runner to
+    import before it drops to uid nobody: an install that user cannot read still serves what the completion uses.
+    Only names (imported from the installation, never from the completion); unparsable source gives none."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return []
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found = [node.module]
+        else:
+            continue
+        for name in found:
+            parts = name.split(".")
+            if all(part.isidentifier() for part in parts) and parts[0] not in _NO_PRELOAD and name not in names:
+                names.append(name)
+    return names[:32]
 
 
 def _world_readable(path: str) -> bool:
@@ -170,6 +205,20 @@ def _read_verdict(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def _remove_quietly(root: Path) -> None:
+    """Remove a sample's temp folder without recursion; a tree that cannot be removed is reported, never raised."""
+    try:
+        gone = remove_tree(str(root))
+    except Exception as err:  # noqa: BLE001 - nothing a completion left behind may stop the evaluation
+        gone, why = False, f"{type(err).__name__}: {err}"
+    else:
+        why = "a file in it cannot be removed"
+    if not gone:
+        import warnings
+
+        warnings.warn(f"HumanEval: could not remove the sample folder {root} ({why}); delete it by hand.", stacklevel=3)
+
+
 def run_humaneval_sample(
     problem: Mapping[str, Any], completion: str, timeout: float = 5.0, memory_mb: int = 1024
 ) -> dict[str, Any]:
@@ -189,8 +238,9 @@ def run_humaneval_sample(
     process, ``mmap``, code-object construction and interpreter shutdown without the hook; rlimits
     (``memory_mb`` of address space, 0 disables; CPU ``timeout`` + 1 s; 16 MiB per file; no new
     processes); a minimal environment; and, where the OS permits, private network and PID
-    namespaces, no capabilities (uid nobody when root and the Python install is world-readable) and a
-    parent-death signal. The runner is a new session; its process group is SIGKILLed when the
+    namespaces, uid nobody whenever the evaluator runs as root (no capabilities if the uid change fails)
+    and a parent-death signal. Where that user cannot read the Python installation, the modules the
+    completion imports by name are imported before the uid changes; any other import then fails the sample. The runner is a new session; its process group is SIGKILLed when the
     sample ends. ``docs/eval.md`` says plainly what is and is not isolated.
 
     Returns ``{"task_id", "verdict": "passed" | "failed" | "timed out", "passed", "error",
@@ -206,7 +256,8 @@ def run_humaneval_sample(
     task_id, prompt, test, entry_point = _problem_parts(problem)
     reads = _read_roots()
     root_user = hasattr(os, "geteuid") and os.geteuid() == 0
-    drop_uid = root_user and all(_world_readable(r) for r in reads)
+    drop_uid = root_user  # always: uid 0 without capabilities can still write wherever root may (review NS1/NS2)
+    readable = all(_world_readable(r) for r in reads)
     cpu_s = int(math.ceil(timeout)) + 1
     env = {
         "PATH": "/usr/bin:/bin",
@@ -232,7 +283,8 @@ def run_humaneval_sample(
             "source": prompt + completion + "\n", "entry_point": entry_point, "workdir": os.path.realpath(workdir),
             "cpu_s": cpu_s, "mem_bytes": memory_mb * 1024 * 1024, "fsize_bytes": _FSIZE_BYTES,
             "read_roots": list(reads), "devices": ["/dev/null", "/dev/urandom", "/dev/zero"],
-            "preload": list(_PRELOAD), "drop_uid": drop_uid, "namespaces": _USE_NAMESPACES,
+            "preload": list(_PRELOAD) + ([] if readable else _completion_imports(prompt + completion)),
+            "drop_uid": drop_uid, "namespaces": _USE_NAMESPACES,
         })
         _write_private(root / "check.json", {
             "prompt": prompt, "test": test, "entry_point": entry_point, "cpu_s": cpu_s,
@@ -263,7 +315,7 @@ def run_humaneval_sample(
         stderr = _read_tail(root / "stderr")
     finally:
         if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+            _remove_quietly(root)
 
     try:
         report = json.loads(raw.decode("ascii"))
@@ -386,8 +438,13 @@ def evaluate_humaneval(
         key = _sample_key(task_id, index, completion)
         if key in recorded:
             return recorded[key]
-        result = {**run_humaneval_sample(by_id[task_id], completion, timeout=timeout, memory_mb=memory_mb),
-                  "sample_index": index}
+        try:
+            sample = run_humaneval_sample(by_id[task_id], completion, timeout=timeout, memory_mb=memory_mb)
+        except Exception as err:  # noqa: BLE001 - one completion never stops the evaluation of the others
+            sample = {"task_id": task_id, "verdict": "failed", "passed": False,
+                      "error": _clean_text(f"harness error: {type(err).__name__}: {err}"[:2000]), "elapsed": None,
+                      "isolation": []}
+        result = {**sample, "sample_index": index}
         if sink is not None:
             line = json.dumps({"key": key, **result}, ensure_ascii=True) + "\n"
             with lock:

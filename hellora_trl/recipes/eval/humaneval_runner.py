@@ -135,8 +135,52 @@ def _under(path, roots):
 def _hook(event, args, _norm=_norm, _under=_under, _type=type, _str=str, _work=None, _reads=(), _devices=(), _exit=None,
           _err=PermissionError, _import_err=ImportError, _int=int, _none=None, _wmask=0, _deny=frozenset(), _deny_prefixes=(),
           _writes=frozenset(), _lists=frozenset(), _bad_modules=frozenset(), _funcattrs=frozenset(),
-          _finalize=frozenset()):
+          _finalize=frozenset(), _real=None, _creates=frozenset(), _answer=None, _fspath=None, _spec=None,
+          _fresh_deny=frozenset(), _bytes=bytes, _tuple=tuple, _dict=dict, _getattr=getattr, _len=len, _call=None):
     """PEP 578 audit hook of the candidate process (bound with functools-free defaults, see _install)."""
+    if event == "hellora.sandbox.call":
+        # A guarded os / _imp function (see _guard): the policy and the real function live only here.
+        if _type(args) is not _tuple or _len(args) != 3:
+            raise _err("malformed sandbox call")
+        name, call_args, call_kwargs = args
+        real = _real.get(name) if _type(name) is _str else _none
+        if real is _none or _type(call_args) is not _tuple or _type(call_kwargs) is not _dict:
+            raise _err("malformed sandbox call")
+        call_kwargs = _dict(call_kwargs)
+        if name.startswith("_imp."):
+            spec = call_args[0] if call_args else call_kwargs.get("spec")
+            module = _getattr(spec, "name", _none)
+            if _type(module) is not _str or module.rpartition(".")[2] in _fresh_deny:
+                raise _import_err(f"a fresh instance of module {module} is disabled in the HumanEval sandbox")
+            origin = _getattr(spec, "origin", _none)
+            if name == "_imp.create_dynamic":
+                where = _norm(origin, _work) if _type(origin) is _str else _none
+                if where is _none or not _under(where, _reads):
+                    raise _import_err("loading this file is disabled in the HumanEval sandbox")
+            raise _answer(_call(real, (_spec(name=module, origin=origin),), {}))
+        if call_kwargs.get("dir_fd") is not _none:
+            raise _err(f"{name} with dir_fd is disabled in the HumanEval sandbox")
+        if call_args:
+            path, rest = call_args[0], call_args[1:]
+        elif "path" in call_kwargs:
+            path, rest = call_kwargs.pop("path"), ()
+        else:
+            raise _err(f"{name} needs a path in the HumanEval sandbox")
+        if _type(path) is _int:
+            if name in _creates:
+                raise _err(f"{name} on a file descriptor is disabled in the HumanEval sandbox")
+            raise _answer(_call(real, (path,) + rest, call_kwargs))
+        if _type(path) is not _str and _type(path) is not _bytes:
+            path = _fspath(path)  # once: the real call gets this value, not the object
+        where = _norm(path, _work)
+        if where is _none:
+            raise _err("this path is disabled in the HumanEval sandbox")
+        if name in _creates:
+            if not _under(where, (_work,)):
+                raise _err(f"{name} outside the work dir is disabled in the HumanEval sandbox")
+        elif not (_under(where, _reads) or _under(where, (_work,)) or where in _devices):
+            raise _err(f"{name} of {where} is disabled in the HumanEval sandbox (outside the work dir)")
+        raise _answer(_call(real, (path,) + rest, call_kwargs))
     if event == "open":
         path, mode, flags = args
         if mode is _none:
@@ -207,10 +251,61 @@ _BAD_MODULES = frozenset({
 })
 
 
+def _call_real(function, args, kwargs):
+    """Run a guarded call in a frame with the real builtins (an extension module's init looks names up there;
+    the hook's own frame has none). Looks up no name itself."""
+    return function(*args, **kwargs)
+
+
+class _Answer(BaseException):
+    """How the audit hook hands a guarded call's result back to the wrapper (see _guard)."""
+
+
+def _guard(*args, _audit=None, _event=None, _answer=None, _err=None, **kwargs):
+    """The stand-in for an os / _imp function that raises no audit event of its own: it raises one, and the hook
+    checks the arguments and answers with the real function's result (which only the hook holds)."""
+    try:
+        _audit("hellora.sandbox.call", _event, args, kwargs)
+    except _answer as answer:
+        return answer.args[0]
+    raise _err(f"{_event} is disabled in the HumanEval sandbox")
+
+
+# Filesystem calls that raise no audit event: metadata reads (stat, lstat, readlink, access, statvfs, pathconf and
+# everything built on them, such as os.path.exists) and creations (mkfifo, mknod). Guarded: allowed where
+# reading (or, for creations, writing) is, refused elsewhere; any other os function stays as it is.
+_GUARDED_READS = ("stat", "lstat", "readlink", "access", "statvfs", "pathconf", "getxattr", "listxattr")
+_GUARDED_CREATES = ("mkfifo", "mknod")
+# Modules a completion may not instantiate afresh (a new instance has every function the sandbox removed).
+_FRESH_DENY = frozenset({"posix", "nt", "_imp", "_signal", "_io", "_thread", "sys", "builtins", "gc", "_weakref",
+                         "faulthandler", "_tracemalloc", "_abc", "_operator", "_functools"})
+
+
 def _install(work, reads, devices, exit_now):
     """Bind every value the hook needs as a default argument (immutable: str, tuple, frozenset, builtins),
     so nothing the completion can reach (module globals, builtins, os.path) changes what the hook does."""
-    import os
+    import os, types, _imp
+    posix = sys.modules.get("posix") or os
+    real = {}
+    no_globals_guard = {"__builtins__": {}}
+    guard_code = _guard.__code__
+
+    def guarded(event):
+        wrapper = type(_guard)(guard_code, no_globals_guard, _guard.__name__)
+        wrapper.__kwdefaults__ = {"_audit": sys.audit, "_event": event, "_answer": _Answer, "_err": PermissionError}
+        return wrapper
+
+    for name in _GUARDED_READS + _GUARDED_CREATES:
+        function = getattr(posix, name, None) or getattr(os, name, None)
+        if function is None:
+            continue
+        real["os." + name] = function
+        for module in (os, posix):
+            setattr(module, name, guarded("os." + name))
+    for name in ("create_builtin", "create_dynamic"):
+        if hasattr(_imp, name):
+            real["_imp." + name] = getattr(_imp, name)
+            setattr(_imp, name, guarded("_imp." + name))
     defaults = list(_hook.__defaults__)
     names = _hook.__code__.co_varnames[2:_hook.__code__.co_argcount]
     values = dict(zip(names, defaults))
@@ -220,6 +315,9 @@ def _install(work, reads, devices, exit_now):
         _deny=frozenset(_DENY), _deny_prefixes=_DENY_PREFIXES, _writes=_WRITES, _lists=_LISTS,
         _bad_modules=_BAD_MODULES, _funcattrs=frozenset({"__code__"}),  # the hook itself is unreachable (gc.get_* denied)
         _finalize=frozenset({"cpython.PyInterpreterState_Clear", "cpython._PySys_ClearAuditHooks"}),
+        _real=real, _creates=frozenset("os." + n for n in _GUARDED_CREATES), _answer=_Answer, _fspath=os.fspath,
+        _spec=types.SimpleNamespace, _fresh_deny=_FRESH_DENY | _BAD_MODULES,
+        _call=type(_call_real)(_call_real.__code__, {"__builtins__": sys.modules["builtins"]}, "_call_real"),
     )
     no_globals = {"__builtins__": {}}  # a stray global or builtin name would raise, i.e. deny
     hook = type(_hook)(_hook.__code__, no_globals, "_hook", tuple(values[n] for n in names))
@@ -338,6 +436,79 @@ class _Gone(Exception):
     pass
 
 
+def remove_tree(path):
+    """Remove ``path`` and everything under it without recursion and with at most two open folders at a time.
+
+    A completion may leave any tree in its work dir (a 1,500-deep folder chain made ``shutil.rmtree`` raise
+    ``RecursionError``; a deeper one exceeds PATH_MAX). This walks down with ``dir_fd``-relative calls, never
+    follows a symlink, makes a folder the completion locked (mode 000) searchable again, and climbs back up
+    through ``..``. Returns True when ``path`` is gone; never raises for what it finds inside.
+    """
+    import os, stat
+    flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.unlink(path)
+            return True
+        except OSError:
+            return False
+    names = []  # the folder names from path down to the current folder
+    try:
+        while True:
+            child = None
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        try:
+                            mode = os.stat(entry.name, dir_fd=fd, follow_symlinks=False).st_mode
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(mode):
+                            child = entry.name
+                            break
+                        try:
+                            os.unlink(entry.name, dir_fd=fd)
+                        except OSError:
+                            pass
+            except OSError:
+                pass
+            if child is not None:
+                try:
+                    inner = os.open(child, flags, dir_fd=fd)
+                except PermissionError:
+                    try:
+                        os.chmod(child, 0o700, dir_fd=fd)
+                        inner = os.open(child, flags, dir_fd=fd)
+                    except OSError:
+                        return False
+                except OSError:
+                    return False
+                names.append(child)
+                os.close(fd)
+                fd = inner
+                continue
+            if not names:
+                break
+            parent = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            try:
+                os.rmdir(names.pop(), dir_fd=fd)
+            except OSError:
+                return False
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
 def _check(root, verdict_fd, child, req_w, resp_r):
     """The checker: run the dataset's test against the remote candidate; report on the verdict pipe."""
     import builtins, json, os, resource, signal
@@ -416,6 +587,10 @@ def _check(root, verdict_fd, child, req_w, resp_r):
                 os.waitpid(child, 0)
             except OSError:
                 pass
+    try:  # the candidate is dead: its work dir goes now, iteratively (a deep tree cannot crash the checker)
+        remove_tree(root + "/work")
+    except BaseException:
+        pass
     data = (json.dumps(result, ensure_ascii=True) + "\n").encode("ascii")
     os.write(verdict_fd, data)
     os._exit(0 if result["verdict"] == "passed" else 1)

@@ -2,6 +2,8 @@
 
 - :mod:`~hellora_trl.recipes.lab.model`: the lab model's recipes, its pretraining, the checkpoint cache and
   ``hellora pretrain``;
+- :mod:`~hellora_trl.recipes.lab.cache`: the cache's manifest check, stale-temp clean-up, build lock and the wait
+  of the processes that do not build;
 - :mod:`~hellora_trl.recipes.lab.corpus`: the multi-domain pretraining text and the held-out arithmetic target task;
 - :mod:`~hellora_trl.recipes.lab.quality`: fine-tune one adapter configuration on the lab model and score it
   (``bench/quality.py``, the slow quality test).

@@ -4,7 +4,7 @@ Two sources, one shape (``{domain: [document, ...]}``):
 
 - :func:`generated_corpus`: everything generated in-project from a seed, so a fresh machine with no datasets and no
   network can pretrain the lab model. Four domains whose surface forms differ on purpose, so a router has
-  something to specialise on: ``math`` (the GSM8K-style word problems of :mod:`hellora_trl.offline`), ``code``
+  something to specialise on: ``math`` (the GSM8K-style word problems of :mod:`hellora_trl.recipes.offline`), ``code``
   (small Python functions with an instruction), ``safety`` (refusal dialogues) and ``prose`` (plain descriptive
   sentences).
 - :func:`shared_corpus`: the real GSM8K train / CodeAlpaca / Saferpaca text from ``../shared/datasets``.

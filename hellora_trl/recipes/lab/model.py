@@ -12,10 +12,21 @@ curve). :func:`lab_model_path` returns the cached checkpoint for a recipe, build
 
 Cache: ``$HELLORA_LAB_CACHE`` if set, else ``$HELLORA_HOME/lab``, else ``$XDG_CACHE_HOME/hellora/lab``, else
 ``~/.cache/hellora/lab``; one sub-directory per recipe key (a hash of every recipe field and of the data source).
+
+Trust nothing cached: an entry is built in a hidden temp folder, gets ``lab_manifest.json`` (size and sha256 of
+every file) and is renamed into place; every use verifies all files against the manifest first. A corrupt or
+partial entry is never rebuilt silently (pretraining the default recipe takes minutes, and a damaged cache can
+mean a failing disk): it stops with one line naming ``hellora pretrain --rebuild`` and the options that rebuild
+that very entry. Temp folders left by a killed build are removed by the next run (their process is gone, or
+they are older than a day). In a multi-process run (``accelerate launch``, ``torchrun``) only the first process
+of each machine builds, outside any ZeRO-3/FSDP construction context; the other processes wait for the published
+entry (a file lock also keeps two jobs sharing one cache from building it twice), and stop with one line if
+the building process failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,16 +34,33 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...utils import atomic_dir, check_output_dir
+from ...distributed import is_local_main_process, unsharded_construction
+from .cache import (
+    CARD_NAME,
+    MANIFEST_NAME,
+    LabCacheError,
+    build_lock,
+    clean_stale,
+    failure_note,
+    host_tag,
+    job_id,
+    verify_entry,
+    wait_for_entry,
+    write_manifest,
+)
+from ...utils import atomic_dir, check_output_dir, default_mode
 
 __all__ = [
     "LAB_RECIPES",
+    "LabCacheError",
     "LabRecipe",
+    "MANIFEST_NAME",
     "PretrainArguments",
     "lab_cache_dir",
     "lab_config",
@@ -40,9 +68,9 @@ __all__ = [
     "load_lab_model",
     "main",
     "pretrain_lab_model",
+    "verify_entry",
 ]
 
-CARD_NAME = "lab_card.json"
 
 
 @dataclass(frozen=True)
@@ -223,8 +251,17 @@ def pretrain_lab_model(
     Writes a transformers checkpoint (``config.json``, ``model.safetensors``, ``generation_config.json``), the
     tokenizer, ``lab_card.json`` / ``README.md`` (the data card: corpus, tokens, steps, time, held-out loss and
     routing concentration per domain) and ``loss_curve.png``. Deterministic for a recipe on one machine (seeded
-    data order and init; CPU kernels may still differ across machines in the last bits).
+    data order and init; CPU kernels may still differ across machines in the last bits). The model is built and
+    trained whole, outside any ZeRO-3/FSDP construction context of the calling process, with no collective.
     """
+    recipe = recipe or LabRecipe()
+    out = Path(output_dir) if output_dir is not None else lab_cache_dir() / recipe.key()
+    out.mkdir(parents=True, exist_ok=True)
+    with unsharded_construction():  # one process trains this model alone: whole weights, never ZeRO-3 shards
+        return _pretrain(recipe, out, progress)
+
+
+def _pretrain(recipe: LabRecipe, out: Path, progress: bool) -> Path:
     import torch
     from datasets import Dataset
     from tqdm.auto import tqdm
@@ -234,9 +271,6 @@ def pretrain_lab_model(
     from .corpus import heldout_domain_texts, shared_heldout
     from ..offline import build_tokenizer
 
-    recipe = recipe or LabRecipe()
-    out = Path(output_dir) if output_dir is not None else lab_cache_dir() / recipe.key()
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     corpus = _corpus(recipe)
@@ -292,13 +326,13 @@ def pretrain_lab_model(
     for domain, texts in heldout.items():
         rows = [{"input_ids": tokenizer(f"{tokenizer.bos_token}{t}", add_special_tokens=False)["input_ids"][: recipe.seq_len]}
                 for t in texts]
-        profile = profile_experts(model, Dataset.from_list(rows), batch_size=16, progress=False)
+        profile = profile_experts(model, Dataset.from_list(rows), batch_size=16, progress=False, reduce=False)
         concentration[domain] = [round(x, 4) for x in profile.concentration()]
 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out)
+    _save_model(model, out)
     tokenizer.save_pretrained(out)
     tail = losses[-20:]
     card = {
@@ -330,9 +364,62 @@ def pretrain_lab_model(
     return out
 
 
+def _save_model(model, out: Path) -> None:
+    """``config.json``, ``generation_config.json`` and ``model.safetensors`` as ``save_pretrained`` writes them, on
+    whichever process builds: ``save_pretrained`` silently writes nothing on a process whose global rank is not 0
+    (the first process of a second machine, which builds its own cache entry)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
     """The data card of a lab checkpoint directory."""
     return json.loads((Path(path) / CARD_NAME).read_text())
+
+
+def rebuild_command(recipe: LabRecipe, cache_dir: str | os.PathLike | None = None) -> str:
+    """The ``hellora pretrain`` command line that rebuilds ``recipe``'s cache entry."""
+    parts = ["hellora", "pretrain", "--rebuild"]
+    named = next((name for name, base in LAB_RECIPES.items()
+                  if dataclasses.replace(base, steps=recipe.steps, seed=recipe.seed, data_dir=recipe.data_dir) == recipe),
+                 None)
+    if named is None:
+        return "hellora pretrain --rebuild with the same recipe (it is not a named one)"
+    base = LAB_RECIPES[named]
+    if named != "default":
+        parts += ["--recipe", named]
+    if recipe.data_dir is not None:
+        parts += ["--data_dir", str(recipe.data_dir)]
+    if recipe.steps != base.steps:
+        parts += ["--steps", str(recipe.steps)]
+    if recipe.seed != base.seed:
+        parts += ["--seed", str(recipe.seed)]
+    if cache_dir is not None:
+        parts += ["--cache_dir", str(cache_dir)]
+    return " ".join(parts)
+
+
+def _publish(recipe: LabRecipe, root: Path, final: Path, progress: bool) -> None:
+    """Pretrain into a temp sibling named after this host and pid, write the manifest, rename it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.key()}.tmp-{host_tag()}-{os.getpid()}-", dir=root))
+    try:
+        pretrain_lab_model(recipe, tmp, progress=progress)
+        write_manifest(tmp)
+        tmp.chmod(default_mode(directory=True))
+        old = None
+        if final.exists() or final.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{recipe.key()}.old-{host_tag()}-{os.getpid()}-", dir=root))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def lab_model_path(
@@ -344,8 +431,12 @@ def lab_model_path(
 ) -> Path:
     """The cached checkpoint directory of ``recipe`` (a :class:`LabRecipe` or a name in :data:`LAB_RECIPES`).
 
-    Built on first use (or when ``rebuild``) into a temporary sibling directory and renamed into place, so an
-    interrupted run never leaves a half-written checkpoint behind that later runs would trust.
+    Built on first use (or when ``rebuild``) into a temporary sibling directory, given a manifest (size and sha256
+    of every file) and renamed into place, so an interrupted run never leaves a half-written checkpoint behind that
+    later runs would trust; every use verifies the entry against its manifest (:class:`LabCacheError`, one line
+    naming ``hellora pretrain --rebuild``, when it does not match). Temp folders of killed builds are removed.
+    Under ``accelerate launch``/``torchrun`` only the first process of each machine builds (outside any ZeRO-3/FSDP
+    construction context); the others wait for the published entry.
     """
     if isinstance(recipe, str):
         if recipe not in LAB_RECIPES:
@@ -353,11 +444,32 @@ def lab_model_path(
         recipe = LAB_RECIPES[recipe]
     recipe = recipe or LabRecipe()
     root = Path(cache_dir) if cache_dir is not None else lab_cache_dir()
-    final = root / recipe.key()
-    if (final / CARD_NAME).is_file() and not rebuild:
+    key = recipe.key()
+    final = root / key
+    fix = rebuild_command(recipe, cache_dir)
+    if final.exists() and not final.is_dir():
+        raise LabCacheError(f"The lab model cache entry {final} is not a folder; remove it or rebuild: {fix}")
+    if not rebuild and final.is_dir() and any(final.iterdir()):
+        verify_entry(final, fix)
         return final
-    with atomic_dir(final, overwrite=True) as tmp:  # a stale or half-built folder is replaced whole
-        pretrain_lab_model(recipe, tmp, progress=progress)
+    since = time.time() if rebuild else 0.0
+    if not is_local_main_process():
+        return wait_for_entry(root, final, key, fix, since)
+    root.mkdir(parents=True, exist_ok=True)
+    clean_stale(root)
+    note = failure_note(root, key)
+    with build_lock(root, key):
+        if not rebuild and final.is_dir():  # another process built it while this one waited for the lock
+            verify_entry(final, fix)
+            return final
+        note.unlink(missing_ok=True)
+        try:
+            _publish(recipe, root, final, progress)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                note.write_text(json.dumps({"job": job_id(), "time": time.time(), "pid": os.getpid(),
+                                            "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}))
+            raise
     return final
 
 
