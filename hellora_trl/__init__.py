@@ -27,6 +27,10 @@ _EXPORTS: dict[str, str] = {
     "FAMILIES": "registry",
     "HELLoRAArguments": "config",
     "HELLoRAConfig": "config",
+    "HELLoRADPOConfig": "rl_trainers",
+    "HELLoRADPOTrainer": "rl_trainers",
+    "HELLoRAGRPOConfig": "rl_trainers",
+    "HELLoRAGRPOTrainer": "rl_trainers",
     "HELLoRAMixin": "trainer",
     "HELLoRATrainer": "trainer",
     "HotExpertLoraLayer": "expert_lora",
@@ -86,6 +90,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .export import export_peft_target_parameters, merge_adapter
     from .profile import ExpertProfile
     from .profiling import RoutingCounter, profile_experts
+    from .rl_trainers import HELLoRADPOConfig, HELLoRADPOTrainer, HELLoRAGRPOConfig, HELLoRAGRPOTrainer
     from .registry import FAMILIES, MoEFamily, find_moe_layers, register_family
     from .selection import SelectionSettings, plan_hot_experts, select_hot_experts
     from .trainer import HELLoRAMixin, HELLoRATrainer

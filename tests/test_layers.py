@@ -33,6 +33,7 @@ FLOORS = [
     ["experimental", "experimental.dynamic_rank"],
     ["config"],
     ["trainer"],
+    ["rl_trainers"],  # HELLoRAMixin in front of TRL's DPOTrainer / GRPOTrainer
     ["experimental.dynamic_rank_trainer"],  # opt-in: a trainer subclass above the core, never imported by it
     # the application layer
     ["recipes", "recipes.offline"],
@@ -51,6 +52,7 @@ FLOORS = [
     ["recipes.lab"],  # the face the SFT recipe uses
     ["recipes.lab_corpus", "recipes.lab_quality"],  # moved paths (FutureWarning; removed in 0.3.0)
     ["recipes.sft"],
+    ["recipes.rl"],  # the DPO/GRPO recipes (issue 21)
     ["recipes.ablation"],
     ["integrations", "integrations.warmup"],
     ["integrations.axolotl"],
@@ -64,7 +66,7 @@ FLOORS = [
 # (importer, imported): lazy imports that point up on purpose (none left: the figures moved down into the core and
 # dynamic rank became a trainer subclass the user opts into from experimental/).
 LAZY_UPWARD: set[tuple[str, str]] = set()
-CORE_TOP = "trainer"
+CORE_TOP = "rl_trainers"
 
 
 def module_name(path: Path) -> str:

@@ -45,6 +45,8 @@ COMMANDS: dict[str, Command] = {
         Command("profile", "count routed tokens per expert (forward only) -> profile JSON"),
         Command("select", "profile JSON -> hot experts per layer (JSON + table)"),
         Command("train", "profile, select and train with HELLoRA (the SFT recipe)"),
+        Command("dpo", "profile, select and train with HELLoRA under TRL's DPOTrainer (preference pairs)"),
+        Command("grpo", "profile, select and train with HELLoRA under TRL's GRPOTrainer (reward functions)"),
         Command("eval", "GSM8K / HumanEval / safety metrics of an adapter or merged model"),
         Command("report", "heatmaps, concentration, Jaccard and stability figures + report.md"),
         Command("merge", "base + adapter -> plain transformers checkpoint"),
