@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# tests/ mirrors the package (tests/recipes, tests/cli, ...); the shared helpers live in tests/fixtures and
+# tests/distributed and are imported by their module names (`from testing_utils import tiny_model`).
+HELPER_DIRS = [Path(__file__).resolve().parent / name for name in ("fixtures", "distributed")]
+for _helpers in HELPER_DIRS:
+    if str(_helpers) not in sys.path:
+        sys.path.insert(0, str(_helpers))
 
 from testing_utils import tiny_model
 

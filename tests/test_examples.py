@@ -16,7 +16,7 @@ from hellora_trl.recipes.sft import parse_args
 from testing_utils import shared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-# the SFT recipes; the DPO/GRPO ones (olmoe_dpo.yaml, olmoe_grpo.yaml) are parsed by tests/test_rl_recipe.py
+# the SFT recipes; the DPO/GRPO ones (olmoe_dpo.yaml, olmoe_grpo.yaml) are parsed by tests/recipes/test_rl_recipe.py
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.endswith(("_dpo", "_grpo")))
 
 
@@ -74,7 +74,7 @@ def test_effective_batch_under_accelerate_launch_on_2_processes(tmp_path):
     # and only the main process logs it (each rank reports through its own JSON file, not through stdout)
     from distributed_harness import launch_command, run
 
-    worker = Path(__file__).resolve().parent / "effective_batch_worker.py"
+    worker = Path(__file__).resolve().parent / "distributed" / "effective_batch_worker.py"
     output, _ = run(launch_command("ddp.yaml", worker, [str(ROOT / "configs" / "olmoe_gsm8k.yaml"), str(tmp_path)]),
                     timeout=300)
     records = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]

@@ -326,7 +326,7 @@ def test_ddp_two_processes_identical_adapters_and_all_reduced_profile(kind, tmp_
 
     from distributed_harness import launch_command, run
 
-    worker = Path(__file__).resolve().parent / "rl_distributed_worker.py"
+    worker = Path(__file__).resolve().parent / "distributed" / "rl_distributed_worker.py"
     run(launch_command("ddp.yaml", worker, ["--kind", kind, "--out", str(tmp_path)]), timeout=600)
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -4,7 +4,7 @@ Everything here runs without network access and without downloading anything, so
 runs work on an air-gapped CPU box. Nothing in this module is meant to be a good model; it only has to have the
 same *structure* as the real thing (GSM8K answer format, chat template with assistant masks, fused MoE experts).
 
-Layout of the tiny models in transformers 5.23 (found by building each one, see ``tests/test_offline.py``).
+Layout of the tiny models in transformers 5.23 (found by building each one, see ``tests/recipes/test_offline.py``).
 All families store the routed experts fused in ``layers[i].mlp.experts`` (E = 8 experts, H = 64, I = 32) and,
 on CPU, default to ``config._experts_implementation == "grouped_mm"``:
 

@@ -1,6 +1,6 @@
 """Run an example script with every lab-model build recorded in a file (one line per build: the rank).
 
-Used by tests/test_lab_cache_launch.py under ``accelerate launch``: the test reads the file rather than the
+Used by tests/distributed/test_lab_cache_launch.py under ``accelerate launch``: the test reads the file rather than the
 interleaved output of two ranks. Usage: ``lab_build_counter.py <record file> <script> [script args...]``.
 """
 

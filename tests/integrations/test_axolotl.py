@@ -31,7 +31,7 @@ from hellora_trl.constants import STRATEGIES  # noqa: E402
 
 from testing_utils import random_batch, tiny_model  # noqa: E402
 
-CONFIG_YAML = Path(__file__).resolve().parents[1] / "configs" / "axolotl" / "olmoe_gsm8k.yaml"
+CONFIG_YAML = Path(__file__).resolve().parents[2] / "configs" / "axolotl" / "olmoe_gsm8k.yaml"
 
 
 class DictDefault(dict):

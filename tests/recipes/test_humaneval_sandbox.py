@@ -23,10 +23,10 @@ import pytest
 from hellora_trl.recipes.eval import evaluate_humaneval, humaneval_runner, load_humaneval, run_humaneval_sample
 from hellora_trl.recipes.eval import humaneval as ev
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 from humaneval_cheats import CHEATS, EVALUATOR_KILLERS  # noqa: E402
 
-SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+SHARED_DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 SECRET = "hellora-evaluator-secret-4242"
 
 PROBLEMS = {

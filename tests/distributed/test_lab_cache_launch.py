@@ -1,9 +1,9 @@
 """Issue 19 item 0: every shipped accelerate config starts from an EMPTY lab cache and builds the lab model once.
 
-The distributed tests (tests/test_distributed.py) run on a cache built beforehand; here each config launches the
+The distributed tests (tests/distributed/test_distributed.py) run on a cache built beforehand; here each config launches the
 main job (examples/sft_gsm8k.py, tiny lab recipe) on 2 CPU processes with a fresh cache folder. Under ZeRO-3 the
 old code pretrained inside ``zero.Init`` and every rank died with ``'weight' must be 2-D``; under DDP both ranks
-pretrained at once. Builds are counted in a file (tests/lab_build_counter.py), never in the ranks' interleaved
+pretrained at once. Builds are counted in a file (tests/distributed/lab_build_counter.py), never in the ranks' interleaved
 output.
 """
 

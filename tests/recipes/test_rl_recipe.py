@@ -21,7 +21,7 @@ from hellora_trl.recipes.rl import (
 )
 from hellora_trl.rl_trainers import HELLoRADPOConfig, HELLoRAGRPOConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_rewards_score_exact_match_and_format():

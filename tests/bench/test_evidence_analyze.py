@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "evidence"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "evidence"))
 
 import analyze  # noqa: E402
 

@@ -19,7 +19,7 @@ import pytest
 
 from hellora_trl import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = (ROOT / "README.md", ROOT / "docs" / "cli.md")
 
 # what a command needs that an offline CPU box does not have

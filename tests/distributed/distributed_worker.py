@@ -1,4 +1,4 @@
-"""One rank of a distributed HELLoRA run (launched by tests/test_distributed.py through distributed_harness).
+"""One rank of a distributed HELLoRA run (launched by tests/distributed/test_distributed.py through distributed_harness).
 
 Trains a tiny OLMoE saved in ``--base`` on generated GSM8K-style rows with HELLoRATrainer under whatever strategy
 ``accelerate launch --config_file configs/accelerate/<name>.yaml`` set up, then records, per rank, what the
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--bf16", action="store_true", help="mixed precision (bf16 autocast; DeepSpeed: bf16 weights)")
     parser.add_argument("--model", default="olmoe", choices=["olmoe", "modulelist"],
-                        help="modulelist: tests/modulelist_model.py (per-expert nn.Linear, experts run only when routed to)")
+                        help="modulelist: tests/fixtures/modulelist_model.py (per-expert nn.Linear, experts run only when routed to)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--variant", default="lora", help="hellora_variant (lori_d: frozen A factors)")
     parser.add_argument("--profile_only", action="store_true", help="profile + select, record, no training")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "bench" / "gpu" / "run.sh"
 OUT_FILES = {"summary.json", "summary.md", "install.log", "pytest.log", "bench.log", "main.log"}
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "accelerate"
 STRATEGY_CONFIGS = {
     "ddp": "ddp.yaml",
@@ -47,7 +47,10 @@ def cpu_env() -> dict[str, str]:
         MKL_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join(
+            [str(ROOT), str(ROOT / "tests" / "fixtures"), str(ROOT / "tests" / "distributed"),
+             env.get("PYTHONPATH", "")]
+        ),
     )
     return env
 

@@ -1,6 +1,6 @@
 """HELLoRA under DDP, FSDP2 and DeepSpeed ZeRO-2/3: 2 CPU processes (gloo), the shipped accelerate configs.
 
-Each strategy runs tests/distributed_worker.py twice through ``accelerate launch --config_file
+Each strategy runs tests/distributed/distributed_worker.py twice through ``accelerate launch --config_file
 configs/accelerate/<name>.yaml`` (train 3 steps with a checkpoint at step 2, then resume from it); the worker
 writes what each rank used and produced, and these tests compare it across ranks, against a single-process
 profile of the same warm-up data, against the saved adapter reloaded in one process, and across strategies.
@@ -65,7 +65,7 @@ def launch(strategy: str, base: Path, name: str, *extra: str, launcher: tuple[st
         out = base.parent / f"{strategy}_{name}"
         shutil.rmtree(out, ignore_errors=True)
         args = ["--strategy", strategy, "--base", str(base), "--out", str(out), *extra]
-        script = ROOT / "tests" / "distributed_worker.py"
+        script = ROOT / "tests" / "distributed" / "distributed_worker.py"
         _, seconds = run(launch_command(STRATEGY_CONFIGS[strategy], script, args, extra=list(launcher)))
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
         _RUNS[key] = Run(out, ranks, seconds)
@@ -366,7 +366,7 @@ def test_zero3_profiles_a_modulelist_moe_whose_ranks_run_different_experts(tmp_p
     worker.save_modulelist_base(base)
     out = base.parent / "zero3_profile"
     args = ["--strategy", "zero3", "--base", str(base), "--out", str(out), "--model", "modulelist", "--profile_only"]
-    run(launch_command("deepspeed_zero3.yaml", ROOT / "tests" / "distributed_worker.py", args))
+    run(launch_command("deepspeed_zero3.yaml", ROOT / "tests" / "distributed" / "distributed_worker.py", args))
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
     assert r0 == r1
     trainer = HELLoRATrainer(
