@@ -165,7 +165,8 @@ class RLScriptArguments:
         default=None,
         metadata={"help": "A GSM8K-schema dataset (question/answer; local file or hub id), or for DPO a TRL "
                           "preference dataset (prompt/chosen/rejected or chosen/rejected), passed through. None = the "
-                          "lab's generated arithmetic problems (the lab model never saw them)."},
+                          "lab's generated arithmetic problems (held-out questions differ in wording from the training ones; "
+                          "lab.corpus.arithmetic_splits)."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. 'main' for GSM8K)."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
