@@ -244,11 +244,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
         hi = [r["configs"][name]["time_x_range"][1] - m for m, r in zip(med, done)]
         ax_t.errorbar(experts, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
         ax_m.plot(experts, [r["configs"][name]["mem_x"] for r in done], marker="o", label=label)
-    for ax, title in ((ax_t, "step time x floor (median, range over runs)"), (ax_m, "peak memory x floor")):
+    for ax, panel in ((ax_t, "step time x floor (median, range over runs)"), (ax_m, "peak memory x floor")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(experts, [str(e) for e in experts])
         ax.set_xlabel("experts per layer")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(panel, fontsize=10)
         ax.grid(alpha=0.3)
     ax_t.legend(fontsize=8)
     if title:

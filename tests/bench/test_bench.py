@@ -155,3 +155,31 @@ def test_profile_hot_path_tiny_writes_operator_tables(tmp_path):
         assert any(d["floor_calls"] == 0 and d["hellora_calls"] > 0 for d in e["top_extra"])  # ops only ours runs
     md = (tmp_path / "profile-hot-path.md").read_text()
     assert "#### 4 experts" in md and "#### 8 experts" in md and "Command: `python bench/profile_hot_path.py" in md
+
+
+def test_render_readme_points_result_figures_at_their_folder(tmp_path):
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    (results / "scaling.md").write_text("### Sweep\n\n![step time](scaling.png) ![web](https://x.org/a.png)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    render_readme.main([str(results / "scaling.md"), "--readme", str(readme), "--write"])
+    text = readme.read_text()
+    assert "![step time](bench/results/scaling.png)" in text and "![web](https://x.org/a.png)" in text
+
+
+@pytest.mark.parametrize("title", ["", "SMOKE RUN: not a measurement"])
+def test_scaling_figure_title_is_the_one_given(tmp_path, monkeypatch, title):
+    # regression: the panel loop reused the name `title`, so every figure got "peak memory x floor" as its title
+    # and a smoke run's figure lost its SMOKE label
+    import matplotlib.figure
+    import scaling_sweep
+
+    titles = []
+    real = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **k: titles.append(t) or real(self, t, **k))
+    config = {"time_x": 1.1, "time_x_range": [1.0, 1.2], "mem_x": 1.05}
+    rows = [{"experts": e, "configs": {n: config for n in ("floor", "peft-all", "ours-all", "hellora-k")}}
+            for e in (16, 64)]
+    assert scaling_sweep.plot(rows, tmp_path / "s.png", title) == tmp_path / "s.png"
+    assert titles == ([title] if title else [])
