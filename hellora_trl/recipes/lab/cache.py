@@ -20,6 +20,7 @@ __all__ = [
     "build_lock",
     "clean_stale",
     "failure_note",
+    "file_sha256",
     "host_tag",
     "job_id",
     "owner_gone",
@@ -40,7 +41,8 @@ class LabCacheError(ValueError):
     """A lab cache entry that is missing files, damaged, or was never published (one-line message)."""
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of one file, read in 1 MiB blocks (manifests and the card's weights hash)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -52,7 +54,7 @@ def write_manifest(entry: str | os.PathLike) -> Path:
     """Record the size and sha256 of every file of a lab checkpoint folder in ``lab_manifest.json``."""
     entry = Path(entry)
     files = {
-        f.relative_to(entry).as_posix(): {"size": f.stat().st_size, "sha256": _file_digest(f)}
+        f.relative_to(entry).as_posix(): {"size": f.stat().st_size, "sha256": file_sha256(f)}
         for f in sorted(entry.rglob("*")) if f.is_file() and f.name != MANIFEST_NAME
     }
     path = entry / MANIFEST_NAME
@@ -82,7 +84,7 @@ def verify_entry(entry: str | os.PathLike, fix: str = "hellora pretrain --rebuil
                 problem = f"{name} is missing"
             elif path.stat().st_size != want.get("size"):
                 problem = f"{name} has {path.stat().st_size} bytes, {want.get('size')} were published"
-            elif _file_digest(path) != want.get("sha256"):
+            elif file_sha256(path) != want.get("sha256"):
                 problem = f"{name} does not match the sha256 recorded at publish"
             if problem:
                 break

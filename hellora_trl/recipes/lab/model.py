@@ -48,6 +48,7 @@ from .cache import (
     build_lock,
     clean_stale,
     failure_note,
+    file_sha256,
     host_tag,
     job_id,
     verify_entry,
@@ -421,11 +422,7 @@ def _save_model(model, out: Path) -> None:
 
 def weights_sha256(path: str | os.PathLike) -> str:
     """sha256 of a checkpoint directory's ``model.safetensors`` (the identity of a lab model's weights)."""
-    digest = hashlib.sha256()
-    with open(Path(path) / "model.safetensors", "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(path) / "model.safetensors")
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
@@ -593,12 +590,8 @@ class PretrainArguments:
 
 def run_pretrain(args: PretrainArguments) -> Path:
     """Build or reuse the checkpoint, print its card, copy it to ``output_dir`` when given; returns its path."""
-    import torch
-
     recipe = args.to_recipe()  # checks every argument first
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = lab_model_path(recipe, cache_dir=args.cache_dir, rebuild=args.rebuild)
+    path = lab_model_path(recipe, cache_dir=args.cache_dir, rebuild=args.rebuild, threads=args.threads or None)
     if args.output_dir:
         # the cache entry is an input: it may not be, hold or lie inside the copy (checked again now it exists)
         with atomic_dir(args.output_dir, args.overwrite_output_dir, inputs=(path,)) as tmp:
