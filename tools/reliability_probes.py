@@ -21,7 +21,7 @@ console script) with its stdout/stderr in a log; an exception escaping ``main`` 
 as the console script would. ``bench/gpu/run.sh`` runs as a real ``bash`` process, the sandbox probes call
 ``run_humaneval_sample`` in this process (each sample starts its own checker and candidate processes).
 
-    PYTHONPATH=$PWD python tools/reliability_probes.py            # all families, ~5 minutes on a 2-core box
+    PYTHONPATH=$PWD python tools/reliability_probes.py            # all families, about 90 s on the shared 2-core box
     PYTHONPATH=$PWD python tools/reliability_probes.py --families NP,NS --keep
 
 Writes ``bench/results/reliability-probes.md`` (one table per family: id, probe, the review's outcome, today's) and
@@ -171,10 +171,6 @@ def classify_sandbox(
     if verdict == "passed" or result.get("passed"):
         return CHEAT, "graded passed"
     return OK, f"{verdict}: {str(result.get('error'))[:160]}"
-
-
-def verdict_ok(outcome: str, accept: Sequence[str]) -> bool:
-    return outcome in accept
 
 
 # -------------------------------------------------------------------------------------------- running things
@@ -415,7 +411,8 @@ def family_np(ctx: Ctx) -> None:
                broken("NP5", lambda e: (e / "lab_card.json").unlink(), "pretrain"))
     ctx.record(F, Probe("NP6", "entry without README.md: `hellora pretrain`", "unclear traceback", GOOD),
                broken("NP6", lambda e: (e / "README.md").unlink(), "pretrain"))
-    ctx.record(F, Probe("NP7", "entry without config.json: `hellora train` on the lab model", "unclear traceback", GOOD),
+    ctx.record(F, Probe("NP7", "entry without config.json: `hellora train` on the lab model", "unclear traceback",
+                        GOOD),
                broken("NP7", lambda e: (e / "config.json").unlink(), "train"))
 
     def np8():
@@ -896,7 +893,8 @@ def family_ns(ctx: Ctx) -> None:
         f"_P.mknod({S + '/mknod_s2'!r}, stat.S_IFREG | 0o644)\n", made=[sbx / "mknod_s2"])
 
     def ns3():
-        result, crashed = sample(RET_NONE + "import os, threading, time\ntry:\n    os.setpgrp()\nexcept BaseException:\n"
+        result, crashed = sample(RET_NONE + "import os, threading, time\ntry:\n    os.setpgrp()\n"
+                                 "except BaseException:\n"
                                  "    pass\ndef _late():\n    time.sleep(8)\n"
                                  f"    os.mkfifo({S + '/late_s3'!r})\n"
                                  "threading.Thread(target=_late, daemon=False).start()\n")
@@ -1014,6 +1012,36 @@ def family_ns(ctx: Ctx) -> None:
 
     ctx.record("NS", Probe("NS22", "1500-deep directory chain in the work dir (rmtree bomb), then a good sample",
                            "data lost", (OK,)), ns22)
+
+    def ns22b():
+        import tempfile as tf
+
+        from hellora_trl.recipes.eval import evaluate_humaneval
+
+        tmp = ctx.path("tmp_ns22b")
+        tmp.mkdir()
+        sink = ctx.path("w", "ns22b.jsonl")
+        bomb = RET_NONE + "import os\np = 'a'\nfor i in range(1500):\n    os.mkdir(p)\n    p += '/a'\n"
+        samples = {"HumanEval/0": [bomb], "HumanEval/2": [P["HumanEval/2"]["canonical_solution"]]}
+        old = tf.tempdir
+        tf.tempdir = str(tmp)
+        try:
+            report = evaluate_humaneval(P, samples, ks=(1,), timeout=20, workers=2, results_path=sink)
+        except BaseException as exc:
+            return LOST, f"evaluate_humaneval raised {type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            tf.tempdir = old
+        rows = [json.loads(line) for line in sink.read_text().splitlines()]
+        left = [p.name for p in tmp.iterdir()]
+        if len(rows) != 2 or left:
+            return LOST, f"{len(rows)} of 2 rows in results_path; left in the temp dir: {left}"
+        passed = {r["task_id"]: r["passed"] for r in rows}
+        if passed != {"HumanEval/0": False, "HumanEval/2": True}:
+            return SILENT, f"verdicts {passed}"
+        return OK, f"2 of 2 rows recorded (bomb failed, control passed), pass@1 {report.get('pass@1')}, temp dir empty"
+
+    ctx.record("NS", Probe("NS22b", "the rmtree bomb inside `evaluate_humaneval` (results_path, 2 workers) beside a "
+                           "good sample", "data lost", (OK,)), ns22b)
     one("NS23", "8 files x 15 MiB in the work dir (the review wrote 40; fewer to keep the run short)", "ok",
         RET_NONE + "for i in range(8):\n    open(f'big{i}', 'wb').write(b'x' * (15 << 20))\n")
     one("NS24", "write `evil.py` to the work dir and import it", "ok",
@@ -1070,8 +1098,8 @@ def family_s5(ctx: Ctx) -> None:
     ref = ctx.path("w", "r_ref")
 
     def run_a():
-        res = r.cli("S5_runA", ["train", *R, "--max_steps", "10", "--seed", "42", "--output_dir", str(ref)])
-        if res.rc != 0 or not (ref / "checkpoint-10").is_dir():
+        res = r.cli("S5_runA", ["train", *R, "--max_steps", "20", "--seed", "42", "--output_dir", str(ref)])
+        if res.rc != 0 or not (ref / "checkpoint-20").is_dir():
             raise RuntimeError(f"run A failed: {last_line(res.stderr)}")
 
     run_a()
@@ -1080,17 +1108,32 @@ def family_s5(ctx: Ctx) -> None:
         def run():
             out = ctx.path("w", f"shared_{pid_}")
             shutil.copytree(ref, out)
-            before = {str(out / c): tree_digest(out / c) for c in ("checkpoint-5", "checkpoint-10")}
+            before = {str(out / f"checkpoint-{n}"): tree_digest(out / f"checkpoint-{n}") for n in (5, 10, 15, 20)}
             res = r.cli(pid_, ["train", *R, *args, "--output_dir", str(out)])
             return classify_cli(res, lost=changed_files(before), must_say=[r"overwrite"])
         return run
 
-    ctx.record("5", Probe("5.8", "copy of a finished run (checkpoints 5, 10) as output_dir; new run `--hellora_k 4 "
+    def overwrite_flag():
+        out = ctx.path("w", "shared_5.10b")
+        shutil.copytree(ref, out)
+        before = {str(out / "checkpoint-20"): tree_digest(out / "checkpoint-20")}
+        res = r.cli("5.10b", ["train", *R, "--max_steps", "15", "--seed", "7", "--save_total_limit", "2",
+                              "--hellora_overwrite_output_dir", "true", "--output_dir", str(out)])
+        mine = (out / "checkpoint-15" / "trainer_state.json")
+        problem = None if mine.is_file() and json.loads(mine.read_text()).get("global_step") == 15 else \
+            "this run's checkpoint-15 missing"
+        kept = sorted(p.name for p in out.glob("checkpoint-*"))
+        verdict, note = classify_cli(res, lost=changed_files(before), ok_problem=problem)
+        return verdict, f"{note}; the other run's checkpoint-20 kept; checkpoints now {kept}" if verdict == OK else note
+
+    ctx.record("5", Probe("5.8", "copy of a finished run (checkpoints 5..20) as output_dir; new run `--hellora_k 4 "
                           "--seed 7 --max_steps 12`", "data lost", (CLEAR,)),
                reuse("5.8", ["--max_steps", "12", "--seed", "7", "--hellora_k", "4"]))
     ctx.record("5", Probe("5.10", "`--save_total_limit 2` in a folder with another run's checkpoints", "data lost",
                           (CLEAR,)),
                reuse("5.10", ["--max_steps", "10", "--seed", "7", "--save_total_limit", "2"]))
+    ctx.record("5", Probe("5.10b", "`--hellora_overwrite_output_dir true --save_total_limit 2 --max_steps 15` there: "
+                          "the other run's checkpoint-20 must survive the rotation", "(new)", (OK,)), overwrite_flag)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -1115,7 +1158,8 @@ def render(probes: Sequence[Probe], meta: Mapping[str, Any]) -> str:
              f"({meta['seconds']:.0f} s wall on {meta['host']}); do not edit by hand. The probes are rebuilt from the "
              f"rows of `{REVIEW}` (its scripts were not shipped); the review's column is its verdict for the row.",
              "", "Outcome classes: *clear error* (rc != 0, one line, no traceback, nothing lost), *ok* (the right "
-             f"result), *clear error (late)* (after more than {LATE_S:.0f} s of work), *unclear traceback*, *silent wrong*, *data lost*, *sandbox escape*, *CHEAT PASSES*, *hang*; "
+             f"result), *clear error (late)* (after more than {LATE_S:.0f} s of work), *unclear traceback*, "
+             "*silent wrong*, *data lost*, *sandbox escape*, *CHEAT PASSES*, *hang*; "
              "*probe failed* means the probe's own setup broke. A probe is closed when today's outcome is one of its "
              "accepted ones.", "",
              "| family | probes | review 2026-12-05 | today | closed today | not closed |",
@@ -1150,7 +1194,9 @@ def render(probes: Sequence[Probe], meta: Mapping[str, Any]) -> str:
               "Differences from the review: NS19 uses a 3 s limit instead of 5 s and NS23 writes 8 files of 15 MiB "
               "instead of 40 (both only to keep the run short; the checks are the same). 5.8 is not killed at step "
               "8: a run that is refused up front has nothing to kill, and one that is not refused runs to its end, "
-              "which can only lose more. Run A has 10 steps (checkpoints 5 and 10) instead of 30.", ""]
+              "which can only lose more. Run A has 20 steps (checkpoints 5..20) instead of 30. Added beyond the "
+              "review: NS22b (the rmtree bomb inside `evaluate_humaneval`, as the review also ran it) and 5.10b (the "
+              "explicit overwrite flag: rotation must still spare checkpoints this run did not write).", ""]
     return "\n".join(lines)
 
 
