@@ -294,7 +294,8 @@ class Ctx:
             probe.outcome, probe.evidence = FAILED_TO_RUN, f"{type(exc).__name__}: {exc}"[:300]
         probe.seconds = time.time() - t0
         for name in ("evidence", "what"):
-            setattr(probe, name, getattr(probe, name).replace(str(self.scratch), "<scratch>").replace(str(REPO), "<repo>"))
+            text = getattr(probe, name).replace(str(self.scratch), "<scratch>")
+            setattr(probe, name, text.replace(str(REPO), "<repo>"))
         self.probes.append(probe)
         mark = "  " if probe.outcome in probe.accept else "!!"
         print(f"{mark} {family} {probe.id:5s} {probe.outcome:18s} {probe.seconds:5.1f}s  {probe.evidence[:110]}",
