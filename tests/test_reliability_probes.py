@@ -92,3 +92,34 @@ def test_forked_cli_probe_and_run_sh_refusal_classify_as_clear_errors(rp, tmp_pa
     before = {str(out_file): rp.tree_digest(out_file)}
     res = rp.run_process(["bash", "bench/gpu/run.sh"], {"HELLORA_GPU_DRY_RUN": "1", "OUT": str(out_file)}, rp.REPO, 60)
     assert rp.classify_cli(res, lost=rp.changed_files(before), must_say=["OUT"])[0] == rp.CLEAR, res.stderr
+
+
+def test_entry_problem_checks_the_cache_entry_itself(rp, tmp_path):
+    """The probes judge a lab-cache entry by its files, not by the cache's own verifier (which is under test)."""
+    import torch
+    from safetensors.torch import save_file
+
+    entry = tmp_path / "9bf9dc3a58f6"
+    entry.mkdir()
+    for name in ("lab_card.json", "README.md", "tokenizer.json"):
+        (entry / name).write_text("{}")
+    (entry / "config.json").write_text('{"model_type": "olmoe"}')
+    save_file({"w": torch.zeros(64, 64)}, str(entry / "model.safetensors"))
+    assert rp.entry_problem(entry) is None
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # the review's NP3: cut in half
+    assert "does not load" in rp.entry_problem(entry)
+    (entry / "README.md").unlink()  # NP6
+    assert "lacks ['README.md']" in rp.entry_problem(entry)
+
+
+def test_render_shows_the_baseline_column(rp, tmp_path):
+    probes = [rp.Probe("NP3", "cut weights", "silent wrong", (rp.CLEAR, rp.OK), rp.CLEAR, "rc 1: rebuild"),
+              rp.Probe("NS1", "mkfifo", "sandbox escape", (rp.OK,), rp.ESCAPE, "made outside")]
+    base = tmp_path / "before.json"
+    base.write_text('{"meta": {"commit": "(not a git checkout)"}, "probes": [{"id": "NP3", "outcome": "silent wrong"}]}')
+    text = rp.render(probes, {"date": "d", "commit": "c", "seconds": 1, "host": "h", "baseline_note": "old code"},
+                     rp.load_baseline(base))
+    assert "| NP3 | cut weights | silent wrong | silent wrong | clear error |" in text
+    assert "| NS1 | mkfifo | sandbox escape | not run | **sandbox escape** |" in text  # not closed: marked
+    assert "| NS | 1 | 1 sandbox escape | 1 not run | 1 sandbox escape | 0 | NS1 |" in text

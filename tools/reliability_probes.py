@@ -23,6 +23,7 @@ as the console script would. ``bench/gpu/run.sh`` runs as a real ``bash`` proces
 
     PYTHONPATH=$PWD python tools/reliability_probes.py            # all families, about 90 s on the shared 2-core box
     PYTHONPATH=$PWD python tools/reliability_probes.py --families NP,NS --keep
+    HELLORA_DATASETS=/path/to/datasets ...   # where HumanEval lives when not at ../shared/datasets
 
 Writes ``bench/results/reliability-probes.md`` (one table per family: id, probe, the review's outcome, today's) and
 ``bench/results/reliability-probes.json``; exits 1 when a probe is outside its accepted outcomes. The classifier
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+DATASETS = Path(os.environ.get("HELLORA_DATASETS", REPO.parent / "shared" / "datasets"))  # HumanEval for NS
 REVIEW = "../shared/design/reliability-review-2026-12-05.md"
 
 CLEAR = "clear error"
@@ -187,12 +188,16 @@ class Runner:
         import torch
 
         torch.set_num_threads(1)
+        import importlib
+
         import hellora_trl.cli.main  # noqa: F401  (the CLI and everything a command imports, once)
-        import hellora_trl.cli.commands.export  # noqa: F401
-        import hellora_trl.cli.commands.merge  # noqa: F401
-        import hellora_trl.cli.commands.train  # noqa: F401
-        import hellora_trl.recipes.lab.model  # noqa: F401
-        import hellora_trl.recipes.sft  # noqa: F401
+
+        for name in ("cli.commands.export", "cli.commands.merge", "cli.commands.train", "recipes.lab.model",
+                     "recipes.sft"):
+            try:
+                importlib.import_module(f"hellora_trl.{name}")
+            except ImportError:  # another layout (an older checkout): the child imports what it needs
+                pass
 
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str | None] = (), cwd: Path | None = None) -> int:
         """Fork a child that runs ``hellora ARGV``; returns its pid (see :meth:`wait`)."""
@@ -312,14 +317,22 @@ def copy_cache(ctx: Ctx, name: str) -> Path:
     return dst
 
 
-def entry_problem(entry: Path) -> str | None:
-    """What is wrong with a lab-cache entry (None: the manifest verifies)."""
-    from hellora_trl.recipes.lab.cache import verify_entry
+ENTRY_FILES = ("config.json", "model.safetensors", "lab_card.json", "README.md", "tokenizer.json")
 
+
+def entry_problem(entry: Path) -> str | None:
+    """What is wrong with a lab-cache entry (None: complete and its weights load), checked here rather than by
+    the cache's own verifier, which is what is under test."""
+    missing = [name for name in ENTRY_FILES if not (entry / name).is_file()]
+    if missing:
+        return f"entry {entry.name} lacks {missing}"
     try:
-        verify_entry(entry)
+        from safetensors.torch import load_file
+
+        load_file(entry / "model.safetensors")
+        json.loads((entry / "config.json").read_text())["model_type"]
     except Exception as exc:
-        return f"entry {entry.name} does not verify: {str(exc)[:120]}"
+        return f"entry {entry.name} does not load: {type(exc).__name__}: {str(exc)[:100]}"
     return None
 
 
@@ -328,7 +341,12 @@ def litter(root: Path, pattern: str) -> list[str]:
     return sorted(n for n in os.listdir(root) if fnmatch.fnmatch(n, pattern)) if root.is_dir() else []
 
 
+IMMUTABLE: list[Path] = []  # folders a probe made immutable: cleared at the end whatever happens
+
+
 def chattr(path: Path, flag: str) -> bool:
+    if flag == "+i":
+        IMMUTABLE.append(path)
     return shutil.which("chattr") is not None and subprocess.run(
         ["chattr", flag, str(path)], capture_output=True).returncode == 0
 
@@ -577,39 +595,43 @@ def family_np(ctx: Ctx) -> None:
 
 # ------------------------------------------------------------------------------------- NT: --task sft rows
 
-NT_ROWS: list[tuple[str, str, str, tuple[str, ...], Callable[[int], Any]]] = [
-    ("NT1", "prompt-only rows (`prompt`)", "unclear traceback", GOOD, lambda i: {"prompt": f"Say {i}."}),
-    ("NT2", "`messages` is a list of strings", "unclear traceback", (CLEAR,), lambda i: {"messages": ["hi", "there"]}),
+# id, what, the review's verdict, accepted outcomes, a row maker (None: no dataset), what a refusal must name
+NT_ROWS: list[tuple[str, str, str, tuple[str, ...], Callable[[int], Any] | None, str]] = [
+    ("NT1", "prompt-only rows (`prompt`)", "unclear traceback", GOOD, lambda i: {"prompt": f"Say {i}."}, "prompt"),
+    ("NT2", "`messages` is a list of strings", "unclear traceback", (CLEAR,), lambda i: {"messages": ["hi", "there"]},
+     "messages"),
     ("NT3", "roles `human`/`bot`", "unclear traceback", (CLEAR,),
-     lambda i: {"messages": [{"role": "human", "content": "hi"}, {"role": "bot", "content": f"n{i}"}]}),
+     lambda i: {"messages": [{"role": "human", "content": "hi"}, {"role": "bot", "content": f"n{i}"}]}, "role"),
     ("NT4", "messages without `role`", "unclear traceback", (CLEAR,),
-     lambda i: {"messages": [{"content": "hi"}, {"content": f"n{i}"}]}),
-    ("NT5", "`text` is an int", "unclear traceback", (CLEAR,), lambda i: {"text": i}),
-    ("NT6", "`text` empty strings", "ok", GOOD, lambda i: {"text": ""}),
-    ("NT7", "`completion: null`", "unclear traceback", (CLEAR,), lambda i: {"prompt": f"Say {i}.", "completion": None}),
+     lambda i: {"messages": [{"content": "hi"}, {"content": f"n{i}"}]}, "role"),
+    ("NT5", "`text` is an int", "unclear traceback", (CLEAR,), lambda i: {"text": i}, "text"),
+    ("NT6", "`text` empty strings", "ok", GOOD, lambda i: {"text": ""}, "text"),
+    ("NT7", "`completion: null`", "unclear traceback", (CLEAR,), lambda i: {"prompt": f"Say {i}.", "completion": None},
+     "completion"),
     ("NT8", "rows mixing `text` and `messages`", "ok", GOOD,
      lambda i: {"text": f"plain row {i}"} if i % 2 else
-     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"n{i}"}]}),
-    ("NT9", "no TRL column (`foo`)", "clear error", (CLEAR,), lambda i: {"foo": "bar"}),
-    ("NT10", "`--task sft` without `--dataset_name`", "clear error", (CLEAR,), None),
-    ("NT11", "`messages: []`", "unclear traceback", (CLEAR,), lambda i: {"messages": []}),
-    ("NT12", "system message only", "ok", GOOD, lambda i: {"messages": [{"role": "system", "content": f"be {i}"}]}),
+     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"n{i}"}]}, ""),
+    ("NT9", "no TRL column (`foo`)", "clear error", (CLEAR,), lambda i: {"foo": "bar"}, "columns"),
+    ("NT10", "`--task sft` without `--dataset_name`", "clear error", (CLEAR,), None, "dataset_name"),
+    ("NT11", "`messages: []`", "unclear traceback", (CLEAR,), lambda i: {"messages": []}, "messages"),
+    ("NT12", "system message only", "ok", GOOD, lambda i: {"messages": [{"role": "system", "content": f"be {i}"}]},
+     "messages|system|assistant"),
     ("NT13", "last turn is the user", "ok", GOOD,
      lambda i: {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                             {"role": "user", "content": f"again {i}"}]}),
+                             {"role": "user", "content": f"again {i}"}]}, "messages|user|assistant"),
     ("NT14", "conversational prompt + string completion", "unclear traceback", (CLEAR,),
-     lambda i: {"prompt": [{"role": "user", "content": f"Say {i}."}], "completion": f"{i}"}),
+     lambda i: {"prompt": [{"role": "user", "content": f"Say {i}."}], "completion": f"{i}"}, "prompt|completion"),
     ("NT15", "well-formed `messages` (control)", "ok", (OK,),
      lambda i: {"messages": [{"role": "user", "content": f"What is {i}+1?"},
-                             {"role": "assistant", "content": f"{i + 1}"}]}),
+                             {"role": "assistant", "content": f"{i + 1}"}]}, ""),
 ]
 
 
 def family_nt(ctx: Ctx) -> None:
     data = ctx.path("s", "sft")
     data.mkdir(parents=True, exist_ok=True)
-    for pid_, what, review, accept, row in NT_ROWS:
-        def run(pid_=pid_, row=row):
+    for pid_, what, review, accept, row, names in NT_ROWS:
+        def run(pid_=pid_, row=row, names=names):
             args = ["train", "--model_name_or_path", str(ctx.fixtures["tiny_olmoe"]), *TRAIN_T, "--task", "sft",
                     "--save_strategy", "no", "--output_dir", str(ctx.path("w", pid_.lower()))]
             if row is not None:
@@ -618,7 +640,9 @@ def family_nt(ctx: Ctx) -> None:
                 args += ["--dataset_name", str(f)]
             res = ctx.runner.cli(pid_, args)
             saved = (ctx.path("w", pid_.lower()) / "adapter_model.safetensors").is_file()
-            return classify_cli(res, ok_problem=None if saved else "no adapter saved")
+            # a refusal must name what is wrong with the rows (the review's NT2/NT4 blamed max_length)
+            return classify_cli(res, must_say=[names] if names else [],
+                                ok_problem=None if saved else "no adapter saved")
         ctx.record("NT", Probe(pid_, what, review, accept), run)
 
 
@@ -697,7 +721,9 @@ def family_ne(ctx: Ctx) -> None:
                 left = litter(w, ".link_e7*") + litter(w, ".nowhere_e7*")
                 lost = changed_files(before) + [f"litter {x}" for x in left]
                 merged = (lk / "config.json").is_file() or (w / "nowhere_e7" / "config.json").is_file()
-                return classify_cli(res, lost=lost, ok_problem=None if merged else "no merged model written")
+                # a refusal must say it is the link (the review's: "[Errno 20] Not a directory" after the merge)
+                return classify_cli(res, lost=lost, must_say=["symlink"],
+                                    ok_problem=None if merged else "no merged model written")
             ctx.record("NE", Probe(pid_, what, review, GOOD), run)
             continue
         elif pid_ == "NE9":
@@ -831,7 +857,10 @@ RET_NONE = "    return None\n"
 
 
 def family_ns(ctx: Ctx) -> None:
-    from hellora_trl.recipes.eval import run_humaneval_sample
+    try:
+        from hellora_trl.recipes.eval import evaluate_humaneval, run_humaneval_sample
+    except ImportError:  # an older layout
+        from hellora_trl.eval import evaluate_humaneval, run_humaneval_sample
 
     path = DATASETS / "humaneval" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as fh:
@@ -1011,15 +1040,13 @@ def family_ns(ctx: Ctx) -> None:
         verdict, note = classify_sandbox(result, crashed=crashed or crashed2, lost=[f"left {x}" for x in left])
         if verdict == OK and (after or {}).get("verdict") != "passed":
             return SILENT, f"the next sample did not pass: {after}"
-        return verdict, note + "; next sample passed, temp dir empty"
+        return verdict, (note + "; next sample passed, temp dir empty") if verdict == OK else note
 
     ctx.record("NS", Probe("NS22", "1500-deep directory chain in the work dir (rmtree bomb), then a good sample",
                            "data lost", (OK,)), ns22)
 
     def ns22b():
         import tempfile as tf
-
-        from hellora_trl.recipes.eval import evaluate_humaneval
 
         tmp = ctx.path("tmp_ns22b")
         tmp.mkdir()
@@ -1155,7 +1182,19 @@ def family_of(probe_id: str) -> str:
     return "5" if probe_id[0].isdigit() else probe_id[:2]
 
 
-def render(probes: Sequence[Probe], meta: Mapping[str, Any]) -> str:
+def load_baseline(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """(its commit, {probe id: outcome}) of an earlier run's JSON, e.g. this tool run on a checkout from before
+    the fixes."""
+    data = json.loads(Path(path).read_text())
+    commit = data["meta"]["commit"]
+    return ("" if commit.startswith("(") else commit), {p["id"]: p["outcome"] for p in data["probes"]}
+
+
+def render(probes: Sequence[Probe], meta: Mapping[str, Any],
+           baseline: tuple[str, Mapping[str, str]] | None = None) -> str:
+    base_name, base = (f"before ({baseline[0] or 'baseline'})", baseline[1]) if baseline else ("", {})
+    col = f" {base_name} |" if baseline else ""
+    sep = "---|" if baseline else ""
     lines = ["# Reliability probes rerun (issue 19)", "",
              f"Generated by `tools/reliability_probes.py` on {meta['date']} at `{meta['commit']}` "
              f"({meta['seconds']:.0f} s wall on {meta['host']}); do not edit by hand. The probes are rebuilt from the "
@@ -1164,9 +1203,12 @@ def render(probes: Sequence[Probe], meta: Mapping[str, Any]) -> str:
              f"result), *clear error (late)* (after more than {LATE_S:.0f} s of work), *unclear traceback*, "
              "*silent wrong*, *data lost*, *sandbox escape*, *CHEAT PASSES*, *hang*; "
              "*probe failed* means the probe's own setup broke. A probe is closed when today's outcome is one of its "
-             "accepted ones.", "",
-             "| family | probes | review 2026-12-05 | today | closed today | not closed |",
-             "|---|---|---|---|---|---|"]
+             "accepted ones.", ""]
+    if baseline:
+        lines += [f"The *{base_name}* column is this same tool run on {meta.get('baseline_note', '')}: it shows "
+                  "whether the probes find the defects the review reported.", ""]
+    lines += [f"| family | probes | review 2026-12-05 |{col} today | closed today | not closed |",
+              f"|---|---|---|{sep}---|---|---|"]
 
     def counts(values: Iterable[str]) -> str:
         tally: dict[str, int] = {}
@@ -1180,19 +1222,22 @@ def render(probes: Sequence[Probe], meta: Mapping[str, Any]) -> str:
             continue
         closed = sum(p.outcome in p.accept for p in rows)
         open_ = [p.id for p in rows if p.outcome not in p.accept]
-        lines.append(f"| {fam} | {len(rows)} | {counts(p.review.split(' (')[0] for p in rows)} | "
+        before = f" {counts(base.get(p.id, 'not run') for p in rows)} |" if baseline else ""
+        lines.append(f"| {fam} | {len(rows)} | {counts(p.review.split(' (')[0] for p in rows)} |{before} "
                      f"{counts(p.outcome for p in rows)} | {closed} | {', '.join(open_) or '-'} |")
     for fam, (title, _) in FAMILIES.items():
         rows = [p for p in probes if family_of(p.id) == fam]
         if not rows:
             continue
-        lines += ["", f"## {fam}: {title}", "", "| id | probe | review 2026-12-05 | today | accepted | evidence |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", f"## {fam}: {title}", "",
+                  f"| id | probe | review 2026-12-05 |{col} today | accepted | evidence |",
+                  f"|---|---|---|{sep}---|---|---|"]
         for p in rows:
             today = p.outcome if p.outcome in p.accept else f"**{p.outcome}**"
             ev = p.evidence.replace("|", "/").replace("\n", " ")[:220]
-            lines.append(f"| {p.id} | {p.what.replace('|', '/')} | {p.review} | {today} | {' / '.join(p.accept)} "
-                         f"| {ev} |")
+            before = f" {base.get(p.id, 'not run')} |" if baseline else ""
+            lines.append(f"| {p.id} | {p.what.replace('|', '/')} | {p.review} |{before} {today} | "
+                         f"{' / '.join(p.accept)} | {ev} |")
     lines += ["", "## How it was run", "", "`PYTHONPATH=$PWD python tools/reliability_probes.py` (see its docstring). "
               "Differences from the review: NS19 uses a 3 s limit instead of 5 s and NS23 writes 8 files of 15 MiB "
               "instead of 40 (both only to keep the run short; the checks are the same). 5.8 is not killed at step "
@@ -1209,6 +1254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "reliability-probes"),
                     help="results path without suffix (.md and .json are written)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (its path is printed)")
+    ap.add_argument("--baseline", help="an earlier run's JSON (e.g. this tool run on a checkout from before the "
+                    "fixes: copy the tool into it and set HELLORA_DATASETS); shown as a 'before' column")
+    ap.add_argument("--baseline_note", default="a checkout of the code before the issue-19 fixes",
+                    help="what the baseline commit is, for the results file")
     args = ap.parse_args(argv)
     wanted = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in wanted if f not in FAMILIES]
@@ -1228,22 +1277,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx.lab_key = next(p.name for p in (scratch / "cache" / "c1").iterdir() if not p.name.startswith("."))
         for fam in FAMILIES:
             if fam in wanted:
-                FAMILIES[fam][1](ctx)
+                try:
+                    FAMILIES[fam][1](ctx)
+                except Exception as exc:  # the family's setup broke: say so in the results, run the others
+                    ctx.record(fam, Probe(f"{fam}-setup", "the family's own setup", "-", ()),
+                               lambda exc=exc: (FAILED_TO_RUN, f"{type(exc).__name__}: {exc}"))
     finally:
-        for p in scratch.rglob("*"):  # never leave an immutable folder behind
-            if p.is_dir() and not p.is_symlink():
-                subprocess.run(["chattr", "-i", str(p)], capture_output=True) if shutil.which("chattr") else None
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
+        for p in IMMUTABLE:  # never leave an immutable folder behind
+            chattr(p, "-i")
+        if not args.keep:  # rm, not shutil.rmtree: a sandbox probe on old code can leave a 1500-deep tree
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(scratch)], check=False)
     git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    commit = git("rev-parse", "--short", "HEAD")
+    commit = git("rev-parse", "--short", "HEAD") or "(not a git checkout)"
     if git("status", "--porcelain", "--", "hellora_trl", "bench/gpu", "tools"):
         commit += " + uncommitted changes"
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
             "seconds": time.time() - t0, "host": f"{os.cpu_count()} CPUs", "families": wanted}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(render(ctx.probes, meta))
+    baseline = None
+    if args.baseline:
+        baseline = load_baseline(args.baseline)
+        meta["baseline"] = {"commit": baseline[0], "note": args.baseline_note, "outcomes": baseline[1]}
+        meta["baseline_note"] = args.baseline_note
+    out.with_suffix(".md").write_text(render(ctx.probes, meta, baseline))
     out.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "probes": [p.__dict__ for p in ctx.probes]}, indent=1) + "\n")
     not_closed = [p.id for p in ctx.probes if p.outcome not in p.accept]
