@@ -229,6 +229,33 @@ def refuse_other_runs(others: Iterable[str], output_dir: str | os.PathLike, save
     )
 
 
+# The files that make a folder a transformers model (beside its config.json), whatever its format.
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
+def model_files(output_dir: str | os.PathLike) -> list[str]:
+    """The files that make ``output_dir`` a transformers model folder (``config.json`` plus weights), or []."""
+    folder = Path(output_dir)
+    weights = [name for name in MODEL_WEIGHT_FILES if (folder / name).is_file()]
+    return ["config.json", *weights] if weights and (folder / "config.json").is_file() else []
+
+
+def refuse_model_folder(files: Iterable[str], output_dir: str | os.PathLike) -> None:
+    """A new run whose output_dir holds a model: refused before any work, naming the overwrite flag and a fresh
+    path (its adapter and tokenizer would be written beside the model, and transformers then tries to attach
+    that adapter whenever the folder is loaded as a model)."""
+    files = list(files)
+    if not files:
+        return
+    raise ValueError(
+        f"output_dir {output_dir} holds a model ({', '.join(files)}): a run there writes its adapter and tokenizer "
+        "files beside it, and transformers would then try to attach that adapter whenever the folder is loaded as "
+        f"a model. Train in a fresh output_dir (e.g. {fresh_output_dir(output_dir)}), or pass "
+        "--hellora_overwrite_output_dir true to write there anyway."
+    )
+
+
 def rotate_own_checkpoints(
     output_dir: str | os.PathLike, save_total_limit: int | None, keep: Iterable[str] = (), best: str | None = None
 ) -> list[str]:

@@ -142,9 +142,9 @@ class HELLoRAArguments:
     hellora_overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Train a new run in an output_dir that holds another run's checkpoints (refused otherwise). Its "
-            "same-numbered checkpoints are replaced; save_total_limit still never deletes a checkpoint this run did "
-            "not write."
+            "help": "Train a new run in an output_dir that holds another run's checkpoints or a model (config.json "
+            "plus weights; refused otherwise). Same-numbered checkpoints are replaced; save_total_limit still never "
+            "deletes a checkpoint this run did not write."
         },
     )
     hellora_plots: bool = field(

@@ -44,6 +44,8 @@ from .checkpoints import (
     list_checkpoints,
     mark_in_progress,
     other_runs_checkpoints,
+    model_files,
+    refuse_model_folder,
     refuse_other_runs,
     rotate_own_checkpoints,
     run_differences,
@@ -254,8 +256,9 @@ class HELLoRAMixin:
         self._hellora_foreign = set(foreign_checkpoints(self.args.output_dir, self.run_fingerprint()))
         if resume_from_checkpoint is None:
             others = sorted(self._hellora_foreign)
-            if others and not getattr(self.args, "hellora_overwrite_output_dir", False):
+            if not getattr(self.args, "hellora_overwrite_output_dir", False):
                 refuse_other_runs(others, self.args.output_dir, self.args.save_total_limit)
+                refuse_model_folder(model_files(self.args.output_dir), self.args.output_dir)
             self._hellora_foreign |= {c.name for c in list_checkpoints(self.args.output_dir)}  # none are this run's
             if self.args.should_save:
                 warn_about_other_runs(others, self.args.output_dir, self.args.save_total_limit)

@@ -395,6 +395,34 @@ def test_a_new_run_is_refused_beside_another_runs_checkpoints(tmp_path, tokenize
     assert run_b.state.global_step == 0 and not isinstance(run_b.model, PeftModel)  # refused before any work
 
 
+def test_a_new_run_is_refused_in_a_folder_holding_a_model(tmp_path, tokenizer, dataset):
+    """Issue 19 ("an output folder that holds ... a model is refused"; probe 5.8m of tools/reliability_probes.py):
+    `hellora train --output_dir <a model folder>` wrote its adapter and tokenizer there with rc 0, and
+    transformers then tried to attach that adapter whenever the folder was loaded as a model (it failed)."""
+    out = tmp_path / "run"
+    tiny_model("olmoe").save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    trainer = make_trainer(tmp_path, tokenizer, dataset, max_steps=1)
+    with pytest.raises(ValueError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "holds a model (config.json, model.safetensors)" in message and "\n" not in message
+    assert "--hellora_overwrite_output_dir true" in message and f"{out}-2" in message
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert trainer.state.global_step == 0 and not isinstance(trainer.model, PeftModel)  # refused before any work
+    # the explicit flag lets it in; a folder holding this recipe's own adapter (a rerun) was never refused
+    make_trainer(tmp_path, tokenizer, dataset, max_steps=1, hellora_overwrite_output_dir=True).train()
+    rerun = tmp_path / "rerun"
+    make_trainer(rerun, tokenizer, dataset, max_steps=1).train()
+    trainer = make_trainer(rerun, tokenizer, dataset, max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    trainer = make_trainer(rerun, tokenizer, dataset, max_steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
 def test_rotation_never_deletes_checkpoints_this_run_did_not_write(tmp_path, tokenizer, dataset):
     checkpointed(tmp_path, tokenizer, dataset, hellora_k=2, max_steps=6).train()  # run A: 2, 4, 6
     out = tmp_path / "run"
