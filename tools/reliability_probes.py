@@ -1162,6 +1162,16 @@ def family_s5(ctx: Ctx) -> None:
     ctx.record("5", Probe("5.10", "`--save_total_limit 2` in a folder with another run's checkpoints", "data lost",
                           (CLEAR,)),
                reuse("5.10", ["--max_steps", "10", "--seed", "7", "--save_total_limit", "2"]))
+    def model_folder():
+        victim = ctx.path("w", "victim_5.8m")
+        shutil.copytree(ctx.fixtures["tiny_olmoe"], victim)
+        before = {str(victim): tree_digest(victim)}
+        res = r.cli("5.8m", ["train", *R, "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(victim)])
+        return classify_cli(res, lost=changed_files(before), must_say=[r"overwrite"])
+
+    ctx.record("5", Probe("5.8m", "`hellora train --output_dir <an existing model folder>` (the principle of issue 19: "
+                          "a folder holding a model is refused without the overwrite flag)", "(new)", (CLEAR,)),
+               model_folder)
     ctx.record("5", Probe("5.10b", "`--hellora_overwrite_output_dir true --save_total_limit 2 --max_steps 15` there: "
                           "the other run's checkpoint-20 must survive the rotation", "(new)", (OK,)), overwrite_flag)
 
@@ -1243,8 +1253,9 @@ def render(probes: Sequence[Probe], meta: Mapping[str, Any],
               "instead of 40 (both only to keep the run short; the checks are the same). 5.8 is not killed at step "
               "8: a run that is refused up front has nothing to kill, and one that is not refused runs to its end, "
               "which can only lose more. Run A has 20 steps (checkpoints 5..20) instead of 30. Added beyond the "
-              "review: NS22b (the rmtree bomb inside `evaluate_humaneval`, as the review also ran it) and 5.10b (the "
-              "explicit overwrite flag: rotation must still spare checkpoints this run did not write).", ""]
+              "review: NS22b (the rmtree bomb inside `evaluate_humaneval`, as the review also ran it), 5.8m "
+              "(`hellora train --output_dir <a model folder>`) and 5.10b (the explicit overwrite flag: rotation "
+              "must still spare checkpoints this run did not write).", ""]
     return "\n".join(lines)
 
 
