@@ -1107,6 +1107,47 @@ def family_ns(ctx: Ctx) -> None:
 
     ctx.record("NS", Probe("NS32", "control: canonical HumanEval/2", "ok", (OK,)), ns32)
 
+    # Beyond the review: the other calls that make, move, change or describe files outside the work dir.
+    def each_blocked(pid_, what, bodies, made=(), protect=()):
+        def run():
+            before = {str(p): tree_digest(p) for p in protect}
+            notes = []
+            for body in bodies:
+                result, crashed = sample(RET_NONE + body + "\n")
+                leaked = leak_items(result) if result else None
+                verdict, note = classify_sandbox(result, escaped=not_made(made), leaked=leaked,
+                                                 lost=changed_files(before), crashed=crashed)
+                if verdict != OK:
+                    return verdict, f"{body.split(';')[-1].strip()[:60]}: {note}"
+                notes.append(note.split(": ")[-1][:40])
+            return OK, f"{len(bodies)} calls refused: " + " | ".join(notes[:3]) + " ..."
+        ctx.record("NS", Probe(pid_, what, "(new)", (OK,)), run)
+
+    victim = sbx / "victim.txt"
+    each_blocked("NSx1", "`os.link` / `os.symlink` / `os.rename` to outside the work dir", [
+        f"import os; os.link({str(victim)!r}, {S + '/hard_x1'!r})",
+        f"import os; os.symlink('/etc/passwd', {S + '/sym_x1'!r})",
+        f"import os; open('w.txt', 'w').write('x'); os.rename('w.txt', {S + '/moved_x1'!r})"],
+        made=[sbx / "hard_x1", sbx / "sym_x1", sbx / "moved_x1"])
+    each_blocked("NSx2", "`utime` / `chmod` / `chown` / `truncate` / `setxattr` / `unlink` / `rmdir` outside", [
+        f"import os; os.utime({str(victim)!r}, (0, 0))", f"import os; os.chmod({str(victim)!r}, 0o777)",
+        f"import os; os.chown({str(victim)!r}, 1, 1)", f"import os; os.truncate({str(victim)!r}, 0)",
+        f"import os; os.setxattr({str(victim)!r}, 'user.x', b'1')", f"import os; os.unlink({str(victim)!r})",
+        f"import os; os.rmdir({S!r})"], protect=[victim])
+    each_blocked("NSx3", "metadata outside: `os.access`, `os.statvfs`, `os.scandir('/')`, `os.path.isdir`, `glob`", [
+        "import os\nraise RuntimeError('LEAK:' + str(os.access('/etc/passwd', os.F_OK)))",
+        "import os\nraise RuntimeError('LEAK:' + repr(os.statvfs('/')))",
+        "import os\nraise RuntimeError('LEAK:' + repr([e.name for e in os.scandir('/')]))",
+        "import os\nraise RuntimeError('LEAK:' + str(os.path.isdir('/root')))",
+        "import glob\nraise RuntimeError('LEAK:' + ('/'.join(glob.glob('/etc/*')) or 'False'))"])
+    each_blocked("NSx4", "`os.chdir(<outside>)` then a relative write; `tempfile.mkstemp(dir=<outside>)`; "
+                 "`zipfile` / `logging` files outside", [
+                     f"import os; os.chdir({S!r}); open('via_chdir_x4', 'w').write('x')",
+                     f"import tempfile; tempfile.mkstemp(dir={S!r})",
+                     f"import zipfile; zipfile.ZipFile({S + '/z_x4.zip'!r}, 'w').writestr('a', 'b')",
+                     f"import logging; logging.basicConfig(filename={S + '/log_x4.txt'!r}); logging.error('x')"],
+                 made=[sbx / "via_chdir_x4", sbx / "z_x4.zip", sbx / "log_x4.txt"])
+
     time.sleep(max(0.0, 9.5 - (time.time() - t_ns3)))
     for probe, late in late_checks:
         if os.path.lexists(late) and probe.outcome == OK:
