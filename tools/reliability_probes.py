@@ -1118,7 +1118,8 @@ def family_ns(ctx: Ctx) -> None:
                 verdict, note = classify_sandbox(result, escaped=not_made(made), leaked=leaked,
                                                  lost=changed_files(before), crashed=crashed)
                 if verdict != OK:
-                    return verdict, f"{body.split(';')[-1].strip()[:60]}: {note}"
+                    call = re.split(r"[;\n]", body)[-1].strip()[:70]
+                    return verdict, f"{call}: {note}"
                 notes.append(note.split(": ")[-1][:40])
             return OK, f"{len(bodies)} calls refused: " + " | ".join(notes[:3]) + " ..."
         ctx.record("NS", Probe(pid_, what, "(new)", (OK,)), run)
