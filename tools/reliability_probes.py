@@ -1297,7 +1297,13 @@ def render(probes: Sequence[Probe], meta: Mapping[str, Any],
               "which can only lose more. Run A has 20 steps (checkpoints 5..20) instead of 30. Added beyond the "
               "review: NS22b (the rmtree bomb inside `evaluate_humaneval`, as the review also ran it), 5.8m "
               "(`hellora train --output_dir <a model folder>`) and 5.10b (the explicit overwrite flag: rotation "
-              "must still spare checkpoints this run did not write).", ""]
+              "must still spare checkpoints this run did not write), NSx1-NSx4 (other file calls outside the work "
+              "dir). Stricter than the review: NP8 counts a killed build's temp folder left in the cache as silent "
+              "wrong (issue 19 asks for it to be cleaned; the review said ok); refusals of NT rows and NE7 must name "
+              "what is wrong. NP3 halves the weights file (the review cut it to 400,000 bytes). The sandbox's "
+              "isolation layers on the machine that ran this are in NS32's evidence: where they include "
+              "`uid-nobody`, the root-without-capabilities candidate the review had (which made NS1/NS2 effective) "
+              "is not exercised, and the audit hook is what NS1/NS2/NS6 test.", ""]
     return "\n".join(lines)
 
 
