@@ -857,10 +857,7 @@ RET_NONE = "    return None\n"
 
 
 def family_ns(ctx: Ctx) -> None:
-    try:
-        from hellora_trl.recipes.eval import evaluate_humaneval, run_humaneval_sample
-    except ImportError:  # an older layout
-        from hellora_trl.eval import evaluate_humaneval, run_humaneval_sample
+    from hellora_trl.recipes.eval import evaluate_humaneval, run_humaneval_sample
 
     path = DATASETS / "humaneval" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as fh:
