@@ -304,14 +304,16 @@ def render(rows: list[dict[str, Any]], machine, command, load) -> str:
     for r in rows:
         f, o = r["floor"], r["hellora"]
         base_saved = f["saved"]["experts: base path"] - o["saved"]["experts: base path"]
-        at_forward = all(x["forward_peak_bytes"] == x["transient_peak_bytes"] for x in (f, o))
+        # within 0.1%: the router LoRA's training moves a few assignments between the two measured steps
+        at_forward = all(abs(x["forward_peak_bytes"] - x["transient_peak_bytes"]) <= 1e-3 * x["transient_peak_bytes"]
+                         for x in (f, o))
         reading.append(
             f"- E={r['experts']}: HELLoRA {r['peak_x_floor']:.3f}x the floor. Static +{mib(r['static_extra_measured'])} "
             f"MiB ({'exactly' if r['static_extra_measured'] == r['static_extra_expected'] else 'NOT'} the expected "
             f"12 B per extra trainable parameter: {r['extra_trainable']:,} router and hot-expert LoRA weights with "
             f"AdamW's two moments), on its own {r['static_only_x_floor'] - 1:.1%} of the floor's peak. Transient "
             f"{r['transient_extra'] / 2**20:+.2f} MiB: the step peaks "
-            f"{'at the end of the forward (forward + loss peak = step peak), before any gradient exists' if at_forward else 'inside the backward'}; "
+            f"{'at the end of the forward (forward + loss peak = step peak within 0.1%), before any gradient exists' if at_forward else 'inside the backward'}; "
             f"the low-rank path saves {mib(r['low_rank_saved_measured'])} MiB "
             f"({'exactly' if r['low_rank_saved_measured'] == r['low_rank_saved_expected'] else 'NOT'} what its "
             f"backward needs), the experts' base path {mib(base_saved)} MiB less than transformers' experts forward.")
