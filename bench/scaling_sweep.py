@@ -213,8 +213,8 @@ def render(name: str, rows: list[dict[str, Any]], args, machine, command, load_e
             "run's ratio to its floor (range in brackets). Wall-clock ratios first, process CPU-time ratios beside "
             "(less disturbed by other jobs). Peak memory from one step. FLOP bound: (the floor's GEMM FLOPs + the "
             "least the rank-r router and hot-expert LoRA must add, forward + backward, for this row's hot-expert "
-            "share of assignments) / the floor's, the step-time ratio a FLOP-bound machine would show with a "
-            "FLOP-minimal adapter (`bench/flop_bound.py`, which also gives it at real layer "
+            "share of assignments) / the floor's, the step-time ratio a FLOP-bound machine would show with the adapter "
+            "computed in the fewest FLOPs (activation-space or folded-weight LoRA; `bench/flop_bound.py`, which also gives it at real layer "
             "shapes: `bench/results/flop-bound.md`).",
             "",
         ]

@@ -522,3 +522,37 @@ def test_gate_up_deltas_are_freed_before_the_down_projection(path, monkeypatch):
     hidden = torch.randn(19, H, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
     layer(hidden, index, weights.requires_grad_(True)).sum().backward()
     assert refs and alive_at_down == [[False, False, False]]
+
+
+def test_lora_rows_backward_frees_the_gathered_rows_before_the_dense_input_gradient(monkeypatch):
+    """Issue 22 (peak memory): LoraRows' backward re-gathers the hot rows ``source[rows]``; they must be dead before
+    the dense ``zeros_like(source)`` input gradient is allocated, the moment a HELLoRA training step's memory peaks
+    (E=16 sweep shape: 1.3 MB of the peak)."""
+    import weakref
+
+    from hellora_trl.expert_lora import ops
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(10, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    rows, offsets = torch.tensor([1, 4, 5, 9]), torch.tensor([2, 4], dtype=torch.int32)
+    a = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(2, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    (out,) = ops.LoraRows.apply(source, rows, offsets, 2.0, None, a, b)
+    gathered, alive = [], []
+    select, zeros_like = torch.Tensor.index_select, torch.zeros_like
+
+    def recording_select(self, *args, **kwargs):
+        t = select(self, *args, **kwargs)
+        gathered.append(weakref.ref(t))
+        return t
+
+    def checking_zeros_like(t, *args, **kwargs):
+        alive.append([r() is not None for r in gathered])
+        return zeros_like(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", recording_select)
+    monkeypatch.setattr(torch, "zeros_like", checking_zeros_like)
+    out.sum().backward()
+    monkeypatch.undo()
+    assert gathered and alive == [[False] * len(gathered)]
+    assert source.grad is not None and torch.count_nonzero(source.grad[[0, 2, 3, 6, 7, 8]]) == 0
