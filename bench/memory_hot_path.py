@@ -150,7 +150,8 @@ def saved_bytes_by_group(setup, hot_rows: Optional[list] = None) -> tuple[dict[s
 
 
 def peak_categories(setup) -> dict[str, int]:
-    """Bytes live at the step's transient peak, by the profiler's memory category (ACTIVATION, GRADIENT, ...)."""
+    """Bytes live at the step's transient peak, by the profiler's memory category (ACTIVATION, GRADIENT, ...),
+    and under ``"at"`` the innermost Python line running when the peak was reached."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
@@ -159,7 +160,8 @@ def peak_categories(setup) -> dict[str, int]:
     live: dict[Any, tuple[Any, int, int]] = {}
     current = peak = 0
     at_peak: dict[Any, tuple[Any, int, int]] = {}
-    for _, action, (key, version), size in memory.timeline:
+    peak_time = None
+    for time, action, (key, version), size in memory.timeline:
         action = str(action)
         if action.endswith("CREATE"):
             live[key] = (key, version, size)
@@ -169,12 +171,15 @@ def peak_categories(setup) -> dict[str, int]:
         elif action.endswith("INCREMENT_VERSION") and key in live:
             live[key] = (key, version + 1, live[key][2])
         if current > peak:
-            peak, at_peak = current, dict(live)
+            peak, at_peak, peak_time = current, dict(live), time
+    spanning = [e for e in prof.profiler.kineto_results.events()
+                if peak_time is not None and e.start_ns() <= peak_time <= e.end_ns() and ".py(" in e.name()]
+    where = min(spanning, key=lambda e: e.end_ns() - e.start_ns()).name() if spanning else "?"
     by = collections.Counter()
     for key, version, size in at_peak.values():
         category = memory._categories.get(key, version)
         by[category.name if category is not None else "UNKNOWN"] += size
-    return dict(by)
+    return {**by, "at": where}
 
 
 def static_breakdown(setup) -> dict[str, int]:
@@ -295,9 +300,10 @@ def render(rows: list[dict[str, Any]], machine, command, load) -> str:
          for r in rows for key in ("floor", "hellora")),
     )
     at_peak = markdown_table(
-        ["experts", "config", "live at the transient peak, by profiler category (MiB)"],
-        ([r["experts"], key, ", ".join(f"{c} {mib(v)}" for c, v in sorted(r[key]["at_peak"].items(), key=lambda x: -x[1]))]
-         for r in rows for key in ("floor", "hellora")),
+        ["experts", "config", "live at the transient peak, by profiler category (MiB)", "running at the peak"],
+        ([r["experts"], key, ", ".join(f"{c} {mib(v)}" for c, v in sorted(
+            ((c, v) for c, v in r[key]["at_peak"].items() if c != "at"), key=lambda x: -x[1])),
+          f"`{r[key]['at_peak']['at']}`"] for r in rows for key in ("floor", "hellora")),
     )
     r0 = rows[0]
     reading = []
@@ -330,6 +336,9 @@ def render(rows: list[dict[str, Any]], machine, command, load) -> str:
         "",
         *reading,
         "",
+        "Removed for issue 22: the hot rows' gate/up deltas and their concatenation were held through the down "
+        "projection (now freed once added, `HotExpertLoraLayer._add_up_delta`), and `LoraRows` held its gathered "
+        "rows through the B products and, in backward, through the dense input gradient, where the step peaks. "
         "What is left above the floor is the adapter itself: its float32 weights and AdamW's two moments (12 B per "
         "parameter, a fixed size: k, r and the expert shape, not E) and the activations its backward needs (the "
         "rank-r products of the hot rows). Nothing else above the floor remains to remove without changing the "
