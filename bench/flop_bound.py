@@ -257,7 +257,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit(f"--ranks takes comma-separated integers such as 32,16; got {args.ranks!r}.") from None
     bench = [{"experts": e, **step_flops(shape_of(Preset(experts=e, **SCALING_BASE)), args.hot_share)}
              for e in (16, 64, 128, 256)]
-    counted = [counted_check(e) for e in ([int(x) for x in args.count.split(",")] if args.count else [])]
+    try:
+        count = [int(x) for x in args.count.split(",")] if args.count else []
+    except ValueError:
+        raise SystemExit(f"--count takes comma-separated expert counts such as 16,64 (or ''); got {args.count!r}.") from None
+    counted = [counted_check(e) for e in count]
     real = [row for rank in ranks for row in real_shape_rows(args.hot_share, rank, args.seq)]
     command = command_line(__file__, argv)
     b = SCALING_BASE

@@ -96,3 +96,23 @@ def test_memory_breakdown_tiny_accounts_for_the_static_and_low_rank_bytes(tmp_pa
     md = (tmp_path / "memory-hot-path.md").read_text()
     assert f"| 8 | {row['low_rank_saved_measured']:,} | {row['low_rank_saved_expected']:,} | yes |" in md
     assert "Command: `python bench/memory_hot_path.py" in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hot-share", "1.5"], "--hot-share"),
+    (["--ranks", "32,x"], "--ranks"),
+    (["--count", "sixteen"], "--count"),
+])
+def test_flop_bound_cli_refuses_bad_arguments_in_one_line(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        flop_bound.main(argv + ["--no-write"])
+
+
+def test_flop_bound_cli_writes_the_real_shape_table(tmp_path):
+    data = flop_bound.main(["--count", "", "--ranks", "32", "--out", str(tmp_path)])
+    md = (tmp_path / "flop-bound.md").read_text()
+    assert [r["experts"] for r in data["bench_shape"]] == [16, 64, 128, 256]
+    assert all(r["bound"] > 1.05 for r in data["bench_shape"])  # the sweep's shape: above the 1.05x
+    assert {r["preset"] for r in data["real_shapes"]} == {"olmoe-1b-7b", "qwen3-moe", "deepseek-v3-like-1l-gpu"}
+    assert all(1.0 < r["bound"] < r["bound_causal"] + 1e-12 for r in data["real_shapes"])
+    assert "Qwen3-30B-A3B" in md and "Command: `python bench/flop_bound.py" in md
