@@ -1,12 +1,20 @@
 """An analytic lower bound on HELLoRA k's step-time ratio to the attention-only floor (issue 22): GEMM FLOPs.
 
 The floor trains LoRA rank r on attention (q, k, v, o) of a frozen MoE model; HELLoRA k adds LoRA rank r on the
-router and on gate, up and down of the k hot experts of each layer (``apply_hellora``'s defaults). Whatever the
-implementation, the adapter must add, per layer, the FLOPs of its low-rank products on the rows it applies to,
-forward and backward (2 FLOPs per multiply-add): for a projection ``in -> out`` on ``m`` rows, forward
-``x A^T`` and ``(x A^T) B^T`` (2mr(in+out)) and backward the gradients of B, of ``x A^T``, of A and of the input
-(4mr(in+out)): ``6 m r (in + out)``. The router's rows are all T tokens; the hot experts' rows are the routed
-assignments that reach a hot expert (``hot_share`` of the T * top_k assignments).
+router and on gate, up and down of the k hot experts of each layer (``apply_hellora``'s defaults). The adapter
+must add, per layer, the FLOPs of its low-rank products on the rows it applies to, forward and backward (2 FLOPs per
+multiply-add), in one of two formulations, whichever is cheaper for the row count:
+
+* activation space (HELLoRA's hot experts): for a projection ``in -> out`` on ``m`` rows, forward ``x A^T`` and
+  ``(x A^T) B^T`` (2mr(in+out)) and backward the gradients of B, of ``x A^T``, of A and of the input
+  (4mr(in+out)): ``6 m r (in + out)``;
+* folded weight ``W + BA`` (HELLoRA's router): the fold (2 r in out), the weight gradient ``g^T x``
+  (2 m in out) and the gradients of B and A from it (4 r in out); the base GEMMs then run on the folded weight at
+  no extra cost.
+
+The router's rows are all T tokens; the hot experts' rows are the routed assignments that reach a hot expert
+(``hot_share`` of the T * top_k assignments). For rows spread over several hot experts the cheaper formulation
+applied to all of them at once is still a lower bound (each expert's cost is concave in its row count).
 
 The floor's FLOPs, counted the same way (GEMMs only; the frozen weights get no weight gradient):
 
@@ -21,7 +29,8 @@ The floor's FLOPs, counted the same way (GEMMs only; the frozen weights get no w
 * LM head: ``2 T H V`` forward and backward.
 
 ``bound = (floor + adapter) / floor`` is the ratio a FLOP-bound machine would show if the adapter were
-implemented with no FLOP beyond the necessary ones and no other cost; elementwise work (activations, norms,
+implemented with no FLOP beyond those of the cheaper formulation and no other cost (``count_gemm_flops`` checks
+the floor's count, and HELLoRA's own, against what a step dispatches); elementwise work (activations, norms,
 softmax, AdamW) is left out of both. The measured ratio can sit below it when the floor's step is not
 FLOP-bound (its elementwise and framework time dilutes the adapter's GEMMs).
 
