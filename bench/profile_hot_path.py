@@ -194,7 +194,13 @@ def render(summary: dict[str, Any], args, machine, command, load) -> str:
             ),
             "",
         ]
-    lines += [f"Command: `{command}`", "", f"Machine: {machine_line(machine)}; load average {load} at the end."]
+    lines += [
+        "Peak memory above the floor, broken down: [memory-hot-path.md](memory-hot-path.md) "
+        "(`bench/memory_hot_path.py`). GEMM FLOPs the adapter must add, the lower bound on the step-time ratio: "
+        "[flop-bound.md](flop-bound.md) (`bench/flop_bound.py`).",
+        "",
+        f"Command: `{command}`", "", f"Machine: {machine_line(machine)}; load average {load} at the end.",
+    ]
     return "\n".join(lines)
 
 

@@ -39,6 +39,8 @@ from benchlib import (
     write_results,
 )
 
+from flop_bound import bound_of_row  # noqa: E402  (after benchlib: the bench folder's own modules)
+
 CONFIGS = ("floor", "peft-all", "ours-all", "hellora-k")
 PROFILE_FRACTION = 0.10
 
@@ -146,6 +148,7 @@ def measure_row(label: str, preset, args) -> dict[str, Any]:
         "profiling": profiling,
         "histogram_bytes": preset.layers * preset.experts * 8,
         "top_k_share": info["routers"]["skewed"]["top_k_share_per_layer"],
+        "flop_bound": bound_of_row(asdict(preset), info["routers"]["skewed"]["top_k_share_per_layer"]),
     }
 
 
@@ -167,7 +170,7 @@ def _profiling_shares(per_run: dict[str, dict[str, list[float]]]) -> dict[str, f
 def render(name: str, rows: list[dict[str, Any]], args, machine, command, load_end, figure: Optional[str]) -> str:
     done = [r for r in rows if "configs" in r]
     header = ["experts", "PEFT all-experts x floor", "ours all-experts x floor", "HELLoRA k x floor",
-              "HELLoRA CPU-time x floor", "PEFT / HELLoRA step", "HELLoRA peak memory x floor",
+              "HELLoRA CPU-time x floor", "FLOP bound x floor", "PEFT / HELLoRA step", "HELLoRA peak memory x floor",
               "PEFT peak memory x floor"]
 
     def cell(c: dict[str, Any], key: str = "time_x") -> str:
@@ -176,7 +179,7 @@ def render(name: str, rows: list[dict[str, Any]], args, machine, command, load_e
 
     table = markdown_table(header, (
         [r["label"], cell(r["configs"]["peft-all"]), cell(r["configs"]["ours-all"]), cell(r["configs"]["hellora-k"]),
-         cell(r["configs"]["hellora-k"], "cpu_x"), f"{r['peft_over_hellora']:.2f}",
+         cell(r["configs"]["hellora-k"], "cpu_x"), f"{_flop_bound(r)['bound']:.3f}", f"{r['peft_over_hellora']:.2f}",
          f"{r['configs']['hellora-k']['mem_x']:.3f}", f"{r['configs']['peft-all']['mem_x']:.3f}"]
         for r in done
     ))
@@ -208,7 +211,11 @@ def render(name: str, rows: list[dict[str, Any]], args, machine, command, load_e
             f"favourites take about half of the assignments); HELLoRA k = {shape['top_k']}. Per run: median of "
             f"{args.steps} alternated steps after {args.warmup} warm-up; table: median over {args.runs} runs of each "
             "run's ratio to its floor (range in brackets). Wall-clock ratios first, process CPU-time ratios beside "
-            "(less disturbed by other jobs). Peak memory from one step.",
+            "(less disturbed by other jobs). Peak memory from one step. FLOP bound: (the floor's GEMM FLOPs + the "
+            "least the rank-r router and hot-expert LoRA must add, forward + backward, for this row's hot-expert "
+            "share of assignments) / the floor's, the step-time ratio a FLOP-bound machine would show with the adapter "
+            "computed in the fewest FLOPs (activation-space or folded-weight LoRA; `bench/flop_bound.py`, which also gives it at real layer "
+            "shapes: `bench/results/flop-bound.md`).",
             "",
         ]
     lines += [table, "", f"Profiling cost (share of a run that profiles a {PROFILE_FRACTION:.0%} slice and trains "
@@ -220,6 +227,11 @@ def render(name: str, rows: list[dict[str, Any]], args, machine, command, load_e
         lines += [f"![step time and memory vs experts]({figure})", ""]
     lines += [f"Command: `{command}`", "", f"Machine: {machine_line(machine)}; load average {load_end} at the end."]
     return "\n".join(lines)
+
+
+def _flop_bound(row: dict[str, Any]) -> dict[str, float]:
+    """The row's FLOP bound, computed from its shape and hot share when a results file predates the column."""
+    return row.get("flop_bound") or bound_of_row(row["shape"], row["top_k_share"])
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
@@ -308,3 +320,34 @@ def run_sweep(args, presets: dict, argv: Optional[list[str]] = None) -> Optional
     if not args.no_write:
         print(f"wrote {out / (name + '.md')}, {out / (name + '.json')}" + (f" and {figure}" if figure else ""))
     return data
+
+
+def rerender(json_path: Path) -> Path:
+    """Rewrite ``<name>.{md,json}`` from an existing results file, adding what is computed rather than measured
+    (the FLOP bound column); no step is timed again."""
+    import json
+    from types import SimpleNamespace
+
+    data = json.loads(Path(json_path).read_text())
+    for row in data["rows"]:
+        if "configs" in row:
+            row["flop_bound"] = _flop_bound(row)
+    args = SimpleNamespace(runs=data["runs"], steps=data["steps"], warmup=data["warmup"])
+    out = Path(json_path).parent
+    png = out / f"{data['sweep']}.png"
+    figure = png.name if png.exists() else None  # relative to the results file (render_readme rebases it)
+    markdown = render(data["sweep"], data["rows"], args, data["machine"], data["command"], data["load_avg_1m_at_end"],
+                      figure)
+    write_results(data["sweep"], markdown, data, out)
+    return out / f"{data['sweep']}.md"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Re-render a sweep's results file (computed columns only).")
+    parser.add_argument("--rerender", type=Path, required=True, help="a sweep's <name>.json")
+    cli = parser.parse_args()
+    if not cli.rerender.is_file():
+        raise SystemExit(f"--rerender needs an existing sweep results file; {cli.rerender} is not one.")
+    print(f"wrote {rerender(cli.rerender)}")

@@ -488,3 +488,71 @@ def test_split_path_slot_lookup_is_cached_and_follows_hot_list_changes():
     layer.lora_hot_experts["default"].copy_(torch.tensor([2, 5]))
     again = layer._slot_lookup("default", torch.device("cpu"))
     assert again is not first and again.tolist()[:6] == [-1, -1, 0, -1, -1, 1]
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_gate_up_deltas_are_freed_before_the_down_projection(path, monkeypatch):
+    """Issue 22 (peak memory): the hot rows' gate and up deltas and their concatenation, (hot rows, 2 x
+    intermediate) floats in all, are dead once added to the gate_up rows; held by ``_expert_rows`` they stayed alive
+    through the down projection, where the layer's memory peaks (E=16 sweep shape: 5.8 MB of a 43.6 MB transient
+    peak)."""
+    import weakref
+
+    _, layer = adapted_experts("olmoe", hot=(1, 3))
+    layer.get_base_layer().config._experts_implementation = "eager"  # float64: no grouped kernel for the cold part
+    layer.expert_path = path
+    refs, alive_at_down = [], []
+    interleave, base_rows = layer._interleave_gate_up, layer._base_rows
+
+    def recording_interleave(gate, up):
+        delta = interleave(gate, up)
+        refs.extend(weakref.ref(t) for t in (gate, up, delta))
+        return delta
+
+    def checking_base_rows(base, x, name, groups):
+        if name == "down_proj":
+            alive_at_down.append([r() is not None for r in refs])
+        return base_rows(base, x, name, groups)
+
+    monkeypatch.setattr(layer, "_interleave_gate_up", recording_interleave)
+    monkeypatch.setattr(layer, "_base_rows", checking_base_rows)
+    H = layer.get_base_layer().down_proj.shape[1]
+    top_k = layer.get_base_layer().config.num_experts_per_tok
+    index, weights = routing(19, layer.num_experts, top_k, dtype=torch.float64, force=[1])
+    hidden = torch.randn(19, H, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    layer(hidden, index, weights.requires_grad_(True)).sum().backward()
+    assert refs and alive_at_down == [[False, False, False]]
+
+
+def test_lora_rows_backward_frees_the_gathered_rows_before_the_dense_input_gradient(monkeypatch):
+    """Issue 22 (peak memory): LoraRows' backward re-gathers the hot rows ``source[rows]``; they must be dead before
+    the dense ``zeros_like(source)`` input gradient is allocated, the moment a HELLoRA training step's memory peaks
+    (E=16 sweep shape: 1.3 MB of the peak)."""
+    import weakref
+
+    from hellora_trl.expert_lora import ops
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(10, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    rows, offsets = torch.tensor([1, 4, 5, 9]), torch.tensor([2, 4], dtype=torch.int32)
+    a = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(2, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    (out,) = ops.LoraRows.apply(source, rows, offsets, 2.0, None, a, b)
+    gathered, alive = [], []
+    select, zeros_like = torch.Tensor.index_select, torch.zeros_like
+
+    def recording_select(self, *args, **kwargs):
+        t = select(self, *args, **kwargs)
+        gathered.append(weakref.ref(t))
+        return t
+
+    def checking_zeros_like(t, *args, **kwargs):
+        alive.append([r() is not None for r in gathered])
+        return zeros_like(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", recording_select)
+    monkeypatch.setattr(torch, "zeros_like", checking_zeros_like)
+    out.sum().backward()
+    monkeypatch.undo()
+    assert gathered and alive == [[False] * len(gathered)]
+    assert source.grad is not None and torch.count_nonzero(source.grad[[0, 2, 3, 6, 7, 8]]) == 0

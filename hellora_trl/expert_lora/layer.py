@@ -339,13 +339,7 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         hot_rows, offsets = groups.hot_rows, groups.hot_offsets
         y = self._base_rows(base, hidden[token], "gate_up_proj" if gated else "up_proj", groups)
         if groups.num_hot_rows:
-            hot_tokens = take_rows(token, hot_rows)
-            if gated and not self.fuse_gate_up:
-                gate, up = self._lora_deltas(adapter, ("gate", "up"), hidden, hot_tokens, offsets, None)
-                delta = self._interleave_gate_up(gate, up)
-            else:
-                (delta,) = self._lora_deltas(adapter, ("gate_up" if gated else "up",), hidden, hot_tokens, offsets, None)
-            y = add_rows(y, delta, hot_rows)
+            y = self._add_up_delta(adapter, y, hidden, take_rows(token, hot_rows), groups)
         h = base._apply_gate(y) if gated else base.act_fn(y)
         post_norm = getattr(base, "has_post_expert_norm", False)
         linear_down = not (self.has_bias or post_norm)
@@ -354,11 +348,26 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
             hot_weights = take_rows(row_weights, hot_rows) if linear_down else None
             (delta,) = self._lora_deltas(adapter, ("down",), h, hot_rows, offsets, hot_weights)
             out = add_rows(out, delta, hot_rows)
+            del delta
         if post_norm:
             out = base.post_expert_norm(out)
         if not linear_down:
             out = out * row_weights.unsqueeze(-1).to(out.dtype)
         return out
+
+    def _add_up_delta(self, adapter, y, hidden, hot_tokens, groups: "RowGroups") -> torch.Tensor:
+        """``y`` (gate_up or up rows) plus the low-rank delta on its hot rows. A method of its own so that the
+        (hot rows, 2 x intermediate) deltas and their concatenation are freed as soon as they are added: held by
+        the caller, they stayed alive through the down projection, where the layer's memory peaks (issue 22: up
+        to 3 x hot rows x intermediate floats of the step's transient peak)."""
+        gated, offsets = self.has_gate, groups.hot_offsets
+        if gated and not self.fuse_gate_up:
+            gate, up = self._lora_deltas(adapter, ("gate", "up"), hidden, hot_tokens, offsets, None)
+            delta = self._interleave_gate_up(gate, up)
+            del gate, up
+        else:
+            (delta,) = self._lora_deltas(adapter, ("gate_up" if gated else "up",), hidden, hot_tokens, offsets, None)
+        return add_rows(y, delta, groups.hot_rows)
 
     def _base_rows(self, base, x, name: str, groups: "RowGroups") -> torch.Tensor:
         """Frozen base projection ``name`` of every row, grouped over the whole (E, ...) stack (no weight copy)."""

@@ -162,6 +162,7 @@ class LoraRows(torch.autograd.Function):
         r = factors[0].shape[1]
         x = (source if rows is None else source.index_select(0, rows)).to(dtype)
         xa = grouped_mm(x, a.transpose(1, 2), offsets)  # (n, P*r)
+        del x  # the gathered rows (n, in) are dead: not held through the B products
         scaled = xa * row_scale(scaling, row_weights, dtype)
         outputs = tuple(
             grouped_mm(_columns(scaled, i, r), b.transpose(1, 2), offsets) for i, b in enumerate(factors[1::2])
@@ -193,6 +194,9 @@ class LoraRows(torch.autograd.Function):
         grad_xa = grad_scaled * scale
         x = (source if rows is None else source.index_select(0, rows)).to(dtype)
         grad_a = grouped_outer(grad_xa, x, offsets).split(r, dim=1)  # (k, r, in) per pair
+        # Free the re-gathered rows (n, in) and the (n, P*r) products before the input gradient allocates its
+        # dense (len(source), in) buffer: that allocation is where a training step's memory peaks (issue 22).
+        del x, scaled, grad_scaled
         grad_source = None
         if ctx.needs_input_grad[0]:
             grad_x = grouped_mm(grad_xa, a, offsets).to(source.dtype)
