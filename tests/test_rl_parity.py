@@ -232,3 +232,21 @@ def test_model_config_flags_are_refused_as_for_sft(kind, argv, message, tmp_path
     sft = refusal(sft_parse_args, lambda script, args, model: lora_config_from(model))
     assert ours == sft.replace("`trl sft`", f"`trl {kind}`") and "\n" not in ours
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_a_trl_config_is_converted_like_for_sft(kind, tmp_path, tokenizer):
+    """Keeping TRL's own config and swapping only the trainer class: the values are kept, the hellora_* fields
+    come at their defaults. (GRPOConfig derives generation_batch_size from steps_per_generation in __post_init__,
+    and re-initialising with both failed: 'can not be both configured at the same time'.)"""
+    _, trl_config, hellora_trainer, hellora_config = TRAINERS[kind]
+    args = trl_config(output_dir=str(tmp_path / "x"), **{**COMMON, **PER_KIND[kind], "learning_rate": 3e-3, "seed": 7})
+    kwargs = dict(reward_funcs=length_reward) if kind == "grpo" else {}
+    trainer = hellora_trainer(model=tiny_model("olmoe"), args=args, train_dataset=dataset(kind),
+                              processing_class=tokenizer, **kwargs)
+    assert isinstance(trainer.args, hellora_config)
+    assert (trainer.args.learning_rate, trainer.args.seed) == (3e-3, 7)
+    assert trainer.args.hellora_profile_mode == "forward" and trainer.args.hellora_k is None
+    if kind == "grpo":
+        assert (trainer.args.generation_batch_size, trainer.args.steps_per_generation) == (
+            args.generation_batch_size, args.steps_per_generation)
