@@ -19,6 +19,10 @@ The plugin logs what it does (on Axolotl's logger) before and after profiling. W
 ``axolotl merge-lora`` use its exact (legacy) merge, which loads the adapter through the plugin, and refuses the
 memory-efficient one, which would drop the hot-expert updates (:func:`exact_merge_method`).
 
+With ``rl: dpo``, ``ipo`` or ``grpo`` the plugin runs :class:`~hellora_trl.rl_trainers.HELLoRADPOTrainer` /
+``HELLoRAGRPOTrainer`` instead (Axolotl's RL path skips ``load_adapter`` for DPO and builds a plugin's trainer class
+without the model; see :func:`rl_trainer_class` and docs/axolotl.md).
+
 Axolotl is imported only when ``HELLoRAPlugin`` is first accessed, so this module (and ``HELLoRAArgs``) can be
 imported without it.
 """
