@@ -177,6 +177,11 @@ class HELLoRAConfig(HELLoRAArguments, SFTConfig):
     """Everything ``SFTConfig`` takes, plus the ``hellora_*`` fields of :class:`HELLoRAArguments`."""
 
 
+# (field, the field it is derived from) in a TRL config's __post_init__: GRPOConfig sets generation_batch_size from
+# steps_per_generation and refuses a re-initialisation that passes both.
+DERIVED_FIELDS = (("generation_batch_size", "steps_per_generation"),)
+
+
 def convert_config(args: TrainingArguments, config_class: type, **overrides):
     """``args`` (a ``TrainingArguments``, ``SFTConfig``, ``HELLoRAConfig``...) as ``config_class``: every value kept,
     fields ``args`` lacks at ``config_class``'s defaults, ``overrides`` on top (what ``SFTTrainer`` does with a
@@ -184,6 +189,9 @@ def convert_config(args: TrainingArguments, config_class: type, **overrides):
     values = args.to_dict()
     # to_dict masks every *_token field (hub_token, and SFTConfig's eos_token/pad_token): the real values
     values.update({name: getattr(args, name) for name in values if name.endswith("_token")})
+    for derived, source in DERIVED_FIELDS:
+        if values.get(source) is not None and derived not in overrides:
+            values.pop(derived, None)  # __post_init__ derives it again from `source` (passing both is refused)
     known = {f.name for f in dataclasses.fields(config_class) if f.init}
     return config_class(**{k: v for k, v in {**values, **overrides}.items() if k in known})
 

@@ -556,3 +556,26 @@ def test_lora_rows_backward_frees_the_gathered_rows_before_the_dense_input_gradi
     monkeypatch.undo()
     assert gathered and alive == [[False] * len(gathered)]
     assert source.grad is not None and torch.count_nonzero(source.grad[[0, 2, 3, 6, 7, 8]]) == 0
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_grad_forward_sees_factors_a_fused_optimizer_updated(fused):
+    """Issue 21 (found by the GRPO ZeRO-3/DDP reload test): a no-grad forward while B == 0 (GRPO's first
+    generation, an evaluation before training) cached "B is zero" keyed on the factors' version counters, which
+    ``torch.optim.AdamW(fused=True)`` (the Trainer's default optimizer) does not bump; every later no-grad forward
+    then skipped the trained expert adapter: generation and evaluation ran the base experts."""
+    model = tiny_model("olmoe")
+    peft_model = apply_hellora(model, {l.name: [0, 1] for l in find_moe_layers(model)}, default_lora_config(r=4, lora_alpha=8))
+    batch = random_batch(model)
+    with torch.no_grad():
+        fresh = peft_model(**batch).logits  # B == 0: the adapter is the identity here
+    params = [p for n, p in peft_model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=fused, foreach=None if fused else False)
+    peft_model(**batch).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    layer = peft_model.get_base_model().get_submodule(find_moe_layers(model)[0].name)
+    assert layer.lora_down_B["default"].abs().sum() > 0  # the step moved the expert factors
+    with torch.no_grad():
+        after = peft_model(**batch).logits
+        with torch.enable_grad():
+            expected = peft_model(**batch).logits.detach()  # the grad path always runs the adapter
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after, fresh)

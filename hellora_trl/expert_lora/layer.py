@@ -44,6 +44,25 @@ from .ops import (
 # transformers' vectorised experts implementations whose math the fused path computes itself.
 FUSABLE_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
 
+# Optimizer steps taken in this process (any torch.optim optimizer: a global step hook, registered on first use).
+# A fused optimizer (AdamW(fused=True), the Trainer's default) writes the parameters without bumping their
+# version counters, so "B is zero" cannot be cached on versions alone (HotExpertLoraLayer._b_is_zero).
+_optimizer_steps = [0]
+_step_hook: list[Any] = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+def optimizer_steps() -> int:
+    """Optimizer steps taken in this process so far (counted from the first call)."""
+    if not _step_hook:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook.append(register_optimizer_step_post_hook(_count_step))
+    return _optimizer_steps[0]
+
 
 def experts_implementation(base: nn.Module) -> str:
     """The experts implementation the wrapped module would run (``eager`` when it has no config)."""
@@ -246,9 +265,11 @@ class HotExpertLoraLayer(nn.Module, BaseTunerLayer):
         return (0.0 * sum(p.sum() for p in self._factors(adapter))).to(dtype)
 
     def _b_is_zero(self, adapter: str) -> bool:
-        """Whether every B factor is zero, re-checked only when a factor was modified (tensor version)."""
+        """Whether every B factor is zero, re-checked only when a factor may have changed: an in-place edit (tensor
+        version), another storage (ZeRO-3 gathers, ``.to``), or any optimizer step (fused optimizers leave the
+        version counter alone)."""
         factors = [getattr(self, f"lora_{p}_B")[adapter] for p in self.factor_names]
-        versions = tuple(f._version for f in factors) + tuple(f.data_ptr() for f in factors)
+        versions = (optimizer_steps(), *(f._version for f in factors), *(f.data_ptr() for f in factors))
         cached = self._zero_cache.get(adapter)
         if cached is None or cached[0] != versions:
             cached = (versions, all(not bool(f.any()) for f in factors))

@@ -19,6 +19,10 @@ The plugin logs what it does (on Axolotl's logger) before and after profiling. W
 ``axolotl merge-lora`` use its exact (legacy) merge, which loads the adapter through the plugin, and refuses the
 memory-efficient one, which would drop the hot-expert updates (:func:`exact_merge_method`).
 
+With ``rl: dpo``, ``ipo`` or ``grpo`` the plugin runs :class:`~hellora_trl.rl_trainers.HELLoRADPOTrainer` /
+``HELLoRAGRPOTrainer`` instead (Axolotl's RL path skips ``load_adapter`` for DPO and builds a plugin's trainer class
+without the model; see :func:`rl_trainer_class` and docs/axolotl.md).
+
 Axolotl is imported only when ``HELLoRAPlugin`` is first accessed, so this module (and ``HELLoRAArgs``) can be
 imported without it.
 """
@@ -195,9 +199,19 @@ class HELLoRAPluginMixin:
 
         return [AdapterCapabilities(name=ADAPTER, lora_like=True)]
 
-    def get_trainer_cls(self, cfg: Any) -> None:
-        """Axolotl's own trainer trains the returned PeftModel; no custom trainer class is needed."""
-        return None
+    def get_trainer_cls(self, cfg: Any):
+        """SFT: None (Axolotl's own trainer trains the PeftModel that :meth:`load_adapter` returned). ``rl: dpo``,
+        ``ipo`` and ``grpo``: :class:`~hellora_trl.rl_trainers.HELLoRADPOTrainer` / ``HELLoRAGRPOTrainer`` fed
+        from what the plugin kept (see :func:`rl_trainer_class`); other ``rl`` values are refused."""
+        if _get(cfg, "adapter") != ADAPTER or not rl_kind(cfg):
+            return None
+        return rl_trainer_class(self, cfg)
+
+    def post_model_load(self, cfg: Any, model) -> None:
+        """On the RL path Axolotl instantiates a plugin's trainer class without the model (HFRLTrainerBuilder passes
+        no positional arguments to it), so the first model loaded for training is kept here for that class."""
+        if _get(cfg, "adapter") == ADAPTER and rl_kind(cfg) and getattr(self, "rl_model", None) is None:
+            self.rl_model = model
 
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
         """Axolotl's adapter hook: profile -> select -> attach (or reload ``lora_model_dir``)."""
@@ -209,6 +223,10 @@ class HELLoRAPluginMixin:
         if _get(cfg, "lora_model_dir"):
             peft_model = load_hellora(model, _get(cfg, "lora_model_dir"), is_trainable=not inference)
             return peft_model, peft_model.peft_config["default"]
+        if rl_kind(cfg):
+            # rl: grpo reaches this hook (dpo/ipo do not: Axolotl builds only a LoraConfig for them). The RL trainer
+            # profiles the prompts and builds the adapter after construction, so the bare model goes on.
+            return model, lora_config
         args = hellora_args(cfg)
         if _get(cfg, "gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
             # Before profiling, so the LoRA warm-up runs with the memory profile of the real run.
@@ -339,6 +357,73 @@ class HELLoRAPluginMixin:
         return targets
 
 
+# ------------------------------------------------------------------------------------------------- rl: dpo / grpo
+RL_KINDS = {"dpo": "dpo", "ipo": "dpo", "grpo": "grpo"}  # Axolotl's rl value -> the HELLoRA trainer that runs it
+
+
+def rl_kind(cfg: Any) -> str | None:
+    """``"dpo"`` / ``"grpo"`` for the ``rl`` values the plugin runs, None without ``rl``; ValueError for the others
+    (KTO, ORPO, SimPO, GDPO), which Axolotl would otherwise train as plain LoRA under ``adapter: hellora``."""
+    rl = _get(cfg, "rl")
+    if not rl:
+        return None
+    name = str(getattr(rl, "value", rl)).lower()
+    if name not in RL_KINDS:
+        raise ValueError(
+            f"adapter: hellora supports rl: {'/'.join(RL_KINDS)} (HELLoRADPOTrainer, HELLoRAGRPOTrainer); rl: {name} "
+            "has no HELLoRA trainer, and Axolotl would train plain LoRA. Use adapter: lora for it."
+        )
+    return RL_KINDS[name]
+
+
+def rl_trainer_class(plugin: Any, cfg: Any) -> type:
+    """The trainer class handed to Axolotl's ``HFRLTrainerBuilder`` for ``rl: dpo|ipo|grpo``.
+
+    What Axolotl's RL builder does with a plugin's class (``src/axolotl/core/builders/rl.py``, ``_get_trainer_cls``
+    and ``build``): it calls it with no positional arguments and ``args=`` (Axolotl's DPO/GRPO config),
+    ``train_dataset=``, ``callbacks=``, ``processing_class=`` (or ``tokenizer=``), ``eval_dataset=``, ``peft_config=``
+    (DPO only) and the optimizer keys. So this class takes the model the plugin kept in ``post_model_load``, the
+    LoRA shape from the config's ``lora_*`` keys (:func:`lora_config_from_cfg`, the SFT route's refusals), the
+    ``hellora_*`` keys on top of Axolotl's arguments, and for GRPO the reward functions Axolotl's ``GRPOStrategy``
+    resolves from ``trl.reward_funcs`` (which the builder skips for a plugin's class).
+    """
+    import inspect
+
+    from ..config import convert_config
+    from ..rl_trainers import HELLoRADPOConfig, HELLoRADPOTrainer, HELLoRAGRPOConfig, HELLoRAGRPOTrainer
+
+    kind = rl_kind(cfg)
+    base, config_class = (HELLoRADPOTrainer, HELLoRADPOConfig) if kind == "dpo" else (HELLoRAGRPOTrainer, HELLoRAGRPOConfig)
+    accepted = set(inspect.signature(base.trl_trainer.__init__).parameters)
+
+    def __init__(self, *args, **kwargs):
+        model = getattr(plugin, "rl_model", None)
+        if model is None:
+            raise ValueError(
+                "HELLoRAPlugin holds no model for the RL trainer: Axolotl did not call post_model_load before building "
+                "the trainer (this Axolotl's RL path differs from the one the plugin was written against)."
+            )
+        if "tokenizer" in kwargs:
+            kwargs.setdefault("processing_class", kwargs.pop("tokenizer"))
+        settings = hellora_args(cfg).model_dump()
+        kwargs["args"] = convert_config(kwargs["args"], config_class, **settings)
+        kwargs["peft_config"] = lora_config_from_cfg(cfg)
+        if kind == "grpo" and "reward_funcs" not in kwargs and not args:
+            from axolotl.core.trainers.grpo import GRPOStrategy
+
+            resolved = GRPOStrategy.set_trainer_args(cfg)
+            if not resolved:
+                raise ValueError("rl: grpo needs reward functions: set trl.reward_funcs in the Axolotl config.")
+            args = tuple(resolved)
+            kwargs.update(GRPOStrategy.set_trainer_kwargs(cfg))
+        dropped = sorted(k for k in kwargs if k not in accepted)
+        if dropped and is_main_process():
+            logger.warning("HELLoRA: %s does not take %s; ignored.", base.__name__, ", ".join(dropped))
+        base.__init__(self, model, *args, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    return type(f"Axolotl{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
+
+
 def _plugin_class() -> type:
     """``HELLoRAPluginMixin`` on Axolotl's ``BasePlugin``; a clear ImportError when Axolotl is missing or too old."""
     try:
@@ -369,5 +454,5 @@ def __getattr__(name: str) -> Any:
 
 
 # HELLoRAPlugin is left out of __all__ so that `import *` does not import Axolotl.
-__all__ = ["ADAPTER", "EXACT_MERGE_METHOD", "HELLoRAArgs", "HELLoRAPluginMixin", "exact_merge_method", "hellora_args",
-           "lora_config_from_cfg"]
+__all__ = ["ADAPTER", "EXACT_MERGE_METHOD", "HELLoRAArgs", "HELLoRAPluginMixin", "RL_KINDS", "exact_merge_method",
+           "hellora_args", "lora_config_from_cfg", "rl_kind", "rl_trainer_class"]

@@ -250,7 +250,10 @@ def parse_args(kind: str, argv: Sequence[str] | None = None, prog: str | None = 
     the parser's and the arguments are parsed again, so what the user wrote still wins."""
     import sys
 
+    from .sft import refuse_full_finetuning
+
     argv = list(argv) if argv is not None else sys.argv[1:]
+    refuse_full_finetuning(argv, kind)
     parsed = _parser(kind, {}, prog).parse_args_and_config(list(argv))
     script_args, _, model_args = parsed
     if model_args.model_name_or_path is None and script_args.dataset_name is None:

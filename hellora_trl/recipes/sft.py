@@ -124,11 +124,7 @@ def parse_args(argv: Sequence[str] | None = None, task: str | None = None, prog:
     import sys
 
     argv = list(argv) if argv is not None else sys.argv[1:]
-    if _asks_false(argv, "use_peft"):
-        raise ValueError(
-            "use_peft=false asks for full fine-tuning, but HELLoRA always trains a LoRA adapter (on attention, "
-            "routers and hot experts): drop use_peft, or use TRL's `trl sft` for full fine-tuning."
-        )
+    refuse_full_finetuning(argv, "sft")
     script_args, training_args, model_args = _parser(task, {}, prog).parse_args_and_config(list(argv))
     if is_offline_default(script_args, model_args):
         script_args, training_args, model_args = _parser(task, OFFLINE_DEFAULTS, prog).parse_args_and_config(list(argv))
@@ -173,6 +169,16 @@ def apply_effective_batch(target: int | None, training_args) -> None:
     if training_args.process_index == 0:
         print(f"effective batch {target} = {per_device} per device x {processes} processes x {steps} gradient "
               "accumulation steps", flush=True)
+
+
+def refuse_full_finetuning(argv: Sequence[str], trl_command: str) -> None:
+    """``use_peft=false`` (command line or --config YAML) asks for full fine-tuning: refused in one line, naming
+    TRL's own command (``trl sft``, ``trl dpo``, ``trl grpo``) for that."""
+    if _asks_false(argv, "use_peft"):
+        raise ValueError(
+            "use_peft=false asks for full fine-tuning, but HELLoRA always trains a LoRA adapter (on attention, "
+            f"routers and hot experts): drop use_peft, or use TRL's `trl {trl_command}` for full fine-tuning."
+        )
 
 
 def _asks_false(argv: Sequence[str], name: str) -> bool:

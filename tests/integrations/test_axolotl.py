@@ -312,3 +312,118 @@ def test_resume_without_a_saved_profile_profiles_again_and_says_so(fake_axolotl,
     caplog.set_level(logging.INFO, logger=PLUGIN_LOGGER)
     load_plugin().load_adapter(tiny_model(), cfg(tmp_path, resume_from_checkpoint="checkpoint-3"))
     assert len(fake_axolotl) == 1 and "is missing: profiling again" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------- rl: dpo / grpo
+# What Axolotl's RL path does with a plugin, as read from its source (axolotl-ai-cloud/axolotl):
+# * src/axolotl/loaders/model.py, ModelLoader._load_adapters: for rl dpo/ipo/kto with an adapter it calls load_lora(...,
+#   config_only=True) directly (no plugin load_adapter) and keeps the bare model; for grpo it calls load_adapter,
+#   which asks plugins first. ModelLoader.load then calls post_model_load(cfg, model) on every plugin.
+# * src/axolotl/core/builders/rl.py, HFRLTrainerBuilder._get_trainer_cls: with plugins, a non-None
+#   get_trainer_cls(cfg) is used with NO positional arguments; build() then calls
+#   trainer_cls(args=..., train_dataset=..., callbacks=..., processing_class=..., peft_config=... (not for grpo)).
+def axolotl_rl_run(plugin, settings, model, **trainer_kwargs):
+    """The stand-in of that path: model loading hooks, then the builder's call of the plugin's trainer class."""
+    if axo.rl_kind(settings) == "grpo":
+        model, _ = plugin.load_adapter(model, settings)  # what load_adapter returns becomes the model
+    plugin.post_model_load(settings, model)
+    trainer_cls = plugin.get_trainer_cls(settings)
+    return trainer_cls(**trainer_kwargs)
+
+
+def rl_settings(tmp_path, rl, **overrides):
+    return cfg(tmp_path, rl=rl, lora_target_modules=["q_proj", "v_proj"], **overrides)
+
+
+def rl_args(tmp_path, config_class, **extra):
+    """Axolotl's own DPO/GRPO config class: the TRL config plus Axolotl fields (one stands in for them here)."""
+    axolotl_config = dataclass(type("AxolotlConfig", (config_class,), {"__annotations__": {"axolotl_extra": int},
+                                                                         "axolotl_extra": 1}))
+    return axolotl_config(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, **extra)
+
+
+def test_rl_dpo_builds_a_hellora_dpo_trainer_from_the_hooks(fake_axolotl, tmp_path):
+    from transformers import TrainerCallback
+    from trl import DPOConfig
+
+    from hellora_trl.recipes.offline import build_tokenizer
+    from hellora_trl.rl_trainers import HELLoRADPOConfig, HELLoRADPOTrainer
+
+    plugin = load_plugin()
+    settings = rl_settings(tmp_path, "dpo")
+    pairs = Dataset.from_dict({"prompt": ["1+1=", "2+2=", "3+3=", "4+4="], "chosen": [" 2", " 4", " 6", " 8"],
+                               "rejected": [" 3", " 5", " 7", " 9"]})
+    callback = TrainerCallback()
+    trainer = axolotl_rl_run(
+        plugin, settings, tiny_model(), args=rl_args(tmp_path, DPOConfig, max_length=64), train_dataset=pairs,
+        callbacks=[callback], processing_class=build_tokenizer(), eval_dataset=None,
+        peft_config=object(),  # Axolotl's plain LoraConfig from load_lora: replaced by the lora_* keys' shape
+    )
+    assert isinstance(trainer, HELLoRADPOTrainer) and isinstance(trainer.args, HELLoRADPOConfig)
+    assert trainer.args.hellora_k == 2 and trainer.args.max_steps == 1 and callback in trainer.callback_handler.callbacks
+    assert trainer.hellora_peft_config.r == 4 and set(trainer.hellora_peft_config.target_modules) == {"q_proj", "v_proj"}
+    assert not fake_axolotl  # the SFT profiling route (load_datasets) was not taken
+    trainer.train()
+    assert all(len(ids) == 2 for ids in trainer.hot_experts.values())
+    assert (tmp_path / "out" / axo.PROFILE_FILE).is_file()
+
+
+def test_rl_grpo_keeps_the_bare_model_and_takes_axolotls_reward_functions(fake_axolotl, tmp_path, monkeypatch):
+    from trl import GRPOConfig
+
+    from hellora_trl.recipes.offline import build_tokenizer
+    from hellora_trl.rl_trainers import HELLoRAGRPOTrainer
+
+    def length_reward(prompts, completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    grpo = types.ModuleType("axolotl.core.trainers.grpo")
+
+    class GRPOStrategy:  # Axolotl resolves trl.reward_funcs into one positional list
+        @classmethod
+        def set_trainer_args(cls, cfg):
+            return [[length_reward]] if cfg.trl and cfg.trl.get("reward_funcs") else []
+
+        @classmethod
+        def set_trainer_kwargs(cls, cfg):
+            return {}
+
+    grpo.GRPOStrategy = GRPOStrategy
+    for name in ("axolotl.core", "axolotl.core.trainers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "axolotl.core.trainers.grpo", grpo)
+    plugin = load_plugin()
+    model = tiny_model()
+    settings = rl_settings(tmp_path, "grpo", trl={"reward_funcs": ["rewards.length_reward"]})
+    kwargs = dict(args=rl_args(tmp_path, GRPOConfig, num_generations=2, max_completion_length=4),
+                  train_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2=", "3+3=", "4+4="]}),
+                  callbacks=[], processing_class=build_tokenizer())
+    trainer = axolotl_rl_run(plugin, settings, model, **kwargs)
+    assert isinstance(trainer, HELLoRAGRPOTrainer) and trainer.model is model  # no adapter before profiling
+    assert trainer.reward_funcs == [length_reward]
+    trainer.train()
+    assert isinstance(trainer.model, PeftModel) and all(len(ids) == 2 for ids in trainer.hot_experts.values())
+    assert not fake_axolotl
+    bare = rl_settings(tmp_path / "b", "grpo")
+    fresh = load_plugin()
+    with pytest.raises(ValueError, match="trl.reward_funcs"):
+        axolotl_rl_run(fresh, bare, tiny_model(), **{**kwargs, "args": rl_args(tmp_path / "b", GRPOConfig,
+                                                                              num_generations=2)})
+
+
+@pytest.mark.parametrize("rl", ["kto", "orpo", "simpo"])
+def test_rl_kinds_without_a_hellora_trainer_are_refused(fake_axolotl, tmp_path, rl):
+    plugin = load_plugin()
+    with pytest.raises(ValueError, match=f"rl: {rl} has no HELLoRA trainer"):
+        plugin.get_trainer_cls(rl_settings(tmp_path, rl))
+    assert plugin.get_trainer_cls(cfg(tmp_path)) is None  # SFT: Axolotl's own trainer
+
+
+def test_rl_trainer_without_a_loaded_model_says_what_is_missing(fake_axolotl, tmp_path):
+    from trl import DPOConfig
+
+    plugin = load_plugin()
+    trainer_cls = plugin.get_trainer_cls(rl_settings(tmp_path, "dpo"))
+    with pytest.raises(ValueError, match="did not call post_model_load"):
+        trainer_cls(args=rl_args(tmp_path, DPOConfig), train_dataset=None)
