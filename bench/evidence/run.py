@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 RUNS = Path(__file__).resolve().parent / "runs"
 MORE_TO_DO = 3
 PRIORITY_ARMS = ("floor", "attention", "hot-k2", "random-k2", "cold-k2", "all-r8", "all-matched")
-ALL_ARMS = PRIORITY_ARMS + ("hot-k1", "hot-k4", "hot-k8", "model-k2", "mass", "lori-d", "hellori-d-k2")
+ALL_ARMS = PRIORITY_ARMS + ("hot-k1", "hot-k4", "hot-k8", "model-k2", "mass", "lori-d", "hellori-d-k2",
+                            "random-weighted-k2")
 
 
 def settings_for(target: str, steps: int):
@@ -67,7 +68,8 @@ def arm_config(arm: str, num_experts: int, lora_r: int):
     if arm == "hellori-d-k2":
         return QualityConfig(arm, k=2, variant="lori_d")
     kind, _, k = arm.rpartition("-k")
-    strategies = {"hot": "layer", "random": "random", "cold": "cold", "model": "model"}
+    strategies = {"hot": "layer", "random": "random", "cold": "cold", "model": "model",
+                  "random-weighted": "random_weighted"}
     if kind in strategies and k.isdigit():
         return QualityConfig(arm, k=int(k), selection=strategies[kind])
     raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ALL_ARMS)} or hot-k<k>.")
