@@ -88,6 +88,9 @@ _ITEMS: tuple[str, ...] = (
     "notebooks", "apples", "pencils", "toy cars", "cupcakes", "comic books", "mangoes", "stickers"
 )
 _ANIMALS: tuple[str, ...] = ("chickens", "ducks", "geese", "quails")
+# The word lists above, read-only, for material that must stay inside a lab model's vocabulary (the lab's
+# in-vocabulary forgetting documents, hellora_trl.recipes.lab.targets.forgetting_texts_v2).
+MATH_WORDS: dict[str, tuple] = {"people": _NAMES, "items": _ITEMS, "animals": _ANIMALS}
 
 # A template draws its numbers from the rng and returns (question, reasoning lines, final answer).
 _Problem = tuple[str, list[str], int]
