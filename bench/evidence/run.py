@@ -244,7 +244,7 @@ def run_small_data(args) -> int:
     from transformers import AutoTokenizer
 
     budget = Budget(args.budget)
-    last_unit = args.unit_estimate
+    last_seconds, last_steps = args.unit_estimate, args.steps  # the last unit's time and steps
     for pseed in args.pretrain_seeds:
         path = model_path(args.recipe, pseed, args.cache, args.threads, budget, args.build_estimate)
         if path is None:
@@ -272,7 +272,7 @@ def run_small_data(args) -> int:
                         out = unit_path(args.out, args.recipe, pseed, fseed, target, arm, regime)
                         if out.is_file():
                             continue
-                        estimate = last_unit * 1.2 * max(1.0, settings.steps / args.steps)
+                        estimate = last_seconds * 1.2 * max(1.0, settings.steps / last_steps)
                         if not budget.allows(estimate):
                             print(f"stop: budget reached before {out.name}")
                             return MORE_TO_DO
@@ -293,8 +293,7 @@ def run_small_data(args) -> int:
                                          "curves": curves.points,
                                          "config": dataclasses.asdict(config), "settings": dataclasses.asdict(settings),
                                          "threads": args.threads, **result})
-                        # per main-budget step, so the estimate scales with the next unit's steps
-                        last_unit = max(args.unit_estimate / 2, result["unit_seconds"] * args.steps / settings.steps)
+                        last_seconds, last_steps = result["unit_seconds"], settings.steps
                         final = curves.points[-1]
                         print(f"{out.name}: held-out result loss {final['held_out']['result']:.4f}, train "
                               f"{final['train']['result']:.4f} after {final['epoch']:g} epochs "
