@@ -52,6 +52,7 @@ def test_small_data_smoke_on_tiny_writes_curves_per_epoch(tmp_path):
         assert unit["settings"]["steps"] == 2 * epochs and unit["settings"]["train_rows"] == 16
         curves = unit["curves"]
         assert [p["epoch"] for p in curves] == list(range(epochs + 1)) and [p["step"] for p in curves][-1] == 2 * epochs
+        assert [p["trainer_epoch"] for p in curves[1:]] == pytest.approx(list(range(1, epochs + 1)))  # boundaries agree
         for point in curves:
             assert set(point["train"]) >= {"result", "format", "whole"} and point["held_out"]["result_tokens"] > 0
         # the last point is the trained model the unit's own scores come from

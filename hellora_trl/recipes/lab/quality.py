@@ -202,7 +202,8 @@ def score(model, tokenizer, held_out: Sequence[dict], domains: dict[str, list[st
 def epoch_curves(tokenizer, train_rows: Sequence[dict], held_out: Sequence[dict], steps_per_epoch: int):
     """A ``TrainerCallback`` that scores the model being trained at the start and after every ``steps_per_epoch``
     optimizer steps (one epoch of the training rows): :func:`~hellora_trl.recipes.lab.targets.split_losses` on the
-    training rows and on the held-out rows. Its ``points`` list holds ``{"epoch", "step", "train", "held_out"}``
+    training rows and on the held-out rows. Its ``points`` list holds ``{"epoch", "step", "trainer_epoch", "train",
+    "held_out"}``
     (each a ``split_losses`` dict); scoring runs in eval mode without gradients and restores the training mode."""
     from transformers import TrainerCallback
 
@@ -217,6 +218,7 @@ def epoch_curves(tokenizer, train_rows: Sequence[dict], held_out: Sequence[dict]
 
         def _score(self, state, model) -> None:
             self.points.append({"epoch": state.global_step / steps_per_epoch, "step": state.global_step,
+                                "trainer_epoch": state.epoch,  # the Trainer's own count, to check the boundaries
                                 "train": split_losses(model, tokenizer, train_rows),
                                 "held_out": split_losses(model, tokenizer, held_out)})
 
