@@ -371,6 +371,12 @@ def render(tables: dict, hyp: dict, runs: list[dict], small: dict | None = None)
                 f"{fmt(pooled(t, arm, 'forget_mean')[0])} | {fmt(pooled(t, arm, 'forget_math')[0])} | "
                 f"{fmt(pooled(t, arm, 'forget_v2_mean')[0])} | {fmt(pooled(t, arm, 'forget_v2_math')[0])} | "
                 f"{fmt(statistics.fmean(s), 3) if s else '-'} | {fmt(p, 3)} |")
+        if any(pooled(t, arm, "forget_v2_mean")[1] for arm in t):
+            lines += ["", "Forgetting on the in-vocabulary documents (v2) per domain, mean over models that have it:", "",
+                      "| arm | models | " + " | ".join(DOMAINS) + " | mean |", "|---|---|" + "---|" * (len(DOMAINS) + 1)]
+            for arm in sorted(a for a in t if a != "base" and pooled(t, a, "forget_v2_mean")[1]):
+                lines.append(f"| {arm} | {pooled(t, arm, 'forget_v2_mean')[1]} | " + " | ".join(
+                    fmt(pooled(t, arm, f"forget_v2_{d}")[0]) for d in (*DOMAINS, "mean")) + " |")
         seeds_all = sorted({m for a in t.values() for m in a})
         lines += ["", "Per model (result loss, mean over fine-tune seeds):", "",
                   "| arm | " + " | ".join(f"seed {m}" for m in seeds_all) + " |", "|---|" + "---|" * len(seeds_all)]

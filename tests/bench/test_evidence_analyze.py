@@ -130,10 +130,13 @@ def test_h5_counts_only_runs_with_in_vocabulary_forgetting():
     h5 = data["hypotheses"]["H5"]
     assert v["H5"] == "inconclusive" and h5["runs_with_forgetting_v2"] == 0 and not h5["parts"]
     assert "0 of 210 fine-tuning runs" in h5["note"] and "0 of 210 fine-tuning runs" in md
+    assert "in-vocabulary documents (v2) per domain" not in md
     assert v["H1"] == "supported"  # the rest is unaffected
     # v1 says supported, v2 says refuted: H5 follows v2
-    v, data, _ = verdicts(synthetic(v2_flip=True))
+    v, data, md = verdicts(synthetic(v2_flip=True))
     assert v["H5"] == "refuted" and data["hypotheses"]["H5"]["runs_with_forgetting_v2"] == 210
+    row = next(line for line in md.splitlines() if line.startswith("| hot-k2 | 5 | ") and line.count("|") == 8)
+    assert float(row.split(" | ")[2]) == pytest.approx(0.3, abs=0.01)  # per-domain v2 forgetting: hot k=2 forgets 0.3 in the flipped case
     # old runs without v2 next to new ones with it: counted, and the old ones left out of H5
     runs = synthetic()
     for r in runs:
