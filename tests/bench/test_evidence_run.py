@@ -79,3 +79,26 @@ def test_held_out_stated_counts_facts_whose_statement_was_trained():
     full_train, _ = facts_task(1200, 48, seed=0)
     assert 0 < stated < 48 and run.stated_held_out(full_train, held) == 48
     assert run.stated_held_out([], [{"prompt": "x", "completion": " 1", "result": [1, 2]}]) is None
+
+
+def test_epoch_curves_do_not_change_the_training(tmp_path):
+    """The same unit with and without the curve callback ends with the same scores (scoring between steps is
+    eval-mode, gradient-free and draws no random numbers)."""
+    from hellora_trl.recipes.lab import LAB_RECIPES, lab_cache_dir, lab_model_path
+    from hellora_trl.recipes.lab import quality as q
+    from hellora_trl.recipes.lab.targets import target_task, to_dataset
+    from transformers import AutoTokenizer
+
+    path = lab_model_path(LAB_RECIPES["tiny"], cache_dir=lab_cache_dir(), progress=False)
+    settings, per_epoch = run.small_settings("arithmetic", 16, 2)
+    settings.domain_rows = 2
+    rows, held_out = target_task("arithmetic", 16, 8, seed=0)
+    domains = q.domain_texts(settings)
+    config = run.arm_config("floor", 8, 8)
+    plain = q.finetune(config, path, to_dataset(rows), settings, 0, tmp_path / "p.json", held_out, domains)
+    curves = q.epoch_curves(AutoTokenizer.from_pretrained(path), rows, held_out, per_epoch)
+    watched = q.finetune(config, path, to_dataset(rows), settings, 0, tmp_path / "p.json", held_out, domains,
+                         callbacks=[curves])
+    assert len(curves.points) == 3 and "domain_loss_v2" not in plain
+    assert watched["target_split"] == plain["target_split"] and watched["domain_loss"] == plain["domain_loss"]
+    assert watched["train_loss"] == plain["train_loss"]

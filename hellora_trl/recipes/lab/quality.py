@@ -203,8 +203,8 @@ def epoch_curves(tokenizer, train_rows: Sequence[dict], held_out: Sequence[dict]
     """A ``TrainerCallback`` that scores the model being trained at the start and after every ``steps_per_epoch``
     optimizer steps (one epoch of the training rows): :func:`~hellora_trl.recipes.lab.targets.split_losses` on the
     training rows and on the held-out rows. Its ``points`` list holds ``{"epoch", "step", "trainer_epoch", "train",
-    "held_out"}``
-    (each a ``split_losses`` dict); scoring runs in eval mode without gradients and restores the training mode."""
+    "held_out"}`` (the last two ``split_losses`` dicts); scoring runs in eval mode without gradients and restores
+    the training mode, so the training itself is unchanged (a test compares a run with and without it)."""
     from transformers import TrainerCallback
 
     from .targets import split_losses
