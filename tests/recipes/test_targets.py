@@ -168,3 +168,22 @@ def test_tiny_lab_base_loss_on_in_vocabulary_documents_is_well_below_uniform():
     losses = domain_losses(model, tokenizer, forgetting_texts_v2(16, seed=0))
     assert set(losses) == {"math", "code", "safety", "prose"}
     assert all(loss < uniform - 0.5 for loss in losses.values()), (losses, uniform)
+
+
+@pytest.mark.slow
+def test_small_lab_base_loss_separates_in_vocabulary_from_new_word_documents():
+    """On a trained lab model (the ``small`` recipe, seed 0) the in-vocabulary documents sit far below uniform and
+    far below the Deviation-10 documents in every domain (measured on the default recipe's models 0 and 1: v2 1.1-4.8
+    nats, v1 7.6-10.9, uniform 7.6)."""
+    from hellora_trl.recipes import lab
+    from hellora_trl.recipes.lab.quality import domain_losses
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = lab.lab_model_path(LAB_RECIPES["small"], cache_dir=lab.lab_cache_dir(), progress=False, threads=1)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    uniform = math.log(len(tokenizer))
+    v1 = domain_losses(model, tokenizer, forgetting_texts(32, seed=0))
+    v2 = domain_losses(model, tokenizer, forgetting_texts_v2(32, seed=0))
+    print(f"small lab, uniform {uniform:.2f}: v1 {v1}, v2 {v2}")
+    for domain in v2:
+        assert v2[domain] < uniform - 1.5 and v2[domain] < v1[domain] - 1.5, (domain, v1, v2)
