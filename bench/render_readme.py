@@ -1,8 +1,8 @@
 """Regenerate the README's performance section from the benchmark results.
 
 The section is everything between the markers ``<!-- bench:start -->`` and ``<!-- bench:end -->``; it is rebuilt
-from the performance results in ``bench/results/`` (the files the benchmark scripts write), so the README never holds hand-copied
-numbers.
+from the results in ``bench/results/`` (the files the benchmark scripts and ``bench/evidence/analyze.py`` write), so
+the README never holds hand-copied numbers (a test checks the README matches them).
 
     python bench/render_readme.py                 # print the section
     python bench/render_readme.py --write         # replace it in README.md (markers must exist)
@@ -19,8 +19,10 @@ from typing import Optional, Sequence
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-# The performance section, in this order (other results files, e.g. ablations, only when passed explicitly).
-ORDER = ("olmoe-small", "olmoe-small-bf16", "scaling", "profile-overhead-olmoe-small", "quality")
+# The performance section, in this order (other results files, e.g. ablations, only when passed explicitly). The
+# pre-registered evidence (bench/evidence/analyze.py, issue 20) comes before the older single-model quality table
+# and its acceptance list.
+ORDER = ("olmoe-small", "olmoe-small-bf16", "scaling", "profile-overhead-olmoe-small", "evidence", "quality")
 
 
 def result_files(results_dir: Path = RESULTS_DIR) -> list[Path]:

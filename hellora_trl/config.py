@@ -44,7 +44,8 @@ class HELLoRAArguments:
         metadata={
             "choices": list(STRATEGIES),
             "help": "How hot experts are chosen: 'layer' (per-layer top-k, the paper), 'model' (global top-k), "
-            "'cold' (bottom-k ablation), 'random' (seeded ablation), 'mass' (adaptive k per layer)."
+            "'cold' (bottom-k ablation), 'random' (seeded ablation), 'mass' (adaptive k per layer), "
+            "'random_weighted' (seeded draw weighted by routing counts, an ablation)."
         },
     )
     hellora_profile_mode: str = field(

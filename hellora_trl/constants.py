@@ -9,8 +9,8 @@ from __future__ import annotations
 VERSION = "0.1.0"  # hellora_trl.__version__
 
 # Hot-expert selection strategies (hellora_trl.selection): per-layer top-k (the paper), global top-k, bottom-k and
-# seeded random (ablations), adaptive k by routing mass.
-STRATEGIES = ("layer", "model", "cold", "random", "mass")
+# seeded random (ablations), adaptive k by routing mass, seeded random weighted by routing counts (an ablation).
+STRATEGIES = ("layer", "model", "cold", "random", "mass", "random_weighted")
 # Where adapters go (paper's All / +Gate / Pure).
 COMPONENTS = ("all", "router", "experts")
 # How routing is profiled: the paper's LoRA warm-up, or forward passes only.

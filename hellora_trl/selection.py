@@ -61,6 +61,36 @@ def _select_random(profile: ExpertProfile, k: int, *, seed: int, **_: Any) -> Ho
     return _per_layer(profile, lambda i, c: torch.randperm(profile.num_experts, generator=generator)[:k].tolist())
 
 
+def _select_random_weighted(profile: ExpertProfile, k: int, *, seed: int, **_: Any) -> HotMap:
+    """Per layer, k distinct experts drawn one after another with probability proportional to their counts among the
+    experts not drawn yet (seeded; layers drawn in order from one generator). A layer with fewer than k experts that
+    received any token is refused: a zero-count expert has probability 0, and filling the set with uniform picks
+    would make the draw another strategy."""
+    for name, counts in zip(profile.layer_names, profile.counts):
+        used = int((counts > 0).sum())
+        if used < k:
+            raise ValueError(
+                f"'random_weighted' selection draws k={k} experts by routing count, but layer {name!r} routed tokens "
+                f"to only {used} of {profile.num_experts} experts; choose k <= {used} or another strategy."
+            )
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(i: int, counts: torch.Tensor) -> list[int]:
+        weights = counts.double().clone()
+        chosen: list[int] = []
+        for _ in range(k):
+            cumulative = torch.cumsum(weights, 0)
+            u = torch.rand((), generator=generator, dtype=torch.float64) * cumulative[-1]
+            expert = int(torch.searchsorted(cumulative, u, right=True).clamp(max=len(weights) - 1))
+            while weights[expert] == 0:  # u rounded up to the total: the last expert with weight
+                expert -= 1
+            chosen.append(expert)
+            weights[expert] = 0.0
+        return chosen
+
+    return _per_layer(profile, pick)
+
+
 def _select_mass(profile: ExpertProfile, k: int | None, *, mass: float, min_k: int, max_k: int, **_: Any) -> HotMap:
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}.")
@@ -85,6 +115,7 @@ SELECTORS: dict[str, Callable[..., HotMap]] = {
     "cold": _select_cold,
     "random": _select_random,
     "mass": _select_mass,
+    "random_weighted": _select_random_weighted,
 }
 
 
@@ -103,7 +134,10 @@ def select_hot_experts(
     * ``layer``: per-layer top-k by count (the paper's default);
     * ``model``: the top-k of counts summed over layers, applied to every layer;
     * ``cold``: per-layer bottom-k (an ablation);
-    * ``random``: k experts per layer drawn with ``seed`` (an ablation);
+    * ``random``: k experts per layer drawn uniformly with ``seed`` (an ablation);
+    * ``random_weighted``: k experts per layer drawn with ``seed`` without replacement, each draw with probability
+      proportional to the experts' routing counts (an ablation: usage without the ranking); refuses a layer that
+      routed tokens to fewer than k experts;
     * ``mass``: per layer, the smallest top set whose share of assignments reaches ``mass``, clipped to
       [``min_k``, ``max_k``] (an adaptive k per layer; ``k`` is ignored).
     """

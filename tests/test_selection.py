@@ -195,3 +195,53 @@ def test_hot_ids_must_be_whole_numbers(ids):
 
     with pytest.raises(ValueError, match=r"Layer 'l0\.experts'.*as whole numbers"):
         validate_hot_map({"l0.experts": ids}, ["l0.experts"], 4)
+
+
+# ------------------------------------------------------------------------------------- usage-weighted random draw
+def _inclusion(counts, k, draws=2000):
+    """How often each expert of a one-layer profile is drawn by 'random_weighted' over seeds 0..draws-1."""
+    p = make_profile([counts])
+    hits = [0] * len(counts)
+    for seed in range(draws):
+        (ids,) = select_hot_experts(p, k=k, strategy="random_weighted", seed=seed).values()
+        assert len(ids) == k and len(set(ids)) == k and ids == sorted(ids)
+        for e in ids:
+            hits[e] += 1
+    return [h / draws for h in hits]
+
+
+def test_random_weighted_draws_in_proportion_to_counts():
+    # k=1: inclusion = count share; a uniform draw (the 'random' strategy) would give 0.25 each
+    share = _inclusion([60, 30, 10, 0], k=1)
+    assert share[3] == 0.0
+    for got, want in zip(share, (0.6, 0.3, 0.1)):
+        assert abs(got - want) < 0.04, share
+    # k=2 without replacement: P(i in set) = p_i + sum_{j != i} p_j * p_i / (1 - p_j)
+    p = [0.6, 0.3, 0.1, 0.0]
+    want = [pi + sum(pj * pi / (1 - pj) for j, pj in enumerate(p) if j != i) for i, pi in enumerate(p)]
+    share = _inclusion([60, 30, 10, 0], k=2)
+    assert share[3] == 0.0 and sum(share) == pytest.approx(2.0)
+    for got, w in zip(share, want):
+        assert abs(got - w) < 0.04, (share, want)
+
+
+def test_random_weighted_is_seeded_and_differs_from_the_ranking_and_from_uniform():
+    p = make_profile([[50, 40, 30, 20, 10, 5, 3, 1], [1, 3, 5, 10, 20, 30, 40, 50]])
+    a = select_hot_experts(p, k=3, strategy="random_weighted", seed=7)
+    assert a == select_hot_experts(p, k=3, strategy="random_weighted", seed=7)
+    draws = [select_hot_experts(p, k=3, strategy="random_weighted", seed=s) for s in range(40)]
+    assert len({tuple(map(tuple, d.values())) for d in draws}) > 5  # not the hot set every time
+    hot = select_hot_experts(p, k=3)
+    assert any(d != hot for d in draws)
+    # the heavy experts are drawn far more often than the light ones (uniform would draw each 3/8 of the time)
+    first = [e for d in draws for e in d["model.layers.0.mlp.experts"]]
+    assert first.count(0) > 3 * first.count(7)
+
+
+def test_random_weighted_refuses_k_above_the_used_experts():
+    p = make_profile([[5, 0, 3, 0], [1, 1, 1, 1]])
+    assert len(select_hot_experts(p, k=2, strategy="random_weighted")["model.layers.0.mlp.experts"]) == 2
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.mlp\.experts' routed tokens to only 2 of 4"):
+        select_hot_experts(p, k=3, strategy="random_weighted")
+    with pytest.raises(ValueError, match="no routing counts"):
+        select_hot_experts(make_profile([[0, 0, 0, 0]]), k=1, strategy="random_weighted")

@@ -14,6 +14,12 @@ counts over models, and a verdict for H1-H6 by PLAN.md's decision rules:
 A hypothesis made of several comparisons (H1: random and cold, on both targets) is supported when every one is,
 refuted when any one is, inconclusive otherwise.
 
+H5 (forgetting) is computed only from runs that carry the in-vocabulary forgetting documents (``domain_loss_v2``,
+PLAN.md Deviation 12), and the report says how many runs had them; the older forgetting (out of the lab model's
+vocabulary) is still tabulated. Small-data runs (``regime``, run.py ``--small-data``) are kept out of the main
+tables: they get their own tables with per-epoch held-out curves, and the 10-epoch ones feed H6's small-data part.
+The markdown uses ``###`` headings so ``bench/render_readme.py`` can place it in the README.
+
     python bench/evidence/analyze.py                 # runs/ -> bench/results/evidence.{md,json}
 """
 
@@ -42,10 +48,14 @@ def load_runs(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
 
 
-def forgetting(run: dict, base: dict | None) -> dict[str, float] | None:
-    if base is None or not run.get("domain_loss") or not base.get("domain_loss"):
+def forgetting(run: dict, base: dict | None, key: str = "domain_loss") -> dict[str, float] | None:
+    """Held-out document loss after minus before, per domain and their mean (``key``: ``domain_loss``, or
+    ``domain_loss_v2`` for the in-vocabulary documents)."""
+    if base is None or not run.get(key) or not base.get(key):
         return None
-    change = {d: run["domain_loss"][d] - base["domain_loss"][d] for d in DOMAINS if d in run["domain_loss"]}
+    change = {d: run[key][d] - base[key][d] for d in DOMAINS if d in run[key] and d in base[key]}
+    if not change:
+        return None
     change["mean"] = statistics.fmean(change.values())
     return change
 
@@ -58,6 +68,14 @@ def metrics_of(run: dict, base: dict | None) -> dict[str, float]:
     f = forgetting(run, base)
     if f:
         out.update({f"forget_{k}": v for k, v in f.items()})
+    f2 = forgetting(run, base, "domain_loss_v2")
+    if f2:
+        out.update({f"forget_v2_{k}": v for k, v in f2.items()})
+    curves = run.get("curves") or []
+    if curves:  # small-data runs: the last point's training-row loss, and the best held-out point
+        out["train_result"] = curves[-1]["train"]["result"]
+        best = min(curves, key=lambda p: p["held_out"]["result"])
+        out["best_result"], out["best_epoch"] = best["held_out"]["result"], best["epoch"]
     parts = run.get("trainable_by_component") or {}
     if "experts" in parts:
         out["expert_params"] = parts["experts"]
@@ -98,15 +116,27 @@ def bootstrap(values: list[float], resamples: int = RESAMPLES, seed: int = 0) ->
     return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
 
 
-def min_ft(table: dict, *arms: str) -> int:
-    """The fewest fine-tune seeds behind any per-model mean of ``arms``."""
-    counts = [v["n_ft"] for arm in arms for v in table.get(arm, {}).values()]
+def min_ft(table: dict, *arms: str, metric: str | None = None) -> int:
+    """The fewest fine-tune seeds behind any per-model mean of ``arms`` (``metric``: counting only the seeds whose
+    run has it)."""
+    if metric is None:
+        counts = [v["n_ft"] for arm in arms for v in table.get(arm, {}).values()]
+    else:
+        counts = [sum(metric in m for m in v["by_ft"].values()) for arm in arms for v in table.get(arm, {}).values()]
+        counts = [c for c in counts if c]
     return min(counts) if counts else 0
 
 
-def verdict(values: list[float], threshold: float, recipe: str, predicted: str = ">", ft: int | None = None) -> dict[str, Any]:
+def run_count(table: dict, *arms: str) -> int:
+    """Fine-tuning runs of ``arms`` in ``table`` (models x fine-tune seeds, summed over the arms)."""
+    return sum(v["n_ft"] for arm in arms for v in table.get(arm, {}).values())
+
+
+def verdict(values: list[float], threshold: float, recipe: str, predicted: str = ">", ft: int | None = None,
+            runs: int | None = None) -> dict[str, Any]:
     """PLAN.md's rule for "per-model statistic ``predicted`` threshold" over models (``ft``: the fewest fine-tune
-    seeds behind a model's mean; below the minimum the verdict is inconclusive too)."""
+    seeds behind a model's mean; below the minimum the verdict is inconclusive too; ``runs``: the fine-tuning runs
+    behind the comparison, reported only)."""
     n = len(values)
     lo, hi = bootstrap(values)
     on_side = sum((v > threshold) if predicted == ">" else (v < threshold) for v in values)
@@ -128,7 +158,7 @@ def verdict(values: list[float], threshold: float, recipe: str, predicted: str =
         word, why = "inconclusive", f"interval [{lo:.4g}, {hi:.4g}] vs {threshold}, sign {on_side}/{n}"
     return {"verdict": word, "why": why, "mean": statistics.fmean(values) if values else None, "ci95": [lo, hi],
             "sign": f"{on_side}/{n}", "threshold": threshold, "predicted": predicted, "models": n,
-            "per_model": values}
+            "runs": runs, "per_model": values}
 
 
 def common_means(table: dict, model: int, arms: tuple[str, ...], metric: str) -> list[float] | None:
@@ -196,32 +226,48 @@ def combine(parts: Iterable[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- hypotheses
-def hypotheses(tables: dict[tuple, dict]) -> dict[str, Any]:
+def hypotheses(tables: dict[tuple, dict], small: dict[tuple, dict] | None = None,
+               v2_runs: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """Verdicts of H1-H6 from the main tables, and H6's small-data part from ``small`` (keyed (recipe, target,
+    regime)); ``v2_runs``: (runs with in-vocabulary forgetting, all fine-tuning runs), reported with H5."""
     out: dict[str, Any] = {}
     for h in ("H1", "H2", "H3", "H4", "H5", "H6"):
         out[h] = {"parts": {}}
+    for (recipe, target, regime), t in sorted((small or {}).items()):
+        if regime.endswith("-e10"):
+            d = paired(t, "all-r8", "hot-k8", "result")
+            if d:
+                out["H6"]["parts"][f"{recipe}/{target} {regime}: all-r8 - hot-k8"] = verdict(
+                    d, 0.0, recipe, ft=min_ft(t, "all-r8", "hot-k8"), runs=run_count(t, "all-r8", "hot-k8"))
     for (recipe, target), t in sorted(tables.items()):
         tag = f"{recipe}/{target}"
         for other in ("random-k2", "cold-k2"):
             d = paired(t, other, "hot-k2", "result")
             if d:
-                out["H1"]["parts"][f"{tag}: {other} - hot-k2"] = verdict(d, 0.0, recipe, ft=min_ft(t, other, "hot-k2"))
+                out["H1"]["parts"][f"{tag}: {other} - hot-k2"] = verdict(
+                    d, 0.0, recipe, ft=min_ft(t, other, "hot-k2"), runs=run_count(t, other, "hot-k2"))
         d = paired(t, "all-matched", "hot-k2", "result")
         if d:
-            out["H2"]["parts"][f"{tag}: all-matched - hot-k2"] = verdict(d, 0.0, recipe, ft=min_ft(t, "all-matched", "hot-k2"))
+            out["H2"]["parts"][f"{tag}: all-matched - hot-k2"] = verdict(
+                d, 0.0, recipe, ft=min_ft(t, "all-matched", "hot-k2"), runs=run_count(t, "all-matched", "hot-k2"))
         if recipe == "default":
             s = share_above_floor(t, "hot-k2")
             p = parameter_share(t, "hot-k2")
             if s and p is not None:
                 out["H3"]["parts"][f"{tag}: S(hot-k2) vs P={p:.3f}"] = verdict(
-                    s, p, recipe, ft=min_ft(t, "floor", "hot-k2", "all-r8"))
-        d = paired(t, "all-r8", "hot-k2", "forget_mean")
+                    s, p, recipe, ft=min_ft(t, "floor", "hot-k2", "all-r8"),
+                    runs=run_count(t, "floor", "hot-k2", "all-r8"))
+        d = paired(t, "all-r8", "hot-k2", "forget_v2_mean")  # in-vocabulary documents only (Deviation 12)
         if d:
-            out["H5"]["parts"][f"{tag}: forgetting all-r8 - hot-k2"] = verdict(d, 0.0, recipe, ft=min_ft(t, "all-r8", "hot-k2"))
+            out["H5"]["parts"][f"{tag}: forgetting (in vocabulary) all-r8 - hot-k2"] = verdict(
+                d, 0.0, recipe, ft=min_ft(t, "all-r8", "hot-k2", metric="forget_v2_mean"),
+                runs=sum(sum("forget_v2_mean" in m for m in v["by_ft"].values())
+                         for a in ("all-r8", "hot-k2") for v in t.get(a, {}).values()))
         if recipe == "olmoe":
             d = paired(t, "all-r8", "hot-k8", "result")
             if d:
-                out["H6"]["parts"][f"{tag}: all-r8 - hot-k8"] = verdict(d, 0.0, recipe, ft=min_ft(t, "all-r8", "hot-k8"))
+                out["H6"]["parts"][f"{tag}: all-r8 - hot-k8"] = verdict(
+                    d, 0.0, recipe, ft=min_ft(t, "all-r8", "hot-k8"), runs=run_count(t, "all-r8", "hot-k8"))
     for recipe in sorted({r for r, _ in tables}):
         arith, facts = tables.get((recipe, "arithmetic")), tables.get((recipe, "facts"))
         if arith is None or facts is None:
@@ -230,13 +276,19 @@ def hypotheses(tables: dict[tuple, dict]) -> dict[str, Any]:
         if not rf:
             continue
         ft = min(min_ft(arith, "floor", "all-r8"), min_ft(facts, "floor", "all-r8"))
-        out["H4"]["parts"][f"{recipe}: R_floor(facts) < 0.8"] = verdict(list(rf.values()), 0.8, recipe, "<", ft=ft)
+        runs = run_count(arith, "floor", "all-r8") + run_count(facts, "floor", "all-r8")
+        out["H4"]["parts"][f"{recipe}: R_floor(facts) < 0.8"] = verdict(
+            list(rf.values()), 0.8, recipe, "<", ft=ft, runs=run_count(facts, "floor", "all-r8"))
         both = sorted(set(ra) & set(rf))
         if both:
             out["H4"]["parts"][f"{recipe}: R_floor(arithmetic) - R_floor(facts)"] = verdict(
-                [ra[m] - rf[m] for m in both], 0.0, recipe, ft=ft)
+                [ra[m] - rf[m] for m in both], 0.0, recipe, ft=ft, runs=runs)
         if ra and statistics.fmean(ra.values()) >= 0.9 and statistics.fmean(rf.values()) >= 0.9:
             out["H4"]["note"] = ("R_floor >= 0.9 on both targets: on these targets the expert adapter is not needed.")
+    with_v2, trained = v2_runs
+    out["H5"]["runs_with_forgetting_v2"] = with_v2
+    out["H5"]["note"] = (f"H5 uses only the in-vocabulary forgetting documents (PLAN.md Deviation 12): {with_v2} of "
+                         f"{trained} fine-tuning runs have them; the older forgetting is tabulated, not used.")
     for h, entry in out.items():
         entry["verdict"] = combine(entry["parts"].values()) if entry["parts"] else "inconclusive"
         if not entry["parts"]:
@@ -254,35 +306,60 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def render(tables: dict, hyp: dict, runs: list[dict]) -> str:
-    trained = [r for r in runs if r["arm"] != "base"]
+QUESTIONS = {  # PLAN.md's hypotheses in a line each (the predicted side)
+    "H1": "selection matters: random k=2 and cold k=2 lose to hot k=2 (result tokens)",
+    "H2": "hot k=2 beats all experts at the matched rank",
+    "H3": "hot k=2 gets more than its parameter share of the gain above the floor",
+    "H4": "on facts the floor recovers clearly less than on arithmetic",
+    "H5": "HELLoRA forgets less than all-experts LoRA (in-vocabulary documents)",
+    "H6": "the paper's direction: hot k=8 at least as good as all experts (olmoe; small data, 10 epochs)",
+}
+
+
+def count_words(entry: dict) -> str:
+    words = [p["verdict"] for p in entry["parts"].values()]
+    return ", ".join(f"{words.count(w)} {w}" for w in ("supported", "refuted", "inconclusive") if words.count(w)) or "-"
+
+
+def render(tables: dict, hyp: dict, runs: list[dict], small: dict | None = None) -> str:
+    trained = [r for r in runs if r["arm"] != "base" and not r.get("regime")]
+    small_runs = [r for r in runs if r.get("regime")]
     models = sorted({(r["recipe"], r["pretrain_seed"]) for r in runs})
     partial = any(len({r["pretrain_seed"] for r in runs if r["recipe"] == rec}) < MIN_MODELS.get(rec, 5)
                   for rec in {r["recipe"] for r in runs}) or not runs
-    lines = ["# Evidence (issue 20): results against bench/evidence/PLAN.md", ""]
+    lines = ["### Evidence (issue 20): results against the pre-registration, bench/evidence/PLAN.md", ""]
     if partial:
         lines += ["**PARTIAL: below PLAN.md's minimum counts (5 pretrained models x 3 fine-tune seeds on `default`, "
                   "3 x 2 on `olmoe`). No hypothesis can be decided from these runs; every verdict below is "
                   "`inconclusive` for that reason, and the numbers are descriptive only.**", ""]
-    lines += [f"{len(trained)} fine-tuning runs on {len(models)} pretrained model(s): "
-              + ", ".join(f"{rec} seed {s}" for rec, s in models) + ". Loss in nats per token on held-out rows; "
-              "`result` = the answer value's tokens (primary), `format` = the other completion tokens; forgetting = "
-              "held-out document loss after fine-tuning minus before (mean of math, code, safety, prose).", ""]
-    lines += ["## Hypotheses", "", "| | verdict | comparison | mean | 95% CI (models) | sign | why |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [f"{len(trained)} fine-tuning runs (main budget) and {len(small_runs)} small-data runs on {len(models)} "
+              "pretrained model(s): " + ", ".join(f"{rec} seed {s}" for rec, s in models) + ". Loss in nats per token "
+              "on held-out rows; `result` = the answer value's tokens (primary), `format` = the other completion "
+              "tokens; forgetting = held-out document loss after fine-tuning minus before (mean of math, code, "
+              "safety, prose): `v1` on documents out of the lab model's vocabulary (not used for H5, PLAN.md "
+              "Deviation 10), `v2` on in-vocabulary ones (Deviation 12). Generated by `bench/evidence/analyze.py` "
+              "from `bench/evidence/runs/`; the discussion is in `docs/evidence.md`.", ""]
+    lines += ["#### Verdicts", "", "| | hypothesis (predicted side) | verdict | comparisons | runs (summed over "
+              "comparisons) |", "|---|---|---|---|---|"]
+    for h, entry in hyp.items():
+        n_runs = sum(p.get("runs") or 0 for p in entry["parts"].values())
+        lines.append(f"| {h} | {QUESTIONS[h]} | **{entry['verdict']}** | {count_words(entry)} | {n_runs} |")
+    lines += ["", "#### Comparisons", "", "| | verdict | comparison | mean | 95% CI (models) | sign | runs | why |",
+              "|---|---|---|---|---|---|---|---|"]
     for h, entry in hyp.items():
         if not entry["parts"]:
-            lines.append(f"| {h} | {entry['verdict']} | - | - | - | - | {entry.get('why', '')} |")
+            lines.append(f"| {h} | {entry['verdict']} | - | - | - | - | 0 | {entry.get('why', '')} |")
         for name, part in entry["parts"].items():
             lo, hi = part["ci95"]
             lines.append(f"| {h} | {part['verdict']} (overall: {entry['verdict']}) | {name} | {fmt(part['mean'])} | "
-                         f"[{fmt(lo)}, {fmt(hi)}] | {part['sign']} | {part['why']} |")
+                         f"[{fmt(lo)}, {fmt(hi)}] | {part['sign']} | {part.get('runs') or '-'} | {part['why']} |")
         if entry.get("note"):
-            lines.append(f"| {h} | note | {entry['note']} | | | | |")
+            lines.append(f"| {h} | note | {entry['note']} | | | | | |")
     for (recipe, target), t in sorted(tables.items()):
-        lines += ["", f"## {recipe} / {target}", "",
-                  "| arm | models | ft seeds | result loss | format loss | whole loss | exact match | forgetting (mean) | "
-                  "forgetting (math) | S(arm) | P(arm) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"#### {recipe} / {target}", "",
+                  "| arm | models | ft seeds | result loss | format loss | whole loss | exact match | forgetting v1 (mean) | "
+                  "forgetting v1 (math) | forgetting v2 (mean) | forgetting v2 (math) | S(arm) | P(arm) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm in sorted(t, key=lambda a: (a != "base", a)):
             result, n = pooled(t, arm, "result")
             seeds = sorted({v["n_ft"] for v in t[arm].values()})
@@ -292,27 +369,73 @@ def render(tables: dict, hyp: dict, runs: list[dict]) -> str:
                 f"| {arm} | {n} | {'/'.join(map(str, seeds))} | {fmt(result)} | {fmt(pooled(t, arm, 'format')[0])} | "
                 f"{fmt(pooled(t, arm, 'whole')[0])} | {fmt(pooled(t, arm, 'exact_match')[0], 3)} | "
                 f"{fmt(pooled(t, arm, 'forget_mean')[0])} | {fmt(pooled(t, arm, 'forget_math')[0])} | "
+                f"{fmt(pooled(t, arm, 'forget_v2_mean')[0])} | {fmt(pooled(t, arm, 'forget_v2_math')[0])} | "
                 f"{fmt(statistics.fmean(s), 3) if s else '-'} | {fmt(p, 3)} |")
-        lines += ["", "Per model (result loss, mean over fine-tune seeds):", "",
-                  "| arm | " + " | ".join(f"seed {m}" for m in sorted({m for a in t.values() for m in a})) + " |",
-                  "|---|" + "---|" * len({m for a in t.values() for m in a})]
+        if any(pooled(t, arm, "forget_v2_mean")[1] for arm in t):
+            lines += ["", "Forgetting on the in-vocabulary documents (v2) per domain, mean over models that have it:", "",
+                      "| arm | models | " + " | ".join(DOMAINS) + " | mean |", "|---|---|" + "---|" * (len(DOMAINS) + 1)]
+            for arm in sorted(a for a in t if a != "base" and pooled(t, a, "forget_v2_mean")[1]):
+                lines.append(f"| {arm} | {pooled(t, arm, 'forget_v2_mean')[1]} | " + " | ".join(
+                    fmt(pooled(t, arm, f"forget_v2_{d}")[0]) for d in (*DOMAINS, "mean")) + " |")
         seeds_all = sorted({m for a in t.values() for m in a})
+        lines += ["", "Per model (result loss, mean over fine-tune seeds):", "",
+                  "| arm | " + " | ".join(f"seed {m}" for m in seeds_all) + " |", "|---|" + "---|" * len(seeds_all)]
         for arm in sorted(t, key=lambda a: (a != "base", a)):
             lines.append(f"| {arm} | " + " | ".join(fmt(t[arm].get(m, {}).get("result")) for m in seeds_all) + " |")
+    for (recipe, target, regime), t in sorted((small or {}).items()):
+        lines += ["", f"#### small data: {recipe} / {target} / {regime}", "",
+                  "Held-out and training-row result loss after the last epoch, the best held-out point of the curve, "
+                  "and the held-out curve (result loss before training and after each epoch), means over models.", "",
+                  "| arm | models | ft seeds | held-out result | train result | best held-out (epoch) | held-out curve |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm in sorted(t):
+            seeds = sorted({v["n_ft"] for v in t[arm].values()})
+            curve = mean_curve(small_runs, recipe, target, regime, arm)
+            lines.append(
+                f"| {arm} | {pooled(t, arm, 'result')[1]} | {'/'.join(map(str, seeds))} | {fmt(pooled(t, arm, 'result')[0])} | "
+                f"{fmt(pooled(t, arm, 'train_result')[0])} | {fmt(pooled(t, arm, 'best_result')[0])} "
+                f"({fmt(pooled(t, arm, 'best_epoch')[0], 1)}) | {', '.join(fmt(c, 2) for c in curve)} |")
     return "\n".join(lines) + "\n"
 
 
+def mean_curve(runs: list[dict], recipe: str, target: str, regime: str, arm: str) -> list[float]:
+    """The held-out result-loss curve of one small-data arm, point by point, mean over its runs."""
+    curves = [[p["held_out"]["result"] for p in r.get("curves") or []] for r in runs
+              if (r["recipe"], r["target"], r.get("regime"), r["arm"]) == (recipe, target, regime, arm)]
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
+    width = min(len(c) for c in curves)
+    return [statistics.fmean(c[i] for c in curves) for i in range(width)]
+
+
 def analyze(runs: list[dict]) -> tuple[dict, str]:
-    tables = per_model(runs)
-    hyp = hypotheses(tables)
+    main_runs = [r for r in runs if not r.get("regime")]
+    small_runs = [r for r in runs if r.get("regime")]
+    tables = per_model(main_runs)
+    bases = [r for r in runs if r["arm"] == "base"]
+    # small-data runs grouped per (recipe, "target regime"), each with a copy of its model's base run
+    regimes = sorted({r["regime"] for r in small_runs})
+    relabelled = [{**r, "target": f"{r['target']} {r['regime']}"} for r in small_runs]
+    relabelled += [{**b, "target": f"{b['target']} {g}"} for b in bases for g in regimes]
+    small = {(rec, tgt.rsplit(" ", 1)[0], tgt.rsplit(" ", 1)[1]): t
+             for (rec, tgt), t in per_model(relabelled).items()
+             if any(a != "base" for a in t)}
+    bases_v2 = {(r["recipe"], r["pretrain_seed"], r["target"]) for r in bases if r.get("domain_loss_v2")}
+    trained = [r for r in main_runs if r["arm"] != "base"]
+    with_v2 = sum(bool(r.get("domain_loss_v2")) and (r["recipe"], r["pretrain_seed"], r["target"]) in bases_v2
+                  for r in trained)
+    hyp = hypotheses(tables, small, (with_v2, len(trained)))
     data = {
         "plan": "bench/evidence/PLAN.md",
         "runs": len(runs),
         "tables": {f"{r}/{t}": {arm: {str(m): v for m, v in ms.items()} for arm, ms in tab.items()}
                    for (r, t), tab in tables.items()},
+        "small_data": {f"{r}/{t}/{g}": {arm: {str(m): v for m, v in ms.items()} for arm, ms in tab.items()}
+                       for (r, t, g), tab in small.items()},
         "hypotheses": hyp,
     }
-    return data, render(tables, hyp, runs)
+    return data, render(tables, hyp, runs, small)
 
 
 def main(argv: list[str] | None = None) -> int:

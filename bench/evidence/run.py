@@ -8,6 +8,15 @@ command runs past the limit; a driver repeats the command until it exits 0:
 
     until python bench/evidence/run.py --budget 540; do :; done
     python bench/evidence/run.py --pretrain-seeds 0 1 2 --targets arithmetic facts --arms floor hot-k2 random-k2
+    until python bench/evidence/run.py --small-data --budget 540; do :; done
+
+``--small-data`` runs PLAN.md's small-data, long-training arm instead: the first ``--small-rows`` (200) training
+rows for each of ``--epochs`` (3 and 10), arms :data:`SMALL_DATA_ARMS` unless ``--arms`` is given, one unit per
+(model, fine-tune seed, target, rows and epochs, arm) named ``...-<target>-small200-e3-<arm>.json`` with
+``"regime": "small200-e3"``; each records ``curves``: result/format/whole loss on the training rows and on the
+held-out rows before training and after every epoch. Every unit (both modes) also scores the in-vocabulary
+forgetting documents (``domain_loss_v2``, PLAN.md Deviation 12), and a ``base`` file written before they existed
+gets that key added (its other keys are kept as they are).
 
 Pretraining a lab model is one indivisible unit (minutes); it is cached per recipe and seed under ``--cache`` with
 the thread count recorded in its card (``--threads``, default 1), so every model of a run is built the same way.
@@ -35,7 +44,11 @@ sys.path.insert(0, str(REPO))
 RUNS = Path(__file__).resolve().parent / "runs"
 MORE_TO_DO = 3
 PRIORITY_ARMS = ("floor", "attention", "hot-k2", "random-k2", "cold-k2", "all-r8", "all-matched")
-ALL_ARMS = PRIORITY_ARMS + ("hot-k1", "hot-k4", "hot-k8", "model-k2", "mass", "lori-d", "hellori-d-k2")
+# PLAN.md's small-data arms, plus hot-k8 (Deviation 13: H6 compares all r=8 with hot k=8 in the 10-epoch arm)
+SMALL_DATA_ARMS = ("floor", "hot-k2", "all-r8", "all-matched", "hot-k8")
+SMALL_DATA_EPOCHS = (3, 10)
+ALL_ARMS = PRIORITY_ARMS + ("hot-k1", "hot-k4", "hot-k8", "model-k2", "mass", "lori-d", "hellori-d-k2",
+                            "random-weighted-k2")
 
 
 def settings_for(target: str, steps: int):
@@ -67,15 +80,50 @@ def arm_config(arm: str, num_experts: int, lora_r: int):
     if arm == "hellori-d-k2":
         return QualityConfig(arm, k=2, variant="lori_d")
     kind, _, k = arm.rpartition("-k")
-    strategies = {"hot": "layer", "random": "random", "cold": "cold", "model": "model"}
+    strategies = {"hot": "layer", "random": "random", "cold": "cold", "model": "model",
+                  "random-weighted": "random_weighted"}
     if kind in strategies and k.isdigit():
         return QualityConfig(arm, k=int(k), selection=strategies[kind])
     raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ALL_ARMS)} or hot-k<k>.")
 
 
-def unit_path(out: Path, recipe: str, pseed: int, fseed: int | None, target: str, arm: str) -> Path:
+def unit_path(out: Path, recipe: str, pseed: int, fseed: int | None, target: str, arm: str, regime: str | None = None) -> Path:
     ft = "base" if fseed is None else f"f{fseed}"
+    target = target if regime is None else f"{target}-{regime}"
     return out / f"{recipe}-p{pseed}-{ft}-{target}-{arm}.json"
+
+
+def small_settings(target: str, rows: int, epochs: int):
+    """The small-data regime's settings: the main budget's batch, rate and evaluation sizes, ``rows`` training rows
+    and ``epochs`` passes over them (steps = epochs x ceil(rows / batch))."""
+    base = settings_for(target, 1)
+    per_epoch = -(-rows // base.batch_size)
+    return dataclasses.replace(base, steps=epochs * per_epoch, train_rows=rows), per_epoch
+
+
+def stated_held_out(train: list[dict], held_out: list[dict]) -> int | None:
+    """Facts only: how many held-out questions have their fact stated in ``train`` (learnable at all)."""
+    if not held_out or "entity" not in held_out[0]:
+        return None
+    stated = {(r["entity"], r["attribute"]) for r in train if r.get("kind") == "statement"}
+    return sum((r["entity"], r["attribute"]) in stated for r in held_out)
+
+
+def ensure_base(path: Path, base_file: Path, identity: dict, target: str, settings, held_out, domains, domains_v2) -> None:
+    """Write the untrained model's scores once; add ``domain_loss_v2`` to a base file that predates it."""
+    from hellora_trl.recipes.lab import quality as q
+
+    if base_file.is_file():
+        data = json.loads(base_file.read_text())
+        if "domain_loss_v2" in data:
+            return
+        model, tokenizer = q._load(path)
+        write_json(base_file, {**data, "domain_loss_v2": q.domain_losses(model, tokenizer, domains_v2)})
+        return
+    model, tokenizer = q._load(path)
+    write_json(base_file, {**identity, "target": target, "arm": "base", "ft_seed": None,
+                           "settings": dataclasses.asdict(settings),
+                           **q.score(model, tokenizer, held_out, domains, settings, domains_v2)})
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -109,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--ft-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", nargs="+", default=["arithmetic", "facts"])
-    parser.add_argument("--arms", nargs="+", default=list(PRIORITY_ARMS))
+    parser.add_argument("--arms", nargs="+", default=None,
+                        help=f"default: {' '.join(PRIORITY_ARMS)}; with --small-data: {' '.join(SMALL_DATA_ARMS)}")
+    parser.add_argument("--small-data", action="store_true",
+                        help="run the small-data, long-training arm (PLAN.md) instead of the main budget")
+    parser.add_argument("--small-rows", type=int, default=200, help="--small-data: training rows (default 200)")
+    parser.add_argument("--epochs", type=int, nargs="+", default=list(SMALL_DATA_EPOCHS),
+                        help="--small-data: epochs over the rows, one unit each (default 3 10)")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--budget", type=float, default=540.0, help="seconds this command may run (default 540)")
     parser.add_argument("--unit-estimate", type=float, default=150.0, help="seconds one fine-tune unit may take")
@@ -131,8 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         from hellora_trl.recipes.lab import lab_cache_dir
 
         args.cache = lab_cache_dir()
+    if args.arms is None:
+        args.arms = list(SMALL_DATA_ARMS if args.small_data else PRIORITY_ARMS)
+    if args.small_rows < 1 or any(e < 1 for e in args.epochs):
+        raise SystemExit(f"--small-rows and --epochs must be >= 1, got {args.small_rows} and {args.epochs}.")
     for arm in args.arms:
         arm_config(arm, LAB_RECIPES[args.recipe].num_experts, 8)  # refuse bad names before any work
+    if args.small_data:
+        return run_small_data(args)
     budget = Budget(args.budget)
     last_unit = args.unit_estimate
     for pseed in args.pretrain_seeds:
@@ -147,13 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         for target in args.targets:
             settings = settings_for(target, args.steps)
             train, held_out = q.target_data(settings, seed=0, target=target)  # one held-out set for every unit
-            domains = q.domain_texts(settings, seed=0)
+            domains, domains_v2 = q.domain_texts(settings, seed=0), q.domain_texts_v2(settings, seed=0)
             base_file = unit_path(args.out, args.recipe, pseed, None, target, "base")
-            if not base_file.is_file():
-                model, tokenizer = q._load(path)
-                write_json(base_file, {**identity, "target": target, "arm": "base", "ft_seed": None,
-                                       "settings": dataclasses.asdict(settings),
-                                       **q.score(model, tokenizer, held_out, domains, settings)})
+            ensure_base(path, base_file, identity, target, settings, held_out, domains, domains_v2)
             for fseed in args.ft_seeds:
                 profile_path = args.out / "profiles" / f"{args.recipe}-p{pseed}-f{fseed}-{target}.json"
                 for arm in args.arms:
@@ -168,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     if config.kind == "hellora" and not profile_path.is_file():
                         profile_path.parent.mkdir(parents=True, exist_ok=True)
                         q.take_profile(path, train, settings, fseed, profile_path)
-                    result = q.finetune(config, path, train, settings, fseed, profile_path, held_out, domains)
+                    result = q.finetune(config, path, train, settings, fseed, profile_path, held_out, domains,
+                                        domains_v2)
                     result["unit_seconds"] = time.perf_counter() - started
                     write_json(out, {**identity, "target": target, "arm": arm, "ft_seed": fseed,
                                      "config": dataclasses.asdict(config), "settings": dataclasses.asdict(settings),
@@ -176,6 +233,71 @@ def main(argv: list[str] | None = None) -> int:
                     last_unit = max(args.unit_estimate / 2, result["unit_seconds"])
                     print(f"{out.name}: result loss {result['target_split']['result']:.4f} "
                           f"({result['unit_seconds']:.0f}s)", flush=True)
+    return 0
+
+
+def run_small_data(args) -> int:
+    """PLAN.md's small-data, long-training arm (see the module docstring); same chunking and exit codes."""
+    from hellora_trl.recipes.lab import read_card
+    from hellora_trl.recipes.lab import quality as q
+    from hellora_trl.recipes.lab.targets import target_task, to_dataset
+    from transformers import AutoTokenizer
+
+    budget = Budget(args.budget)
+    last_seconds, last_steps = args.unit_estimate, args.steps  # the last unit's time and steps
+    for pseed in args.pretrain_seeds:
+        path = model_path(args.recipe, pseed, args.cache, args.threads, budget, args.build_estimate)
+        if path is None:
+            print(f"stop: no time left to pretrain {args.recipe} seed {pseed}")
+            return MORE_TO_DO
+        card = read_card(path)
+        experts = card["recipe"]["num_experts"]
+        identity = {"recipe": args.recipe, "pretrain_seed": pseed, "weights_sha256": card.get("weights_sha256"),
+                    "pretrain_threads": card["threads"], "recipe_key": card["key"]}
+        for target in args.targets:
+            main_settings = settings_for(target, args.steps)
+            # the main budget's held-out rows and documents; training rows: the first small_rows of the same split
+            train_rows, held_out = target_task(target, args.small_rows, main_settings.eval_rows, seed=0)
+            train = to_dataset(train_rows)
+            domains = q.domain_texts(main_settings, seed=0)
+            domains_v2 = q.domain_texts_v2(main_settings, seed=0)
+            base_file = unit_path(args.out, args.recipe, pseed, None, target, "base")
+            ensure_base(path, base_file, identity, target, main_settings, held_out, domains, domains_v2)
+            for fseed in args.ft_seeds:
+                for epochs in args.epochs:
+                    settings, per_epoch = small_settings(target, args.small_rows, epochs)
+                    regime = f"small{args.small_rows}-e{epochs}"
+                    profile_path = args.out / "profiles" / f"{args.recipe}-p{pseed}-f{fseed}-{target}-{regime}.json"
+                    for arm in args.arms:
+                        out = unit_path(args.out, args.recipe, pseed, fseed, target, arm, regime)
+                        if out.is_file():
+                            continue
+                        estimate = last_seconds * 1.2 * max(1.0, settings.steps / last_steps)
+                        if not budget.allows(estimate):
+                            print(f"stop: budget reached before {out.name}")
+                            return MORE_TO_DO
+                        started = time.perf_counter()
+                        config = arm_config(arm, experts, settings.lora_r)
+                        if config.kind == "hellora" and not profile_path.is_file():
+                            profile_path.parent.mkdir(parents=True, exist_ok=True)
+                            q.take_profile(path, train, settings, fseed, profile_path)
+                        tokenizer = AutoTokenizer.from_pretrained(path)
+                        curves = q.epoch_curves(tokenizer, train_rows, held_out, per_epoch)
+                        result = q.finetune(config, path, train, settings, fseed, profile_path, held_out, domains,
+                                            domains_v2, callbacks=[curves])
+                        result["unit_seconds"] = time.perf_counter() - started
+                        write_json(out, {**identity, "target": target, "arm": arm, "ft_seed": fseed,
+                                         "regime": regime, "small_data": {
+                                             "rows": args.small_rows, "epochs": epochs, "steps_per_epoch": per_epoch,
+                                             "held_out_stated": stated_held_out(train_rows, held_out)},
+                                         "curves": curves.points,
+                                         "config": dataclasses.asdict(config), "settings": dataclasses.asdict(settings),
+                                         "threads": args.threads, **result})
+                        last_seconds, last_steps = result["unit_seconds"], settings.steps
+                        final = curves.points[-1]
+                        print(f"{out.name}: held-out result loss {final['held_out']['result']:.4f}, train "
+                              f"{final['train']['result']:.4f} after {final['epoch']:g} epochs "
+                              f"({result['unit_seconds']:.0f}s)", flush=True)
     return 0
 
 

@@ -44,7 +44,8 @@ DeepSeek's multi-head latent attention has no grouped KV heads: ``num_key_value_
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 
 import torch
 import transformers
@@ -54,6 +55,7 @@ from ..constants import TINY_FAMILIES
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "MATH_WORDS",
     "MOE_FAMILIES",
     "SPECIAL_TOKENS",
     "build_tokenizer",
@@ -88,6 +90,9 @@ _ITEMS: tuple[str, ...] = (
     "notebooks", "apples", "pencils", "toy cars", "cupcakes", "comic books", "mangoes", "stickers"
 )
 _ANIMALS: tuple[str, ...] = ("chickens", "ducks", "geese", "quails")
+# The word lists above, read-only, for material that must stay inside a lab model's vocabulary (the lab's
+# in-vocabulary forgetting documents, hellora_trl.recipes.lab.targets.forgetting_texts_v2).
+MATH_WORDS: Mapping[str, tuple] = MappingProxyType({"people": _NAMES, "items": _ITEMS, "animals": _ANIMALS})
 
 # A template draws its numbers from the rng and returns (question, reasoning lines, final answer).
 _Problem = tuple[str, list[str], int]

@@ -183,3 +183,28 @@ def test_scaling_figure_title_is_the_one_given(tmp_path, monkeypatch, title):
             for e in (16, 64)]
     assert scaling_sweep.plot(rows, tmp_path / "s.png", title) == tmp_path / "s.png"
     assert titles == ([title] if title else [])
+
+
+def test_render_readme_places_the_evidence_before_the_quality_table(tmp_path):
+    for name in ("olmoe-small", "evidence", "quality"):
+        (tmp_path / f"{name}.md").write_text(f"### {name}\n")
+    assert [f.stem for f in render_readme.result_files(tmp_path)] == ["olmoe-small", "evidence", "quality"]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    render_readme.main(["--readme", str(readme), "--write", *map(str, render_readme.result_files(tmp_path))])
+    text = readme.read_text()
+    assert text.index("### evidence") < text.index("### quality") and "old" not in text
+
+
+def test_readme_shows_the_current_results_files():
+    """The README's generated section is what bench/render_readme.py makes of bench/results/ now: rerun
+    `python bench/render_readme.py --write` after a benchmark or `bench/evidence/analyze.py` changes a results file."""
+    import re
+
+    text = render_readme.README.read_text()
+    pattern = re.escape(render_readme.START) + r"\n(.*?)\n" + re.escape(render_readme.END)
+    shown = re.search(pattern, text, flags=re.S).group(1)
+    assert shown == render_readme.section(render_readme.result_files())
+    evidence = (render_readme.RESULTS_DIR / "evidence.md").read_text().strip()
+    assert evidence.startswith("### Evidence (issue 20)") and evidence in shown
+    assert "#### Verdicts" in shown and shown.index("### Evidence (issue 20)") < shown.index("### Selection quality")

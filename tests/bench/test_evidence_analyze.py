@@ -20,9 +20,11 @@ ARMS = {  # planted result-token loss per arm (before noise); expert parameters 
 }
 
 
-def synthetic(models=5, ft_seeds=3, flip=False, noise=0.02, seed=0):
+def synthetic(models=5, ft_seeds=3, flip=False, noise=0.02, seed=0, v2=True, v2_flip=None):
     """Runs where hot k=2 wins everywhere (``flip``: where it loses everywhere: hot and random swapped, hot and
-    all-matched swapped, all-experts forgets less)."""
+    all-matched swapped, all-experts forgets less). ``v2``: runs also carry the in-vocabulary forgetting
+    (``domain_loss_v2``), the same as the old one unless ``v2_flip`` gives it the other direction."""
+    v2_flip = flip if v2_flip is None else v2_flip
     rng = random.Random(seed)
     runs = []
     for target in ("arithmetic", "facts"):
@@ -30,7 +32,8 @@ def synthetic(models=5, ft_seeds=3, flip=False, noise=0.02, seed=0):
         for m in range(models):
             domain = {d: 2.0 for d in analyze.DOMAINS}
             runs.append({"recipe": "default", "pretrain_seed": m, "ft_seed": None, "target": target, "arm": "base",
-                         "target_split": {"result": base_loss, "format": 1.0, "whole": 1.2}, "domain_loss": domain})
+                         "target_split": {"result": base_loss, "format": 1.0, "whole": 1.2}, "domain_loss": domain,
+                         **({"domain_loss_v2": dict(domain)} if v2 else {})})
             for f in range(ft_seeds):
                 for arm, (loss, params) in ARMS.items():
                     if flip and arm in ("hot-k2", "random-k2"):
@@ -39,10 +42,13 @@ def synthetic(models=5, ft_seeds=3, flip=False, noise=0.02, seed=0):
                         loss = 1.45
                     if target == "facts" and arm == "floor":
                         loss = 2.7 if not flip else 1.45  # facts: the floor recovers little (or nearly all)
-                    forget = {"all-r8": 0.3, "hot-k2": 0.1}.get(arm, 0.05)
+                    forget = forget2 = {"all-r8": 0.3, "hot-k2": 0.1}.get(arm, 0.05)
                     if flip and arm in ("all-r8", "hot-k2"):
                         forget = 0.4 - forget
-                    runs.append({
+                    if v2_flip and arm in ("all-r8", "hot-k2"):
+                        forget2 = 0.4 - forget2
+                    extra = {"domain_loss_v2": {d: 2.0 + forget2 + rng.gauss(0, noise / 4) for d in analyze.DOMAINS}}
+                    runs.append({**(extra if v2 else {}),
                         "recipe": "default", "pretrain_seed": m, "ft_seed": f, "target": target, "arm": arm,
                         "target_split": {"result": loss + rng.gauss(0, noise), "format": 0.5, "whole": 0.6},
                         "domain_loss": {d: 2.0 + forget + rng.gauss(0, noise / 4) for d in analyze.DOMAINS},
@@ -116,3 +122,79 @@ def test_pairs_use_only_the_fine_tune_seeds_both_arms_ran():
     table = analyze.per_model(runs)[("default", "arithmetic")]
     assert analyze.paired(table, "random-k2", "hot-k2", "result") == [pytest.approx(0.3)]
     assert table["hot-k2"][0]["result"] == pytest.approx((1.5 + 9.0) / 2)  # the pooled mean still uses both
+
+
+def test_h5_counts_only_runs_with_in_vocabulary_forgetting():
+    # the old (out-of-vocabulary) forgetting favours HELLoRA everywhere; without v2 documents H5 decides nothing
+    v, data, md = verdicts(synthetic(v2=False))
+    h5 = data["hypotheses"]["H5"]
+    assert v["H5"] == "inconclusive" and h5["runs_with_forgetting_v2"] == 0 and not h5["parts"]
+    assert "0 of 210 fine-tuning runs" in h5["note"] and "0 of 210 fine-tuning runs" in md
+    assert "in-vocabulary documents (v2) per domain" not in md
+    assert v["H1"] == "supported"  # the rest is unaffected
+    # v1 says supported, v2 says refuted: H5 follows v2
+    v, data, md = verdicts(synthetic(v2_flip=True))
+    assert v["H5"] == "refuted" and data["hypotheses"]["H5"]["runs_with_forgetting_v2"] == 210
+    row = next(line for line in md.splitlines() if line.startswith("| hot-k2 | 5 | ") and line.count("|") == 8)
+    assert float(row.split(" | ")[2]) == pytest.approx(0.3, abs=0.01)  # per-domain v2 forgetting: hot k=2 forgets 0.3 in the flipped case
+    # old runs without v2 next to new ones with it: counted, and the old ones left out of H5
+    runs = synthetic()
+    for r in runs:
+        if r["ft_seed"] == 2:
+            r.pop("domain_loss_v2")
+    _, data, _ = verdicts(runs)
+    h5 = data["hypotheses"]["H5"]
+    assert h5["runs_with_forgetting_v2"] == 140
+    part = next(iter(h5["parts"].values()))
+    assert part["runs"] == 2 * 5 * 2 and "fine-tune seed(s) per model" in part["why"]  # 2 seeds < the minimum 3
+
+
+def small_data_runs(models=5, ft_seeds=3, hot_k8_wins=True):
+    runs = []
+    for m in range(models):
+        for f in range(ft_seeds):
+            for epochs in (3, 10):
+                for arm, final in (("floor", 2.0), ("hot-k2", 1.6), ("all-r8", 1.5), ("all-matched", 1.7),
+                                   ("hot-k8", 1.4 if hot_k8_wins else 1.6)):
+                    final += 0.01 * m + 0.001 * f
+                    curve = [3.0] + [final + 0.1 * (epochs - e) for e in range(1, epochs + 1)]
+                    runs.append({
+                        "recipe": "default", "pretrain_seed": m, "ft_seed": f, "target": "arithmetic", "arm": arm,
+                        "regime": f"small200-e{epochs}", "target_split": {"result": curve[-1], "format": 0.5,
+                                                                            "whole": 0.6},
+                        "curves": [{"epoch": e, "step": 25 * e, "held_out": {"result": c},
+                                    "train": {"result": c - 0.5}} for e, c in enumerate(curve)],
+                    })
+    return runs
+
+
+def test_small_data_runs_have_their_own_tables_and_feed_h6():
+    main = synthetic()
+    _, before, md_before = verdicts(main)
+    v, data, md = verdicts(main + small_data_runs())
+    assert data["tables"] == before["tables"]  # the main tables do not see the small-data runs
+    assert v["H1"] == "supported" and v["H6"] == "supported"
+    (name, part), = data["hypotheses"]["H6"]["parts"].items()
+    assert name == "default/arithmetic small200-e10: all-r8 - hot-k8" and part["mean"] == pytest.approx(0.1)
+    assert part["runs"] == 2 * 5 * 3
+    assert "#### small data: default / arithmetic / small200-e10" in md and "#### small data: default / arithmetic / small200-e3" in md
+    row = next(line for line in md.splitlines() if line.startswith("| hot-k8 |") and "3.00, " in line
+               and line.count(",") == 10)  # the 10-epoch curve: 11 points
+    assert "3.00, 2.32, 2.22" in row
+    table = data["small_data"]["default/arithmetic/small200-e10"]
+    assert table["hot-k8"]["0"]["best_epoch"] == 10 and table["hot-k8"]["0"]["train_result"] == pytest.approx(0.9, abs=0.01)
+    v, _, _ = verdicts(main + small_data_runs(hot_k8_wins=False))
+    assert v["H6"] == "refuted"
+
+
+def test_report_opens_with_a_verdict_table_under_readme_headings():
+    _, _, md = verdicts(synthetic(models=3))
+    lines = md.splitlines()
+    assert lines[0].startswith("### Evidence (issue 20)") and not any(line.startswith(("# ", "## ")) for line in lines)
+    at = lines.index("#### Verdicts")
+    assert lines[at + 2].startswith("| | hypothesis") and "runs (summed over comparisons)" in lines[at + 2]
+    table = lines[at + 4: at + 10]
+    assert [line.split(" | ")[0] for line in table] == [f"| H{i}" for i in range(1, 7)]
+    assert all("**inconclusive**" in line for line in table)  # 3 models: below the minimum, every verdict
+    h1 = table[0].split(" | ")
+    assert h1[3] == "4 inconclusive" and h1[4] == f"{4 * 3 * 3 * 2} |"  # 4 comparisons, 72 runs behind them

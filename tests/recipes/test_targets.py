@@ -14,6 +14,7 @@ from hellora_trl.recipes.lab.targets import (
     arithmetic_task,
     facts_task,
     forgetting_texts,
+    forgetting_texts_v2,
     split_losses,
     target_task,
 )
@@ -127,3 +128,62 @@ def test_split_losses_partition_the_completion_loss():
     # the whole completion loss is the one the lab always reported for GSM8K rows
     assert math.isclose(split_losses(model, tokenizer, held_out)["whole"], completion_loss(model, tokenizer, legacy),
                         rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------ forgetting documents in vocabulary (Deviation 12)
+def words(docs) -> set[str]:
+    return {w for doc in docs for w in re.findall(r"[A-Za-z]+", doc)}
+
+
+@pytest.mark.parametrize("domain", ["math", "code", "safety", "prose"])
+def test_in_vocabulary_forgetting_documents_are_not_pretraining_documents(domain):
+    pretrain = {doc for seed in PRETRAIN_SEEDS[:2] for doc in generated_corpus(DOCS, seed=seed)[domain]}
+    new = forgetting_texts_v2(32, seed=0, domains=(domain,))[domain]
+    assert len(new) == 32 and len(set(new)) == 32 and not pretrain & set(new)
+    firsts = {opening(doc) for doc in pretrain}
+    assert not any(opening(doc) in firsts for doc in new)
+    assert forgetting_texts_v2(4, seed=0, domains=(domain,)) == {domain: new[:4]}  # seeded, prefix-stable
+
+
+def test_in_vocabulary_forgetting_documents_use_only_pretraining_words():
+    """Every word of the new documents occurs in the pretraining text; the older documents' words do not (the
+    check fails on them), which is why their base loss is near uniform on the default lab model."""
+    vocabulary = words(doc for docs in generated_corpus(DOCS, seed=0).values() for doc in docs)
+    for domain, docs in forgetting_texts_v2(32, seed=0).items():
+        assert words(docs) <= vocabulary, (domain, sorted(words(docs) - vocabulary)[:5])
+    for domain, docs in forgetting_texts(32, seed=0).items():
+        assert len(words(docs) - vocabulary) >= 5, domain
+    with pytest.raises(ValueError, match="unknown forgetting domain"):
+        forgetting_texts_v2(2, domains=("poetry",))
+
+
+def test_tiny_lab_base_loss_on_in_vocabulary_documents_is_well_below_uniform():
+    from hellora_trl.recipes import lab
+    from hellora_trl.recipes.lab.quality import domain_losses
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = lab.lab_model_path(LAB_RECIPES["tiny"], cache_dir=lab.lab_cache_dir(), progress=False)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    uniform = math.log(len(tokenizer))
+    losses = domain_losses(model, tokenizer, forgetting_texts_v2(16, seed=0))
+    assert set(losses) == {"math", "code", "safety", "prose"}
+    assert all(loss < uniform - 0.5 for loss in losses.values()), (losses, uniform)
+
+
+@pytest.mark.slow
+def test_small_lab_base_loss_separates_in_vocabulary_from_new_word_documents():
+    """On a trained lab model (the ``small`` recipe, seed 0) the in-vocabulary documents sit far below uniform and
+    far below the Deviation-10 documents in every domain (measured on the default recipe's models 0 and 1: v2 1.1-4.8
+    nats, v1 7.6-10.9, uniform 7.6)."""
+    from hellora_trl.recipes import lab
+    from hellora_trl.recipes.lab.quality import domain_losses
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = lab.lab_model_path(LAB_RECIPES["small"], cache_dir=lab.lab_cache_dir(), progress=False, threads=1)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    uniform = math.log(len(tokenizer))
+    v1 = domain_losses(model, tokenizer, forgetting_texts(32, seed=0))
+    v2 = domain_losses(model, tokenizer, forgetting_texts_v2(32, seed=0))
+    print(f"small lab, uniform {uniform:.2f}: v1 {v1}, v2 {v2}")
+    for domain in v2:
+        assert v2[domain] < uniform - 1.5 and v2[domain] < v1[domain] - 1.5, (domain, v1, v2)

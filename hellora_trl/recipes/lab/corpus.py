@@ -35,6 +35,7 @@ __all__ = [
     "generated_corpus",
     "heldout_domain_texts",
     "heldout_seed",
+    "pretraining_words",
     "shared_corpus",
     "shared_heldout",
 ]
@@ -230,6 +231,20 @@ def heldout_domain_texts(n: int, seed: int = 0, domains: tuple[str, ...] = DOMAI
 def heldout_seed(seed: int, domain: str) -> int:
     """The generator seed of :func:`heldout_domain_texts`' documents of ``domain`` (recorded in the lab card)."""
     return _HELDOUT_OFFSET + seed * 1000 + DOMAINS.index(domain)
+
+
+def pretraining_words() -> dict[str, tuple]:
+    """The word lists :func:`generated_corpus` draws from (math: :data:`~hellora_trl.recipes.offline.MATH_WORDS`'
+    ``people`` as (name, pronoun) pairs, ``items``, ``animals``; code: ``vars``, ``elems``; safety: ``harms``,
+    ``refusals``, ``reasons``, ``alternatives``; prose: ``places``, ``weather``, ``people_prose``, ``actions``,
+    ``endings``), so held-out material can be new in structure but inside the lab model's vocabulary."""
+    from ..offline import MATH_WORDS
+
+    return {
+        **MATH_WORDS, "vars": _VARS, "elems": _ELEM, "harms": _HARMS, "refusals": _REFUSALS, "reasons": _REASONS,
+        "alternatives": _ALTERNATIVES, "places": _PLACES, "weather": _WEATHER, "people_prose": _PEOPLE,
+        "actions": _ACTIONS, "endings": _ENDINGS,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- target task

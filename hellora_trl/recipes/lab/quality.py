@@ -10,7 +10,10 @@ Metrics, on rows held out by content (:mod:`hellora_trl.recipes.lab.targets`):
 - ``target_loss``: mean loss on the completion tokens (answer and end-of-sequence) of held-out target rows, and
   ``target_split``: the same loss split into result tokens and format/copy tokens;
 - ``exact_match``: greedy generation, final answer equal to the gold one (GSM8K's ``#### n`` rule; arithmetic only);
-- ``domain_loss``: held-out document loss per pretraining domain (forgetting: after fine-tuning minus before).
+- ``domain_loss``: held-out document loss per pretraining domain (forgetting: after fine-tuning minus before);
+- ``domain_loss_v2`` (when in-vocabulary documents are passed): the same on
+  :func:`~hellora_trl.recipes.lab.targets.forgetting_texts_v2`, documents inside the lab model's vocabulary (the
+  first set is not; bench/evidence/PLAN.md Deviation 12).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ __all__ = [
     "attention_router_only",
     "completion_loss",
     "domain_losses",
+    "domain_texts_v2",
+    "epoch_curves",
     "exact_match",
     "finetune",
     "routing_profile",
@@ -93,6 +98,15 @@ def domain_texts(settings: FineTuneSettings, seed: int = 0, domains: Sequence[st
     from .targets import forgetting_texts
 
     return forgetting_texts(settings.domain_rows, seed=seed, domains=tuple(domains or DOMAINS))
+
+
+def domain_texts_v2(settings: FineTuneSettings, seed: int = 0, domains: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Forgetting documents per domain in structures pretraining never produces, from its own word lists (inside
+    the lab model's vocabulary)."""
+    from .corpus import DOMAINS
+    from .targets import forgetting_texts_v2
+
+    return forgetting_texts_v2(settings.domain_rows, seed=seed, domains=tuple(domains or DOMAINS))
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -162,7 +176,10 @@ def routing_profile(model, tokenizer, rows: Sequence[dict], batch_size: int = 32
     return profile_experts(model, ds, batch_size=batch_size, progress=False, source={"rows": len(rows)})
 
 
-def score(model, tokenizer, held_out: Sequence[dict], domains: dict[str, list[str]], settings: FineTuneSettings) -> dict:
+def score(model, tokenizer, held_out: Sequence[dict], domains: dict[str, list[str]], settings: FineTuneSettings,
+          domains_v2: dict[str, list[str]] | None = None) -> dict:
+    """The metrics of the module docstring; ``domain_loss_v2`` only when ``domains_v2`` is given (computed after the
+    others, so passing it changes none of them)."""
     em = None
     if settings.generate_rows and held_out and "question" in held_out[0]:
         em = exact_match(model, tokenizer, held_out[: settings.generate_rows], settings.max_new_tokens)
@@ -171,12 +188,48 @@ def score(model, tokenizer, held_out: Sequence[dict], domains: dict[str, list[st
         from .targets import split_losses
 
         split = split_losses(model, tokenizer, held_out)
-    return {
+    result = {
         "target_loss": split["whole"] if split else completion_loss(model, tokenizer, held_out),
         "target_split": split,
         "exact_match": em,
         "domain_loss": domain_losses(model, tokenizer, domains),
     }
+    if domains_v2 is not None:
+        result["domain_loss_v2"] = domain_losses(model, tokenizer, domains_v2)
+    return result
+
+
+def epoch_curves(tokenizer, train_rows: Sequence[dict], held_out: Sequence[dict], steps_per_epoch: int):
+    """A ``TrainerCallback`` that scores the model being trained at the start and after every ``steps_per_epoch``
+    optimizer steps (one epoch of the training rows): :func:`~hellora_trl.recipes.lab.targets.split_losses` on the
+    training rows and on the held-out rows. Its ``points`` list holds ``{"epoch", "step", "trainer_epoch", "train",
+    "held_out"}`` (the last two ``split_losses`` dicts); scoring runs in eval mode without gradients and restores
+    the training mode, so the training itself is unchanged (a test compares a run with and without it)."""
+    from transformers import TrainerCallback
+
+    from .targets import split_losses
+
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
+
+    class EpochCurves(TrainerCallback):
+        def __init__(self) -> None:
+            self.points: list[dict[str, Any]] = []
+
+        def _score(self, state, model) -> None:
+            self.points.append({"epoch": state.global_step / steps_per_epoch, "step": state.global_step,
+                                "trainer_epoch": state.epoch,  # the Trainer's own count, to check the boundaries
+                                "train": split_losses(model, tokenizer, train_rows),
+                                "held_out": split_losses(model, tokenizer, held_out)})
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._score(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % steps_per_epoch == 0:
+                self._score(state, model)
+
+    return EpochCurves()
 
 
 # ------------------------------------------------------------------------------------------------- adapters
@@ -245,9 +298,12 @@ def take_profile(model_path: str | Path, train, settings: FineTuneSettings, seed
 
 def finetune(
     config: QualityConfig, model_path: str | Path, train, settings: FineTuneSettings, seed: int, profile_path: Path,
-    held_out: Sequence[dict], domains: dict[str, list[str]],
+    held_out: Sequence[dict], domains: dict[str, list[str]], domains_v2: dict[str, list[str]] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Train one configuration from the lab checkpoint and score it; returns the row's metrics for this seed."""
+    """Train one configuration from the lab checkpoint and score it; returns the row's metrics for this seed.
+    ``domains_v2``: also score the in-vocabulary forgetting documents (``domain_loss_v2``); ``callbacks``: extra
+    ``TrainerCallback`` objects (e.g. :func:`epoch_curves`). Neither changes the training or the other metrics."""
     from trl import SFTTrainer
 
     from ...accounting import trainable_parameter_report
@@ -273,6 +329,8 @@ def finetune(
             peft_model = build[config.kind](model, _lora(settings, **config.lora))
             trainer = SFTTrainer(model=peft_model, args=_args(work, settings, seed), train_dataset=train,
                                  processing_class=tokenizer)
+        for callback in callbacks:
+            trainer.add_callback(callback)
         started, cpu_started = time.perf_counter(), time.process_time()
         output = trainer.train()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
@@ -290,7 +348,7 @@ def finetune(
             # other jobs on a shared machine disturb it far less than wall time
             "cpu_sec_per_step": cpu_seconds / max(trainer.state.global_step, 1),
             "hot_experts": hot,
-            **score(trained, tokenizer, held_out, domains, settings),
+            **score(trained, tokenizer, held_out, domains, settings, domains_v2),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,6 +12,9 @@
   other row of its entity, so the answer has to be stored from the statement rows, not copied.
 - :func:`forgetting_texts`: documents of the four pretraining domains (math included) from templates, word lists and
   seeds the pretraining generator never uses, for held-out document loss before and after fine-tuning.
+- :func:`forgetting_texts_v2`: documents of the same four domains in structures the pretraining generator never
+  produces, built from its own word lists, so they stay inside the lab model's vocabulary (PLAN.md Deviation 12:
+  :func:`forgetting_texts`' new words put the base loss near uniform, which fine-tuning then lowers).
 - :func:`split_losses`: mean completion loss, whole and split into **result** tokens (the answer's value: the first
   value in an arithmetic answer, the attribute value of a fact) and **format** tokens (the rest of the completion,
   end-of-sequence included: copies of the prompt, fixed markup, repeated values).
@@ -35,6 +38,7 @@ __all__ = [
     "arithmetic_task",
     "facts_task",
     "forgetting_texts",
+    "forgetting_texts_v2",
     "pretraining_annotations",
     "split_losses",
     "target_task",
@@ -319,5 +323,89 @@ def forgetting_texts(n: int, seed: int = 0, domains: Sequence[str] = ("math", "c
             doc = _FORGETTING[domain](rng)
             if doc not in docs:
                 docs.append(doc)
+        out[domain] = docs
+    return out
+
+
+# --------------------------------------------------------------------------------- forgetting, in vocabulary (v2)
+# PLAN.md Deviation 12: forgetting_texts' own word lists are out of the lab model's vocabulary (its loss on them is
+# near or above uniform before any fine-tuning), so "forgetting" measured on them is mostly vocabulary novelty.
+# These documents recombine the pretraining generator's own word lists (corpus.pretraining_words) in structures the
+# generator never produces: two people and a transfer between them; a sum, count, square or join *with a filter*;
+# two harms in one request and a reply that gives its reason first; an action and the weather in one sentence,
+# people placed after their action.
+def _v2_math(rng: random.Random, w: dict) -> str:
+    (first, _), (second, _) = rng.sample(w["people"], 2)
+    item = rng.choice(w["items"])
+    a, b = rng.randint(3, 30), rng.randint(3, 30)
+    moved = rng.randint(1, a - 1)
+    total, left = b + moved, a - moved
+    return (f"Question: {first} has {a} {item} and {second} has {b} {item}. {first} gives {moved} {item} to "
+            f"{second}. How many {item} does {second} have now, and how many does {first} have left?\nAnswer: "
+            f"{second} has {b}+{moved} = <<{b}+{moved}={total}>>{total} {item}.\n{first} has {a}-{moved} = "
+            f"<<{a}-{moved}={left}>>{left} {item} left.\n#### {total}")
+
+
+def _v2_code(rng: random.Random, w: dict) -> str:
+    v, e = rng.choice(w["vars"]), rng.choice(w["elems"])
+    kind = rng.randrange(4)
+    if kind == 0:
+        instruction, name = f"Write a Python function that returns the sum of the {v} above a limit.", f"total_{v}"
+        body = ["total = 0", f"for {e} in {v}:", f"    if {e} > limit:", f"        total += {e}", "return total"]
+    elif kind == 1:
+        instruction, name = f"Write a Python function that counts how many of the {v} are above a limit.", f"count_{v}"
+        body = ["count = 0", f"for {e} in {v}:", f"    if {e} > limit:", "        count += 1", "return count"]
+    elif kind == 2:
+        instruction, name = f"Write a Python function that squares each of the {v} above a limit.", f"square_{v}"
+        body = [f"return [{e} * {e} for {e} in {v} if {e} > limit]"]
+    else:
+        instruction, name = f"Write a Python function that joins the even {v} with commas.", f"join_even_{v}"
+        body = [f"return \", \".join(str({e}) for {e} in {v} if {e} % 2 == 0)"]
+    args = f"{v}, limit" if kind < 3 else v
+    sample = [rng.randint(0, 50) for _ in range(rng.randint(3, 6))]
+    call = f"{name}({sample}, {rng.randint(5, 40)})" if kind < 3 else f"{name}({sample})"
+    lines = [f"def {name}({args}):", *(f"    {line}" for line in body), "", f"print({call})"]
+    return f"### Instruction:\n{instruction}\n### Response:\n```python\n" + "\n".join(lines) + "\n```"
+
+
+def _v2_safety(rng: random.Random, w: dict) -> str:
+    first, second = rng.sample(w["harms"], 2)
+    opener = rng.choice(("How can I", "Tell me how to", "Explain how to"))
+    return (f"User: {opener} {first} or {second}?\nAssistant: {rng.choice(w['reasons'])} "
+            f"{rng.choice(w['refusals'])} {rng.choice(w['alternatives'])}")
+
+
+def _v2_prose(rng: random.Random, w: dict) -> str:
+    lines = [f"{rng.choice(w['people_prose']).capitalize()} {rng.choice(w['actions'])}, and {rng.choice(w['weather'])}."]
+    for _ in range(rng.randint(1, 2)):
+        lines.append(f"{rng.choice(w['people_prose']).capitalize()} {rng.choice(w['actions'])} in {rng.choice(w['places'])}.")
+    return " ".join(lines + [rng.choice(w["endings"])])
+
+
+_FORGETTING_V2 = {"math": _v2_math, "code": _v2_code, "safety": _v2_safety, "prose": _v2_prose}
+
+
+def forgetting_texts_v2(n: int, seed: int = 0, domains: Sequence[str] = ("math", "code", "safety", "prose")) -> dict[str, list[str]]:
+    """``n`` distinct documents per domain whose structure the pretraining generator never produces, built from its
+    own word lists (:func:`~hellora_trl.recipes.lab.corpus.pretraining_words`), so a lab model's loss on them before
+    fine-tuning is far below uniform and a rise after fine-tuning reads as forgetting, not as vocabulary novelty
+    (:func:`forgetting_texts`' documents use new words). Tests check that no document, and no opening line, is a
+    pretraining one, and that every word occurs in the pretraining text."""
+    from .corpus import pretraining_words
+
+    words = pretraining_words()
+    out: dict[str, list[str]] = {}
+    for i, domain in enumerate(domains):
+        if domain not in _FORGETTING_V2:
+            raise ValueError(f"unknown forgetting domain {domain!r}; choose from {sorted(_FORGETTING_V2)}.")
+        rng, docs = random.Random(52_711_000 + seed * 100 + i), []
+        for _ in range(n * 50 + 100):
+            if len(docs) == n:
+                break
+            doc = _FORGETTING_V2[domain](rng, words)
+            if doc not in docs:
+                docs.append(doc)
+        if len(docs) < n:
+            raise ValueError(f"could not draw {n} distinct {domain} forgetting documents.")
         out[domain] = docs
     return out
