@@ -556,6 +556,8 @@ def test_lora_rows_backward_frees_the_gathered_rows_before_the_dense_input_gradi
     monkeypatch.undo()
     assert gathered and alive == [[False] * len(gathered)]
     assert source.grad is not None and torch.count_nonzero(source.grad[[0, 2, 3, 6, 7, 8]]) == 0
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_no_grad_forward_sees_factors_a_fused_optimizer_updated(fused):
     """Issue 21 (found by the GRPO ZeRO-3/DDP reload test): a no-grad forward while B == 0 (GRPO's first

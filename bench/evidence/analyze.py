@@ -45,7 +45,14 @@ DOMAINS = ("math", "code", "safety", "prose")
 
 # --------------------------------------------------------------------------------------------------- loading
 def load_runs(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    """A model is its weights, not its seed (Deviation 15): a seed rebuilt on another machine gave other bits, so
+    ``pretrain_seed`` becomes ``"<seed>:<first 8 hex of weights_sha256>"`` and units of different weights are never
+    averaged together."""
+    runs = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    for r in runs:
+        if r.get("weights_sha256"):
+            r["pretrain_seed"] = f"{r['pretrain_seed']}:{r['weights_sha256'][:8]}"
+    return runs
 
 
 def forgetting(run: dict, base: dict | None, key: str = "domain_loss") -> dict[str, float] | None:
