@@ -151,6 +151,21 @@ def model_path(recipe_name: str, pseed: int, cache: Path, threads: int, budget: 
     return lab_model_path(recipe, cache_dir=cache, threads=threads, progress=False)
 
 
+def pretrained(args: argparse.Namespace, pseed: int, budget: "Budget"):
+    """(path, expert count, identity recorded in every unit), or None when no time is left to pretrain it. The
+    identity carries the weights hash because a seed rebuilt on another machine is another model (Deviation 15)."""
+    from hellora_trl.recipes.lab import read_card
+
+    path = model_path(args.recipe, pseed, args.cache, args.threads, budget, args.build_estimate)
+    if path is None:
+        print(f"stop: no time left to pretrain {args.recipe} seed {pseed}")
+        return None
+    card = read_card(path)
+    identity = {"recipe": args.recipe, "pretrain_seed": pseed, "weights_sha256": card.get("weights_sha256"),
+                "pretrain_threads": card["threads"], "recipe_key": card["key"]}
+    return path, card["recipe"]["num_experts"], identity
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="default")
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from hellora_trl.recipes.lab import LAB_RECIPES, read_card
+    from hellora_trl.recipes.lab import LAB_RECIPES
     from hellora_trl.recipes.lab import quality as q
 
     if args.recipe not in LAB_RECIPES:
@@ -196,14 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget)
     last_unit = args.unit_estimate
     for pseed in args.pretrain_seeds:
-        path = model_path(args.recipe, pseed, args.cache, args.threads, budget, args.build_estimate)
-        if path is None:
-            print(f"stop: no time left to pretrain {args.recipe} seed {pseed}")
+        model = pretrained(args, pseed, budget)
+        if model is None:
             return MORE_TO_DO
-        card = read_card(path)
-        experts = card["recipe"]["num_experts"]
-        identity = {"recipe": args.recipe, "pretrain_seed": pseed, "weights_sha256": card.get("weights_sha256"),
-                    "pretrain_threads": card["threads"], "recipe_key": card["key"]}
+        path, experts, identity = model
         for target in args.targets:
             settings = settings_for(target, args.steps)
             train, held_out = q.target_data(settings, seed=0, target=target)  # one held-out set for every unit
@@ -238,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_small_data(args) -> int:
     """PLAN.md's small-data, long-training arm (see the module docstring); same chunking and exit codes."""
-    from hellora_trl.recipes.lab import read_card
     from hellora_trl.recipes.lab import quality as q
     from hellora_trl.recipes.lab.targets import target_task, to_dataset
     from transformers import AutoTokenizer
@@ -246,14 +256,10 @@ def run_small_data(args) -> int:
     budget = Budget(args.budget)
     last_seconds, last_steps = args.unit_estimate, args.steps  # the last unit's time and steps
     for pseed in args.pretrain_seeds:
-        path = model_path(args.recipe, pseed, args.cache, args.threads, budget, args.build_estimate)
-        if path is None:
-            print(f"stop: no time left to pretrain {args.recipe} seed {pseed}")
+        model = pretrained(args, pseed, budget)
+        if model is None:
             return MORE_TO_DO
-        card = read_card(path)
-        experts = card["recipe"]["num_experts"]
-        identity = {"recipe": args.recipe, "pretrain_seed": pseed, "weights_sha256": card.get("weights_sha256"),
-                    "pretrain_threads": card["threads"], "recipe_key": card["key"]}
+        path, experts, identity = model
         for target in args.targets:
             main_settings = settings_for(target, args.steps)
             # the main budget's held-out rows and documents; training rows: the first small_rows of the same split
