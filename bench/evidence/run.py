@@ -2,7 +2,9 @@
 
 One raw JSON per (recipe, pretraining seed, fine-tune seed, target, arm) under ``bench/evidence/runs/``, plus one
 ``base`` JSON per (recipe, pretraining seed, target): the untrained model's target and forgetting losses. A unit
-whose file exists is skipped, so the same command continues where the last one stopped. ``--budget`` (seconds)
+whose file exists for the same weights is skipped, so the same command continues where the last one stopped (a
+file written for other weights is moved to ``runs/superseded/<hash>/`` and the unit runs again; profiles are named
+by the weights hash). ``--budget`` (seconds)
 stops the process before it starts a unit it cannot finish in time (exit code 3: more to do), so no single
 command runs past the limit; a driver repeats the command until it exits 0:
 
@@ -113,7 +115,7 @@ def ensure_base(path: Path, base_file: Path, identity: dict, target: str, settin
     """Write the untrained model's scores once; add ``domain_loss_v2`` to a base file that predates it."""
     from hellora_trl.recipes.lab import quality as q
 
-    if base_file.is_file():
+    if done(base_file, identity.get("weights_sha256")):
         data = json.loads(base_file.read_text())
         if "domain_loss_v2" in data:
             return
@@ -124,6 +126,29 @@ def ensure_base(path: Path, base_file: Path, identity: dict, target: str, settin
     write_json(base_file, {**identity, "target": target, "arm": "base", "ft_seed": None,
                            "settings": dataclasses.asdict(settings),
                            **q.score(model, tokenizer, held_out, domains, settings, domains_v2)})
+
+
+def profile_path_for(out: Path, recipe: str, pseed: int, sha: str | None, fseed: int, target: str,
+                     regime: str | None = None) -> Path:
+    """Named by the weights hash, so a profile taken on other weights is never reused (Deviation 16)."""
+    suffix = f"-{regime}" if regime else ""
+    return out / "profiles" / f"{recipe}-p{pseed}-{(sha or 'nohash')[:8]}-f{fseed}-{target}{suffix}.json"
+
+
+def done(path: Path, sha: str | None) -> bool:
+    """True when ``path`` holds a result of these weights. A result of other weights (the same seed rebuilt on
+    another machine, Deviation 15) is moved, never deleted, to ``superseded/<its hash>/`` and the unit runs again."""
+    if not path.is_file():
+        return False
+    recorded = json.loads(path.read_text()).get("weights_sha256")
+    if recorded == sha:
+        return True
+    dest = path.parent / "superseded" / (recorded or "nohash")[:8] / path.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, dest)
+    print(f"{path.name}: written for weights {(recorded or 'unknown')[:8]}, this model is {(sha or 'unknown')[:8]}; "
+          f"moved to {dest.parent} and run again", flush=True)
+    return False
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -222,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             base_file = unit_path(args.out, args.recipe, pseed, None, target, "base")
             ensure_base(path, base_file, identity, target, settings, held_out, domains, domains_v2)
             for fseed in args.ft_seeds:
-                profile_path = args.out / "profiles" / f"{args.recipe}-p{pseed}-f{fseed}-{target}.json"
+                profile_path = profile_path_for(args.out, args.recipe, pseed, identity["weights_sha256"], fseed,
+                                                target)
                 for arm in args.arms:
                     out = unit_path(args.out, args.recipe, pseed, fseed, target, arm)
-                    if out.is_file():
+                    if done(out, identity["weights_sha256"]):
                         continue
                     if not budget.allows(last_unit * 1.2):
                         print(f"stop: budget reached before {out.name}")
@@ -273,10 +299,11 @@ def run_small_data(args) -> int:
                 for epochs in args.epochs:
                     settings, per_epoch = small_settings(target, args.small_rows, epochs)
                     regime = f"small{args.small_rows}-e{epochs}"
-                    profile_path = args.out / "profiles" / f"{args.recipe}-p{pseed}-f{fseed}-{target}-{regime}.json"
+                    profile_path = profile_path_for(args.out, args.recipe, pseed, identity["weights_sha256"], fseed,
+                                                    target, regime)
                     for arm in args.arms:
                         out = unit_path(args.out, args.recipe, pseed, fseed, target, arm, regime)
-                        if out.is_file():
+                        if done(out, identity["weights_sha256"]):
                             continue
                         estimate = last_seconds * 1.2 * max(1.0, settings.steps / last_steps)
                         if not budget.allows(estimate):

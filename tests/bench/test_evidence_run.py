@@ -102,3 +102,21 @@ def test_epoch_curves_do_not_change_the_training(tmp_path):
     assert len(curves.points) == 3 and "domain_loss_v2" not in plain
     assert watched["target_split"] == plain["target_split"] and watched["domain_loss"] == plain["domain_loss"]
     assert watched["train_loss"] == plain["train_loss"]
+
+
+def test_a_unit_of_other_weights_is_kept_aside_and_run_again(tmp_path, capsys):
+    """Deviations 15-16: a seed rebuilt on another machine is another model; its old result is moved, never deleted,
+    and a profile is named by the weights it was taken on, so it cannot be reused for other weights."""
+    unit = tmp_path / "default-p0-f0-facts-hot-k2.json"
+    assert not run.done(unit, "a" * 64)
+    unit.write_text(json.dumps({"weights_sha256": "a" * 64, "arm": "hot-k2"}))
+    assert run.done(unit, "a" * 64) and unit.is_file()
+    assert not run.done(unit, "b" * 64)
+    kept = tmp_path / "superseded" / "aaaaaaaa" / unit.name
+    assert not unit.exists() and json.loads(kept.read_text())["arm"] == "hot-k2"
+    assert "aaaaaaaa" in capsys.readouterr().out
+    one = run.profile_path_for(tmp_path, "default", 0, "a" * 64, 1, "facts")
+    other = run.profile_path_for(tmp_path, "default", 0, "b" * 64, 1, "facts")
+    assert one != other and one.name == "default-p0-aaaaaaaa-f1-facts.json"
+    assert run.profile_path_for(tmp_path, "default", 0, "a" * 64, 1, "facts", "small200-e3").name == (
+        "default-p0-aaaaaaaa-f1-facts-small200-e3.json")
