@@ -40,6 +40,8 @@ RESAMPLES = 10_000
 MIN_MODELS = {"default": 5, "olmoe": 3}
 MIN_SIGNS = {"default": 4, "olmoe": 3}  # of MIN_MODELS; scaled to the models present when there are more
 MIN_FT_SEEDS = {"default": 3, "olmoe": 2}
+# the hot arm whose expert-adapter parameters equal all-matched's (r=1 on every expert; Deviation 17)
+MATCHED_HOT = {"default": "hot-k2", "olmoe": "hot-k8"}
 DOMAINS = ("math", "code", "safety", "prose")
 
 
@@ -253,10 +255,11 @@ def hypotheses(tables: dict[tuple, dict], small: dict[tuple, dict] | None = None
             if d:
                 out["H1"]["parts"][f"{tag}: {other} - hot-k2"] = verdict(
                     d, 0.0, recipe, ft=min_ft(t, other, "hot-k2"), runs=run_count(t, other, "hot-k2"))
-        d = paired(t, "all-matched", "hot-k2", "result")
+        matched = MATCHED_HOT.get(recipe, "hot-k2")
+        d = paired(t, "all-matched", matched, "result")
         if d:
-            out["H2"]["parts"][f"{tag}: all-matched - hot-k2"] = verdict(
-                d, 0.0, recipe, ft=min_ft(t, "all-matched", "hot-k2"), runs=run_count(t, "all-matched", "hot-k2"))
+            out["H2"]["parts"][f"{tag}: all-matched - {matched}"] = verdict(
+                d, 0.0, recipe, ft=min_ft(t, "all-matched", matched), runs=run_count(t, "all-matched", matched))
         if recipe == "default":
             s = share_above_floor(t, "hot-k2")
             p = parameter_share(t, "hot-k2")

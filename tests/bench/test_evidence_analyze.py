@@ -198,3 +198,20 @@ def test_report_opens_with_a_verdict_table_under_readme_headings():
     assert all("**inconclusive**" in line for line in table)  # 3 models: below the minimum, every verdict
     h1 = table[0].split(" | ")
     assert h1[3] == "4 inconclusive" and h1[4] == f"{4 * 3 * 3 * 2} |"  # 4 comparisons, 72 runs behind them
+
+
+def test_olmoe_h2_compares_all_matched_with_the_parameter_matched_hot_k8():
+    """Deviation 17: on 64 experts r=1 everywhere has hot k=8's expert parameters, so H2's olmoe part pairs
+    all-matched with hot-k8; the default recipe's part keeps hot-k2."""
+    runs = []
+    for m in range(3):
+        for f in range(2):
+            for arm, loss in (("hot-k2", 1.9), ("hot-k8", 1.5), ("all-matched", 1.7), ("floor", 2.0), ("all-r8", 1.4)):
+                runs.append({"recipe": "olmoe", "pretrain_seed": m, "ft_seed": f, "target": "facts", "arm": arm,
+                             "target_split": {"result": loss + 0.01 * (m + f), "format": 0.5, "whole": 0.6},
+                             "domain_loss": {d: 2.0 for d in analyze.DOMAINS},
+                             "trainable_by_component": {"experts": 1, "attention": 1, "router": 1}})
+    parts = analyze.analyze(runs)[0]["hypotheses"]["H2"]["parts"]
+    assert list(parts) == ["olmoe/facts: all-matched - hot-k8"]
+    assert parts["olmoe/facts: all-matched - hot-k8"]["mean"] == pytest.approx(0.2)
+    assert "default/arithmetic: all-matched - hot-k2" in analyze.analyze(synthetic())[0]["hypotheses"]["H2"]["parts"]
