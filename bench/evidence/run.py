@@ -151,6 +151,21 @@ def done(path: Path, sha: str | None) -> bool:
     return False
 
 
+def set_aside_without_v2(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Deviation 18: a unit run again only to add ``domain_loss_v2``. Its old file is moved (never deleted) to
+    ``superseded/without-v2/``; the new unit records whether every metric the old one had came out the same."""
+    old = json.loads(path.read_text())
+    dest = path.parent / "superseded" / "without-v2" / path.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while dest.exists():  # an earlier set-aside copy is never overwritten
+        dest, n = dest.with_name(f"{path.stem}.{n}{path.suffix}"), n + 1
+    os.replace(path, dest)
+    keys = ("target_loss", "target_split", "domain_loss", "train_loss", "exact_match", "hot_experts")
+    same = {key: old.get(key) == result.get(key) for key in keys if key in old}
+    return {"file": str(dest.relative_to(path.parent)), "identical": all(same.values()), "same": same}
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     from hellora_trl.utils import atomic_write_text
 
@@ -211,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=None, help="lab model cache (default: the lab's own cache)")
     parser.add_argument("--out", type=Path, default=RUNS)
+    parser.add_argument("--complete-v2", action="store_true",
+                        help="run again the units of these arms that lack the in-vocabulary forgetting "
+                             "(domain_loss_v2, Deviation 18); the old file is kept in superseded/without-v2/")
     args = parser.parse_args(argv)
 
     import torch
@@ -251,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
                                                 target)
                 for arm in args.arms:
                     out = unit_path(args.out, args.recipe, pseed, fseed, target, arm)
+                    previous = None
                     if done(out, identity["weights_sha256"]):
-                        continue
+                        if not (args.complete_v2 and "domain_loss_v2" not in json.loads(out.read_text())):
+                            continue
+                        previous = out
                     if not budget.allows(last_unit * 1.2):
                         print(f"stop: budget reached before {out.name}")
                         return MORE_TO_DO
@@ -264,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     result = q.finetune(config, path, train, settings, fseed, profile_path, held_out, domains,
                                         domains_v2)
                     result["unit_seconds"] = time.perf_counter() - started
+                    if previous is not None:
+                        result["rerun_of"] = set_aside_without_v2(previous, result)
                     write_json(out, {**identity, "target": target, "arm": arm, "ft_seed": fseed,
                                      "config": dataclasses.asdict(config), "settings": dataclasses.asdict(settings),
                                      "threads": args.threads, **result})

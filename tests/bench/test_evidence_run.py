@@ -120,3 +120,40 @@ def test_a_unit_of_other_weights_is_kept_aside_and_run_again(tmp_path, capsys):
     assert one != other and one.name == "default-p0-aaaaaaaa-f1-facts.json"
     assert run.profile_path_for(tmp_path, "default", 0, "a" * 64, 1, "facts", "small200-e3").name == (
         "default-p0-aaaaaaaa-f1-facts-small200-e3.json")
+
+
+def test_complete_v2_reruns_only_units_without_it_and_keeps_the_old_file(tmp_path):
+    """Deviation 18: units written before the in-vocabulary documents run again with --complete-v2 only; the old
+    file is moved aside and the new unit says whether every old metric came out the same (here: bit for bit)."""
+    from hellora_trl.recipes.lab import lab_cache_dir
+
+    out = tmp_path / "runs"
+    argv = ["--recipe", "tiny", "--pretrain-seeds", "0", "--ft-seeds", "0", "--targets", "arithmetic",
+            "--arms", "hot-k2", "--steps", "2", "--cache", str(lab_cache_dir()), "--out", str(out)]
+    assert run.main(argv) == 0
+    unit = out / "tiny-p0-f0-arithmetic-hot-k2.json"
+    first = json.loads(unit.read_text())
+    assert "rerun_of" not in first
+    first.pop("domain_loss_v2")
+    unit.write_text(json.dumps(first))
+    assert run.main(argv) == 0  # without the flag a unit lacking v2 counts as done
+    assert json.loads(unit.read_text()) == first
+    assert run.main(argv + ["--complete-v2"]) == 0
+    second = json.loads(unit.read_text())
+    assert set(second["domain_loss_v2"]) == {"math", "code", "safety", "prose"}
+    kept = out / "superseded" / "without-v2" / unit.name
+    assert json.loads(kept.read_text()) == first
+    assert second["rerun_of"]["identical"] and second["rerun_of"]["same"]["target_split"]
+    assert second["target_split"] == first["target_split"]
+    mtime = unit.stat().st_mtime_ns
+    assert run.main(argv + ["--complete-v2"]) == 0  # now complete: not run a third time
+    assert unit.stat().st_mtime_ns == mtime
+    # a changed metric is reported, not hidden
+    tampered = {**second, "train_loss": second["train_loss"] + 1.0}
+    tampered.pop("domain_loss_v2")
+    unit.write_text(json.dumps(tampered))
+    assert run.main(argv + ["--complete-v2"]) == 0
+    third = json.loads(unit.read_text())
+    assert not third["rerun_of"]["identical"] and third["rerun_of"]["same"]["train_loss"] is False
+    assert json.loads(kept.read_text()) == first  # the first copy set aside is still there
+    assert third["rerun_of"]["file"] == "superseded/without-v2/tiny-p0-f0-arithmetic-hot-k2.1.json"
