@@ -448,16 +448,35 @@ def analyze(runs: list[dict]) -> tuple[dict, str]:
     return data, render(tables, hyp, runs, small)
 
 
+def draw_figures(runs: list[dict], out: Path) -> str:
+    """Draw the report's figures into ``out`` (figures.py) and return the markdown that shows them."""
+    import figures
+
+    tables = per_model([r for r in runs if not r.get("regime")])
+    points = {key: figures.share_points(table, share_above_floor, parameter_share) for key, table in tables.items()}
+    lines = []
+    if figures.share_figure(points, out / "evidence-share.png"):
+        lines.append("![share of the all-experts gain above the floor against parameter share, per arm]"
+                     "(evidence-share.png)")
+    if figures.small_data_figure(runs, out / "evidence-small-data.png"):
+        lines.append("![small-data arm: held-out and training result-token loss per epoch]"
+                     "(evidence-small-data.png)")
+    return "\n#### Figures\n\n" + "\n\n".join(lines) + "\n" if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=HERE / "runs")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(HERE))
     from hellora_trl.utils import atomic_write_text
 
-    data, md = analyze(load_runs(args.runs))
+    runs = load_runs(args.runs)
+    data, md = analyze(runs)
     args.out.mkdir(parents=True, exist_ok=True)
+    md += draw_figures(runs, args.out)
     atomic_write_text(args.out / "evidence.json", json.dumps(data, indent=1, sort_keys=True) + "\n")
     atomic_write_text(args.out / "evidence.md", md)
     print(md)
