@@ -43,6 +43,8 @@ MIN_FT_SEEDS = {"default": 3, "olmoe": 2}
 # the hot arm whose expert-adapter parameters equal all-matched's (r=1 on every expert; Deviation 17)
 MATCHED_HOT = {"default": "hot-k2", "olmoe": "hot-k8"}
 DOMAINS = ("math", "code", "safety", "prose")
+# Deviation 18(e): added after the olmoe results were seen, so reported with intervals but never as a verdict
+EXPLORATORY = (("olmoe", "random-k8", "hot-k8"), ("olmoe", "cold-k8", "hot-k8"))
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -331,6 +333,24 @@ def count_words(entry: dict) -> str:
     return ", ".join(f"{words.count(w)} {w}" for w in ("supported", "refuted", "inconclusive") if words.count(w)) or "-"
 
 
+def exploratory_lines(tables: dict) -> list[str]:
+    """EXPLORATORY comparisons (result tokens) that have runs: mean, interval and sign, and no verdict."""
+    rows = []
+    for recipe, a, b in EXPLORATORY:
+        for (rec, target), t in sorted(tables.items()):
+            values = paired(t, a, b, "result") if rec == recipe else []
+            if values:
+                lo, hi = bootstrap(values)
+                rows.append(f"| {recipe}/{target}: {a} - {b} | {fmt(statistics.fmean(values))} | "
+                            f"[{lo:.4f}, {hi:.4f}] | {sum(v > 0 for v in values)}/{len(values)} | "
+                            f"{run_count(t, a, b)} |")
+    if not rows:
+        return []
+    return ["", "#### Exploratory (PLAN.md Deviation 18(e): added after the `olmoe` results were seen; no verdict)",
+            "", "| comparison (positive favours the second arm) | mean | 95% CI (models) | sign | runs |",
+            "|---|---|---|---|---|", *rows]
+
+
 def render(tables: dict, hyp: dict, runs: list[dict], small: dict | None = None) -> str:
     trained = [r for r in runs if r["arm"] != "base" and not r.get("regime")]
     small_runs = [r for r in runs if r.get("regime")]
@@ -365,6 +385,7 @@ def render(tables: dict, hyp: dict, runs: list[dict], small: dict | None = None)
                          f"[{fmt(lo)}, {fmt(hi)}] | {part['sign']} | {part.get('runs') or '-'} | {part['why']} |")
         if entry.get("note"):
             lines.append(f"| {h} | note | {entry['note']} | | | | | |")
+    lines += exploratory_lines(tables)
     for (recipe, target), t in sorted(tables.items()):
         lines += ["", f"#### {recipe} / {target}", "",
                   "| arm | models | ft seeds | result loss | format loss | whole loss | exact match | forgetting v1 (mean) | "

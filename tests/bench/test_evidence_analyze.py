@@ -215,3 +215,22 @@ def test_olmoe_h2_compares_all_matched_with_the_parameter_matched_hot_k8():
     assert list(parts) == ["olmoe/facts: all-matched - hot-k8"]
     assert parts["olmoe/facts: all-matched - hot-k8"]["mean"] == pytest.approx(0.2)
     assert "default/arithmetic: all-matched - hot-k2" in analyze.analyze(synthetic())[0]["hypotheses"]["H2"]["parts"]
+
+
+def test_exploratory_olmoe_k8_controls_are_reported_without_a_verdict():
+    """Deviation 18(e): random-k8 and cold-k8 against hot-k8 on olmoe, added after results were seen: a table with
+    intervals and signs, and nothing in the verdicts."""
+    runs = []
+    for m in range(3):
+        for f in range(2):
+            for arm, loss in (("hot-k8", 1.5), ("random-k8", 1.6), ("cold-k8", 1.4 + 0.05 * m)):
+                runs.append({"recipe": "olmoe", "pretrain_seed": m, "ft_seed": f, "target": "facts", "arm": arm,
+                             "target_split": {"result": loss, "format": 0.5, "whole": 0.6},
+                             "domain_loss": {d: 2.0 for d in analyze.DOMAINS},
+                             "trainable_by_component": {"experts": 1, "attention": 1, "router": 1}})
+    data, md = analyze.analyze(runs)
+    section = md.split("#### Exploratory")[1].split("####")[0]
+    assert "| olmoe/facts: random-k8 - hot-k8 | 0.1000 | [0.1000, 0.1000] | 3/3 | 12 |" in section
+    assert "| olmoe/facts: cold-k8 - hot-k8 | -0.0500 |" in section and "| 0/3 | 12 |" in section
+    assert "random-k8" not in json.dumps(data["hypotheses"]) and "cold-k8" not in json.dumps(data["hypotheses"])
+    assert "#### Exploratory" not in analyze.analyze(synthetic())[1]  # no such runs: no section
