@@ -26,6 +26,21 @@ def _pyplot():
     return plt
 
 
+def _label(ax, title: str, xlabel: str, ylabel: str, legend: int) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=legend)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def share_points(table: dict, share: Callable[[dict, str], list[float]],
                  param_share: Callable[[dict, str], float | None]) -> dict[str, dict[str, float]]:
     """Arm -> {P, S mean, S min, S max, models} for every arm with both numbers."""
@@ -64,15 +79,9 @@ def share_figure(points: dict[tuple, dict[str, dict[str, float]]], path: Path) -
         ax.axhline(0, color="grey", linewidth=0.6)
         ax.axhline(1, color="grey", linewidth=0.6)
         models = max(p["models"] for p in pts.values())
-        ax.set_title(f"{recipe} / {target} ({models} models)", fontsize=9)
-        ax.set_xlabel("parameter share P (expert adapter / all experts r=8)", fontsize=8)
-        ax.set_ylabel("share S of the all-experts gain above the floor", fontsize=8)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _label(ax, f"{recipe} / {target} ({models} models)", "parameter share P (expert adapter / all experts r=8)",
+               "share S of the all-experts gain above the floor", legend=6)
+    return _save(plt, fig, path)
 
 
 def mean_curves(runs: list[dict[str, Any]], split: str) -> dict[tuple, dict[str, list[float]]]:
@@ -105,12 +114,5 @@ def small_data_figure(runs: list[dict[str, Any]], path: Path) -> Path | None:
             ax.plot(range(len(held[key][arm])), held[key][arm], color=color, marker=".", label=f"{arm} held-out")
             ax.plot(range(len(train[key][arm])), train[key][arm], color=color, linestyle="--", linewidth=0.9,
                     label=f"{arm} train")
-        ax.set_title(" / ".join(key), fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel("result-token loss (nats)", fontsize=8)
-        ax.legend(fontsize=5)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _label(ax, " / ".join(key), "epoch", "result-token loss (nats)", legend=5)
+    return _save(plt, fig, path)
