@@ -206,5 +206,7 @@ def test_readme_shows_the_current_results_files():
     shown = re.search(pattern, text, flags=re.S).group(1)
     assert shown == render_readme.section(render_readme.result_files())
     evidence = (render_readme.RESULTS_DIR / "evidence.md").read_text().strip()
-    assert evidence.startswith("### Evidence (issue 20)") and evidence in shown
+    # its figure links are rebased to the README's folder, the rest is verbatim
+    rebased = render_readme.rebase_images(evidence, render_readme.RESULTS_DIR, render_readme.README.parent)
+    assert evidence.startswith("### Evidence (issue 20)") and rebased in shown
     assert "#### Verdicts" in shown and shown.index("### Evidence (issue 20)") < shown.index("### Selection quality")
