@@ -29,10 +29,10 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # noqa: E402
+from hellora_trl.recipes.lab.corpus import DOMAINS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGETS = ("arithmetic", "facts")
-DOMAINS = ("math", "code", "safety", "prose")
 
 
 def chance_jaccard(k: int, experts: int) -> float:
@@ -64,7 +64,7 @@ def task_texts(recipe_settings, tokenizer) -> dict[str, list[str]]:
         train, _ = target_task(target, settings.train_rows, settings.eval_rows, seed=0)
         texts[target] = [f"{tokenizer.bos_token}{r['prompt']}{r['completion']}{tokenizer.eos_token}" for r in train]
     docs = q.domain_texts_v2(recipe_settings, seed=0)
-    for domain in DOMAINS:
+    for domain in DOMAINS:  # the lab's pretraining domains, in its own order
         texts[domain] = [f"{tokenizer.bos_token}{d}{tokenizer.eos_token}" for d in docs[domain]]
     return texts
 
@@ -74,29 +74,33 @@ def hot_sets(model, tokenizer, texts: dict[str, list[str]], k: int) -> dict[str,
     from datasets import Dataset
 
     from hellora_trl.profiling import profile_experts
-    from hellora_trl.selection import select_hot_experts
 
     out = {}
     for task, items in texts.items():
         ids = tokenizer(items, add_special_tokens=False, truncation=True, max_length=192)["input_ids"]
         profile = profile_experts(model, Dataset.from_dict({"input_ids": ids}), batch_size=32, progress=False,
                                   reduce=False)
-        out[task] = {name: sorted(int(e) for e in experts)
-                     for name, experts in select_hot_experts(profile, k=k, strategy="layer").items()}
+        out[task] = top_k_map(profile, k)
     return out
+
+
+def top_k_map(profile, k: int) -> dict[str, list[int]]:
+    """Layer name -> sorted ids of the layer's top-k experts by count (the package's own ``layer`` selection)."""
+    from hellora_trl.selection import select_hot_experts
+
+    return {name: sorted(int(e) for e in experts)
+            for name, experts in select_hot_experts(profile, k=k, strategy="layer").items()}
 
 
 def warmup_hot_sets(runs: Path, recipe: str, pseed: int, sha: str, k: int) -> dict[str, dict[str, list[int]]]:
     """The evidence runs' LoRA warm-up profiles (fine-tune seed 0) of this model, as top-k hot maps."""
-    from hellora_trl.selection import load_plan, select_hot_experts
+    from hellora_trl.selection import load_plan
 
     out = {}
     for target in TARGETS:
         path = run.profile_path_for(runs, recipe, pseed, sha, 0, target)
         if path.is_file():
-            profile, _, _ = load_plan(path)
-            out[target] = {name: sorted(int(e) for e in experts)
-                           for name, experts in select_hot_experts(profile, k=k, strategy="layer").items()}
+            out[target] = top_k_map(load_plan(path)[0], k)
     return out
 
 
