@@ -34,6 +34,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import figures  # noqa: E402  (bench/evidence/figures.py)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESAMPLES = 10_000
@@ -413,6 +417,7 @@ def render(tables: dict, hyp: dict, runs: list[dict], small: dict | None = None)
                   "| arm | " + " | ".join(f"seed {m}" for m in seeds_all) + " |", "|---|" + "---|" * len(seeds_all)]
         for arm in sorted(t, key=lambda a: (a != "base", a)):
             lines.append(f"| {arm} | " + " | ".join(fmt(t[arm].get(m, {}).get("result")) for m in seeds_all) + " |")
+    held_out_curves = figures.mean_curves(small_runs, "held_out")  # the same means the small-data figure draws
     for (recipe, target, regime), t in sorted((small or {}).items()):
         lines += ["", f"#### small data: {recipe} / {target} / {regime}", "",
                   "Held-out and training-row result loss after the last epoch, the best held-out point of the curve, "
@@ -421,23 +426,12 @@ def render(tables: dict, hyp: dict, runs: list[dict], small: dict | None = None)
                   "|---|---|---|---|---|---|---|"]
         for arm in sorted(t):
             seeds = sorted({v["n_ft"] for v in t[arm].values()})
-            curve = mean_curve(small_runs, recipe, target, regime, arm)
+            curve = held_out_curves.get((recipe, target, regime), {}).get(arm, [])
             lines.append(
                 f"| {arm} | {pooled(t, arm, 'result')[1]} | {'/'.join(map(str, seeds))} | {fmt(pooled(t, arm, 'result')[0])} | "
                 f"{fmt(pooled(t, arm, 'train_result')[0])} | {fmt(pooled(t, arm, 'best_result')[0])} "
                 f"({fmt(pooled(t, arm, 'best_epoch')[0], 1)}) | {', '.join(fmt(c, 2) for c in curve)} |")
     return "\n".join(lines) + "\n"
-
-
-def mean_curve(runs: list[dict], recipe: str, target: str, regime: str, arm: str) -> list[float]:
-    """The held-out result-loss curve of one small-data arm, point by point, mean over its runs."""
-    curves = [[p["held_out"]["result"] for p in r.get("curves") or []] for r in runs
-              if (r["recipe"], r["target"], r.get("regime"), r["arm"]) == (recipe, target, regime, arm)]
-    curves = [c for c in curves if c]
-    if not curves:
-        return []
-    width = min(len(c) for c in curves)
-    return [statistics.fmean(c[i] for c in curves) for i in range(width)]
 
 
 def analyze(runs: list[dict]) -> tuple[dict, str]:
@@ -471,8 +465,6 @@ def analyze(runs: list[dict]) -> tuple[dict, str]:
 
 def draw_figures(runs: list[dict], out: Path) -> str:
     """Draw the report's figures into ``out`` (figures.py) and return the markdown that shows them."""
-    import figures
-
     tables = per_model([r for r in runs if not r.get("regime")])
     points = {key: figures.share_points(table, share_above_floor, parameter_share) for key, table in tables.items()}
     lines = []
@@ -491,7 +483,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(HERE))
     from hellora_trl.utils import atomic_write_text
 
     runs = load_runs(args.runs)
